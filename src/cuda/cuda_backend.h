@@ -1,0 +1,36 @@
+// CUDA backend entry points called by the API boundary (src/api*.cpp). All
+// arguments were validated there; these enqueue work on `stream` (a
+// cudaStream_t) and never synchronise the host, except where noted.
+// Errors are thrown as moe::Error with MOE_STATUS_CUDA_ERROR and the CUDA
+// error string in the message.
+#pragma once
+
+#include "../plan.h"
+
+namespace moe::cuda {
+
+// Device memory owned by a handle (mapping tables, convenience workspaces).
+void* device_alloc(size_t bytes, int device_id);
+void device_free(void* ptr, int device_id) noexcept;
+void copy_to_device(void* dst, const void* src, size_t bytes, int device_id);
+
+// Current device of the calling thread, and a guard that switches to a
+// device for a scope.
+struct DeviceGuard {
+  explicit DeviceGuard(int device_id);
+  ~DeviceGuard();
+  int previous;
+};
+
+void route(const RouterPlan& plan, const RouteArgs& args, void* stream);
+void pack_topk(const PackArgs& args, void* stream);
+
+size_t dispatch_workspace_bytes(const DispatchPlan& plan, int64_t max_tokens, int K);
+void dispatch(const DispatchPlan& plan, const DispatchArgs& args, void* stream);
+
+size_t runner_workspace_bytes(const RunnerPlan& plan, int64_t max_tokens, int K);
+// With plan.validate_ids, synchronises the stream and throws
+// MOE_STATUS_INVALID_ARGUMENT naming the first bad (token, slot).
+void run(const RunnerPlan& plan, const RunArgs& args, void* stream);
+
+}  // namespace moe::cuda
