@@ -1,0 +1,34 @@
+// Standard dispatch on the device: global -> local ids, per-expert counts and
+// offsets, and the slot permutation grouped by local expert, stable in (t, j)
+// order. Three launches (tile histogram, one-block scan, stable scatter); no
+// host synchronisation and no allocation.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace moe::kernels {
+
+// Slots handled by one warp-tile (its histogram column).
+constexpr int kDispatchTile = 512;
+
+// Workspace bytes for n = T*K slots and E_loc local experts.
+size_t dispatch_workspace_bytes(int64_t n, int E_loc);
+
+struct DispatchParams {
+  const int32_t* topk_ids;  // [n] global ids
+  const int32_t* mapping;   // [E] global -> local or -1 (device)
+  int E, E_loc;
+  int64_t n;                // T * K
+  int32_t* local_ids;       // [n]
+  int32_t* counts;          // [E_loc]
+  int32_t* offsets;         // [E_loc + 1]
+  int32_t* sorted_slots;    // [n]
+  void* workspace;          // >= dispatch_workspace_bytes(n, E_loc)
+};
+
+cudaError_t launch_dispatch(const DispatchParams& p, cudaStream_t stream);
+
+}  // namespace moe::kernels

@@ -1,0 +1,54 @@
+// Fused MoE runner on the device: a tile map over the dispatcher's offsets,
+// grouped GEMM1 (gather of token rows through sorted_slots fused into the
+// A loads, activation in the epilogue, h in the workspace), grouped GEMM2
+// (per-slot f32 outputs), and a deterministic per-token reduction. Every
+// size the kernels read on the device (counts, offsets) stays there: the
+// grids are sized from the host-known T * K, and blocks with no work exit,
+// so a run can be captured in a CUDA graph.
+//
+// bf16/f16 use tensor cores (mma.sync m16n8k16, f32 accumulation); f32 uses
+// a SIMT path with f32 FMA (exact f32 products, for the 1e-5 contract).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "plan.h"
+
+namespace moe::kernels {
+
+struct MoeRunParams {
+  DType dtype;  // hidden, output and weights
+  int E_loc, H, I;
+  int activation;  // moe_activation_t
+  bool gated, swap_gate_up, weight_on_input, validate_ids;
+  const void* x;              // [T, H]
+  int64_t T;
+  int K;
+  const int32_t* local_ids;   // [T, K]
+  const float* weights;       // [T, K]
+  const int32_t* offsets;     // [E_loc + 1]
+  const int32_t* sorted_slots;  // [T * K]
+  const void* w13;            // [E_loc, (gated ? 2 : 1) * I, H]
+  const void* w2;             // [E_loc, H, I]
+  void* y;                    // [T, H]
+  float output_scale;
+  void* workspace;            // >= moe_run_workspace_bytes(...)
+};
+
+// Whether the kernels handle these sizes (rows of 16 bytes: H and I
+// multiples of 8).
+bool moe_run_supported(int H, int I);
+
+size_t moe_run_workspace_bytes(DType dtype, int E_loc, int H, int I, int64_t n_slots);
+
+// Enqueues the id check (validate_ids only). *bad_slot_dev gets the first
+// flat slot index whose id is outside [-1, E_loc), or INT_MAX.
+cudaError_t launch_validate_ids(const MoeRunParams& p, int32_t** bad_slot_dev,
+                                cudaStream_t stream);
+
+cudaError_t launch_moe_run(const MoeRunParams& p, cudaStream_t stream);
+
+}  // namespace moe::kernels
