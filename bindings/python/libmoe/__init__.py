@@ -29,6 +29,7 @@ from ._core import (
     RoutingMethod,
     Runner,
     Status,
+    empty_workspace,
     has_cuda,
     library_path,
     pack_topk,
@@ -44,6 +45,6 @@ __all__ = [
     "MOE_EXPECTED_VERSION_MAJOR", "LibraryLoadError", "LibraryVersionError",
     "ActScaleMode", "Activation", "Dispatcher", "DispatchResult", "Layer", "MoeError",
     "QuantMode", "RouteResult", "Router", "RoutingMethod", "Runner", "Status",
-    "has_cuda", "library_path", "pack_topk", "status_string", "version", "version_string",
+    "empty_workspace", "has_cuda", "library_path", "pack_topk", "status_string", "version", "version_string",
     "DLDataType", "DLDevice", "DLTensor",
 ]

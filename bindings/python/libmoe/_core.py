@@ -190,6 +190,22 @@ def _device(device: Any) -> Tuple[int, int]:
     return kinds[kind], int(index) if index else 0
 
 
+def empty_workspace(nbytes: int, like: Any = None) -> Any:
+    """A workspace of `nbytes` bytes, 256-byte aligned, in the framework and on
+    the device of `like` (NumPy on the CPU when None)."""
+    nbytes = int(nbytes)
+    raw = None
+    if like is not None:
+        ref = as_tensor(like, "like")
+        if ref.framework in ("torch", "cupy"):
+            raw = empty_like_framework(ref, (nbytes + 256,), "uint8")
+    if raw is None:
+        raw = np.empty(nbytes + 256, dtype=np.uint8)
+    # Over-allocate and slice: CPU allocators only promise 16 or 64 bytes.
+    start = -as_tensor(raw, "workspace").address % 256
+    return raw[start:start + nbytes]
+
+
 # ---------------------------------------------------------------------------
 # Handles
 # ---------------------------------------------------------------------------
@@ -492,6 +508,9 @@ class Layer:
         if len(t2.shape) != 3:
             raise ValueError("libmoe: w2 must be [E, H, I], got shape %s" % (t2.shape,))
         e_loc, hidden, inter = t2.shape
+        if _enum(RoutingMethod, method, "method") == RoutingMethod.LLAMA4:
+            # Llama4's router weight scales the token's input (the library checks the pair).
+            runner_options.setdefault("apply_router_weight_on_input", True)
         gated = runner_options.get("gated")
         if gated is None:
             gated = t13.shape[1] == 2 * inter if len(t13.shape) == 3 else True

@@ -144,8 +144,9 @@ def route(logits: np.ndarray, method: int, top_k: int, *, n_group: int = 1, topk
 
     Returns (ids int32 [T, k + n_shared], weights float64 [T, k + n_shared],
     margin float64 [T]): margin is the gap between the last selected and the
-    first rejected score (experts, and groups for grouped methods) -- rows with
-    a tiny margin may legitimately select differently in f32."""
+    first rejected score (experts, and groups for grouped methods): rows with a
+    tiny nonzero margin may legitimately select differently in f32 (0 is an
+    exact tie of equal inputs, which f32 resolves the same way)."""
     z = np.asarray(logits, dtype=np.float64)
     T, E = z.shape
     if renormalize is None:
