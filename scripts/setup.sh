@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Installs what a fresh development or CI machine lacks (Debian packages and
+# PyPI only). Idempotent: does nothing when everything is present.
+set -euo pipefail
+
+apt_packages=(cmake ninja-build pkg-config doctest-dev libdlpack-dev bindgen clang
+              libclang-rt-14-dev valgrind)
+missing=()
+for p in "${apt_packages[@]}"; do
+  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "setup: apt-get install ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+py=${PYTHON:-python3}
+if ! "$py" -c "import numpy, pytest" >/dev/null 2>&1; then
+  echo "setup: pip install numpy pytest"
+  "$py" -m pip install -q numpy pytest
+fi
+echo "setup: done"

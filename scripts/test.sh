@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The README's test command: builds libmoe and runs every test suite that
+# runs without a GPU (C++ doctest via ctest, the C ABI checks, Python pytest,
+# Rust cargo test, the bindings' freshness check). GPU suites: scripts/gpu_check.sh.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/env.sh
+root=$PWD
+
+echo "== build ($MOE_BUILD_DIR)"
+moe_configure
+cmake --build "$MOE_BUILD_DIR" -j "$MOE_JOBS"
+
+echo "== C/C++ suites (ctest, label cpu)"
+ctest --test-dir "$MOE_BUILD_DIR" -L cpu --output-on-failure -j "$MOE_JOBS"
+
+echo "== Python (pytest)"
+MOE_LIB_PATH="$root/$MOE_BUILD_DIR" ${PYTHON:-python3} -m pytest -q bindings/python/tests
+
+echo "== Rust (cargo test --offline)"
+scripts/check_rust_bindings.sh
+MOE_LIB_DIR="$root/$MOE_BUILD_DIR" cargo test --offline --manifest-path bindings/rust/Cargo.toml
+
+echo "== all suites passed"
