@@ -105,20 +105,15 @@ def _repo_roots() -> List[Path]:
 
 
 def _build_dir_candidates() -> List[Path]:
-    """libmoe.so* under <repo>/build and <repo>/build-*, newest build first."""
+    """libmoe.so* in <repo>/build, then in <repo>/build-*, newest library first."""
     out: List[Path] = []
     for root in _repo_roots():
-        dirs = [root / "build"] + sorted(
-            (Path(p) for p in glob.glob(str(root / "build-*"))),
-            key=lambda p: p.stat().st_mtime if p.exists() else 0,
-            reverse=True,
-        )
-        for d in dirs:
-            if d.is_dir():
-                # One file per build directory: the others are symlinks to it.
-                libs = _libs_in_dir(d)
-                if libs:
-                    out.append(libs[0])
+        canonical = _libs_in_dir(root / "build")[:1]
+        # One file per build directory: the others are symlinks to it.
+        others = [libs[0] for libs in (_libs_in_dir(Path(d)) for d in glob.glob(str(root / "build-*")))
+                  if libs]
+        others.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+        out += canonical + others
     return out
 
 
