@@ -216,6 +216,9 @@ TEST_CASE("router.sigmoid_topk.hand") {
       check_row(cfg, dt, z, nullptr, {3, 1}, {0.8807971, 0.7310586});
       cfg.renormalize = 1;
       check_row(cfg, dt, z, nullptr, {3, 1}, {0.5464491, 0.4535509});
+      // sigmoid(20) and sigmoid(25) are both 1.0f: without a bias the key is z,
+      // so the larger logit wins (exact top-k of the exact s); renormalized.
+      check_row(cfg, dt, {20, 25, 0, 0}, nullptr, {1, 0}, {0.5, 0.5});
       // c = s + b = [0.5, 0.731, 0.769, 0.381]: the bias selects, s weights.
       cfg.renormalize = 0;
       const std::vector<double> b = {0, 0, 0.5, -0.5};
@@ -475,21 +478,35 @@ TEST_CASE("router.fewer_than_k_finite") {
 TEST_CASE("router.deepseek_v3.nan_groups") {
   // Groups 0 and 2 are all NaN; groups 1 and 3 have finite experts with very
   // negative c. The NaN groups are never kept, whatever the bias.
+  // c: 2 -> -3.88, 3 -> -3.95, 6 -> -5.73; expert 7 is NaN.
   for (DT dt : kLogitTypes) {
     SUBCASE(dt_name(dt)) {
       auto cfg = make_cfg(MOE_ROUTING_DEEPSEEK_V3, 8, 3, 4, 2);
       HostTensor logits(dt, {1, 8});
-        set_all(logits, {kNaN, kNaN, -2, -3, kNaN, kNaN, -1, kNaN});
+      set_all(logits, {kNaN, kNaN, -2, -3, kNaN, kNaN, -1, kNaN});
       HostTensor bias(DT::f32, {8});
-        set_all(bias, {5, 5, -4, -4, 5, 5, -6, -6});
+      set_all(bias, {5, 5, -4, -4, 5, 5, -6, -6});
       Routed out(1, 3);
       route(cfg, logits, &bias, nullptr, out);
-      // Group 3 has one selectable expert (6); c: 2 -> -3.88, 3 -> -3.95, 6 -> -5.73.
       CHECK(out.id(0, 0) == 2);
       CHECK(out.id(0, 1) == 3);
       CHECK(out.id(0, 2) == 6);
       for (int j = 0; j < 3; ++j) CHECK(std::isfinite(out.weight(0, j)));
       check_against_ref(cfg, logits, &bias);
+      // One group kept: group 3 has a single selectable expert, so its top-2
+      // sum is -inf and group 1 (sum -7.83) wins over its lone -5.73.
+      cfg = make_cfg(MOE_ROUTING_DEEPSEEK_V3, 8, 2, 4, 1);
+      Routed one(1, 2);
+      route(cfg, logits, &bias, nullptr, one);
+      CHECK(one.id(0, 0) == 2);
+      CHECK(one.id(0, 1) == 3);
+      check_against_ref(cfg, logits, &bias);
+      // Only group 3 has anything: its single expert is still selected.
+      set_all(logits, {kNaN, kNaN, kNaN, kNaN, kNaN, kNaN, -1, kNaN});
+      route(cfg, logits, &bias, nullptr, one);
+      CHECK(one.id(0, 0) == 6);
+      CHECK(one.id(0, 1) == -1);
+      CHECK(one.weight(0, 1) == 0.0);
     }
   }
 }
