@@ -39,6 +39,8 @@ bindgen "$root/include/moe/moe.h" \
   --size_t-is-usize \
   --output "$tmp/bindings.rs" \
   -- -I"$root/include" -I"$tmp" -I"$dlpack_dir"
-rustfmt --edition 2021 "$tmp/bindings.rs"
+# rustfmt's defaults, whatever rustfmt.toml lies above the temp dir.
+: >"$tmp/rustfmt.toml"
+rustfmt --edition 2021 --config-path "$tmp/rustfmt.toml" "$tmp/bindings.rs"
 cp "$tmp/bindings.rs" "$out"
 echo "wrote $out"

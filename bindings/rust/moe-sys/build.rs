@@ -2,6 +2,7 @@
 //! 1. the directory in the MOE_LIB_DIR environment variable;
 //! 2. `pkg-config --libs-only-L moe` (then `--variable=libdir`), if pkg-config exists;
 //! 3. the repository's build directories: build/, then build-*/ (newest libmoe.so first).
+//!
 //! Panics listing every place it tried when none holds libmoe.so.
 //! Dependents read the chosen directory as DEP_MOE_LIB_DIR (links = "moe").
 
@@ -26,7 +27,10 @@ fn from_env(tried: &mut Vec<String>) -> Option<PathBuf> {
             if has_lib(&dir) {
                 return Some(dir);
             }
-            println!("cargo:warning=MOE_LIB_DIR={} holds no {LIB_FILE}; searching further", dir.display());
+            println!(
+                "cargo:warning=MOE_LIB_DIR={} holds no {LIB_FILE}; searching further",
+                dir.display()
+            );
             tried.push(format!("MOE_LIB_DIR={} (no {LIB_FILE})", dir.display()));
             None
         }
@@ -39,7 +43,13 @@ fn pkg_config(args: &[&str]) -> Result<String, String> {
         .output()
         .map_err(|e| format!("could not run: {e}"))?;
     if !out.status.success() {
-        return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
+        let err = String::from_utf8_lossy(&out.stderr);
+        return Err(err
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect::<Vec<_>>()
+            .join(" "));
     }
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
@@ -51,7 +61,12 @@ fn from_pkg_config(tried: &mut Vec<String>) -> Option<PathBuf> {
             tried.push(format!("pkg-config --libs-only-L moe: {e}"));
             return None;
         }
-        Ok(flags) => dirs.extend(flags.split_whitespace().filter_map(|f| f.strip_prefix("-L")).map(PathBuf::from)),
+        Ok(flags) => dirs.extend(
+            flags
+                .split_whitespace()
+                .filter_map(|f| f.strip_prefix("-L"))
+                .map(PathBuf::from),
+        ),
     }
     // pkg-config drops -L for system directories; libdir still names it.
     if let Ok(libdir) = pkg_config(&["--variable=libdir", "moe"]) {
@@ -86,7 +101,10 @@ fn from_repo(tried: &mut Vec<String>) -> Option<PathBuf> {
     if let Ok(entries) = std::fs::read_dir(&root) {
         for entry in entries.flatten() {
             let path = entry.path();
-            let is_build = entry.file_name().to_str().map_or(false, |n| n.starts_with("build-"));
+            let is_build = entry
+                .file_name()
+                .to_str()
+                .is_some_and(|n| n.starts_with("build-"));
             if !is_build || !path.is_dir() {
                 continue;
             }
@@ -97,7 +115,10 @@ fn from_repo(tried: &mut Vec<String>) -> Option<PathBuf> {
         }
     }
     if others.is_empty() {
-        tried.push(format!("{}/build-* (no such directory with {LIB_FILE})", root.display()));
+        tried.push(format!(
+            "{}/build-* (no such directory with {LIB_FILE})",
+            root.display()
+        ));
     }
     // Several helpers' build trees may coexist: the most recently built one wins.
     others.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));

@@ -102,9 +102,17 @@ impl Dispatcher {
         let mut handle: sys::moe_dispatcher_t = ptr::null_mut();
         // SAFETY: raw is complete; the mapping (if any) has num_experts entries and is copied at create.
         check(unsafe { sys::moe_dispatcher_create(&raw, &mut handle) })?;
-        let handle = NonNull::new(handle)
-            .ok_or_else(|| Error::new(crate::Status::INTERNAL_ERROR, "moe_dispatcher_create returned NULL"))?;
-        let mut d = Dispatcher { handle, num_experts: config.raw.num_experts, num_local_experts: 0 };
+        let handle = NonNull::new(handle).ok_or_else(|| {
+            Error::new(
+                crate::Status::INTERNAL_ERROR,
+                "moe_dispatcher_create returned NULL",
+            )
+        })?;
+        let mut d = Dispatcher {
+            handle,
+            num_experts: config.raw.num_experts,
+            num_local_experts: 0,
+        };
         // SAFETY: a live handle and a valid out pointer.
         check(unsafe { sys::moe_dispatcher_num_local_experts(d.as_raw(), &mut d.num_local_experts) })?;
         Ok(d)

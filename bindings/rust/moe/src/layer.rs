@@ -18,7 +18,11 @@ pub struct Layer<'w> {
 
 impl<'w> Layer<'w> {
     pub fn new(router: Router, dispatcher: Dispatcher, runner: Runner<'w>) -> Self {
-        Layer { router, dispatcher, runner }
+        Layer {
+            router,
+            dispatcher,
+            runner,
+        }
     }
 
     /// Workspace bytes for `forward` with up to `max_tokens` tokens on `device`.

@@ -10,7 +10,7 @@
 //! The first constructor called checks that the loaded libmoe has the major
 //! version this crate was built against ([`check_version`]).
 //!
-//! ```no_run
+//! ```
 //! use moe::{DispatcherConfig, Layer, RouterConfig, RoutingMethod, RunnerConfig};
 //! # fn main() -> Result<(), moe::Error> {
 //! let (e, k, h, i) = (8, 2, 64, 128);
@@ -26,6 +26,7 @@
 //! let layer = Layer::new(router, dispatcher, runner);
 //! let (hidden, logits) = (vec![0.5f32; 4 * h], vec![0.0f32; 4 * e]);
 //! let y = layer.forward_f32(&hidden, &logits)?;
+//! assert!(y.len() == 4 * h && y.iter().all(|v| v.is_finite()));
 //! # Ok(()) }
 //! ```
 

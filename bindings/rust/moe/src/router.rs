@@ -13,10 +13,14 @@ use crate::version::check_version;
 pub struct RoutingMethod(pub i32);
 
 impl RoutingMethod {
-    pub const SOFTMAX_TOPK: RoutingMethod = RoutingMethod(sys::moe_routing_method_t_MOE_ROUTING_SOFTMAX_TOPK as i32);
-    pub const TOPK_SOFTMAX: RoutingMethod = RoutingMethod(sys::moe_routing_method_t_MOE_ROUTING_TOPK_SOFTMAX as i32);
-    pub const SIGMOID_TOPK: RoutingMethod = RoutingMethod(sys::moe_routing_method_t_MOE_ROUTING_SIGMOID_TOPK as i32);
-    pub const DEEPSEEK_V3: RoutingMethod = RoutingMethod(sys::moe_routing_method_t_MOE_ROUTING_DEEPSEEK_V3 as i32);
+    pub const SOFTMAX_TOPK: RoutingMethod =
+        RoutingMethod(sys::moe_routing_method_t_MOE_ROUTING_SOFTMAX_TOPK as i32);
+    pub const TOPK_SOFTMAX: RoutingMethod =
+        RoutingMethod(sys::moe_routing_method_t_MOE_ROUTING_TOPK_SOFTMAX as i32);
+    pub const SIGMOID_TOPK: RoutingMethod =
+        RoutingMethod(sys::moe_routing_method_t_MOE_ROUTING_SIGMOID_TOPK as i32);
+    pub const DEEPSEEK_V3: RoutingMethod =
+        RoutingMethod(sys::moe_routing_method_t_MOE_ROUTING_DEEPSEEK_V3 as i32);
     pub const GROUPED_SOFTMAX: RoutingMethod =
         RoutingMethod(sys::moe_routing_method_t_MOE_ROUTING_GROUPED_SOFTMAX as i32);
     pub const LLAMA4: RoutingMethod = RoutingMethod(sys::moe_routing_method_t_MOE_ROUTING_LLAMA4 as i32);
@@ -116,7 +120,11 @@ impl Router {
         check(unsafe { sys::moe_router_create(&config.raw, &mut handle) })?;
         let handle = NonNull::new(handle)
             .ok_or_else(|| Error::new(crate::Status::INTERNAL_ERROR, "moe_router_create returned NULL"))?;
-        let mut router = Router { handle, num_experts: config.raw.num_experts, columns: 0 };
+        let mut router = Router {
+            handle,
+            num_experts: config.raw.num_experts,
+            columns: 0,
+        };
         // SAFETY: a live handle and a valid out pointer.
         check(unsafe { sys::moe_router_output_columns(router.as_raw(), &mut router.columns) })?;
         Ok(router)

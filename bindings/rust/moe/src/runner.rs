@@ -141,7 +141,11 @@ impl<'w> Runner<'w> {
         check(unsafe { sys::moe_runner_create(&config.raw, &mut handle) })?;
         let handle = NonNull::new(handle)
             .ok_or_else(|| Error::new(crate::Status::INTERNAL_ERROR, "moe_runner_create returned NULL"))?;
-        Ok(Runner { handle, config: config.raw, _weights: PhantomData })
+        Ok(Runner {
+            handle,
+            config: config.raw,
+            _weights: PhantomData,
+        })
     }
 
     /// The config the runner was created with.
@@ -165,7 +169,12 @@ impl<'w> Runner<'w> {
         a2_scale: Option<&Tensor<'w>>,
     ) -> Result<()> {
         let (w13, w2) = (w13.dl(), w2.dl());
-        let (s13, s2, a13, a2) = (opt_dl(w13_scale), opt_dl(w2_scale), opt_dl(a13_scale), opt_dl(a2_scale));
+        let (s13, s2, a13, a2) = (
+            opt_dl(w13_scale),
+            opt_dl(w2_scale),
+            opt_dl(a13_scale),
+            opt_dl(a2_scale),
+        );
         // SAFETY: the data outlives the runner ('w) and is not written while
         // borrowed; the DLTensors themselves are only read during the call.
         check(unsafe {
@@ -212,7 +221,18 @@ impl<'w> Runner<'w> {
         // SAFETY: live borrows of the described extent; the library validates
         // shapes, dtypes and devices before touching them.
         check(unsafe {
-            sys::moe_runner_run(self.as_raw(), &x, &ids, &w, &offsets, &slots, &mut y, ws, ws_bytes, stream.as_raw())
+            sys::moe_runner_run(
+                self.as_raw(),
+                &x,
+                &ids,
+                &w,
+                &offsets,
+                &slots,
+                &mut y,
+                ws,
+                ws_bytes,
+                stream.as_raw(),
+            )
         })
     }
 

@@ -58,7 +58,11 @@ impl DType {
             DType::I32 => (sys::DLDataTypeCode_kDLInt, 32),
             DType::E4M3 => (sys::MOE_DLPACK_CODE_FLOAT8_E4M3FN, 8),
         };
-        sys::DLDataType { code: code as u8, bits, lanes: 1 }
+        sys::DLDataType {
+            code: code as u8,
+            bits,
+            lanes: 1,
+        }
     }
 }
 
@@ -80,8 +84,14 @@ impl Device {
 
     fn dl(self) -> sys::DLDevice {
         match self {
-            Device::Cpu => sys::DLDevice { device_type: sys::DLDeviceType_kDLCPU, device_id: 0 },
-            Device::Cuda(id) => sys::DLDevice { device_type: sys::DLDeviceType_kDLCUDA, device_id: id },
+            Device::Cpu => sys::DLDevice {
+                device_type: sys::DLDeviceType_kDLCPU,
+                device_id: 0,
+            },
+            Device::Cuda(id) => sys::DLDevice {
+                device_type: sys::DLDeviceType_kDLCUDA,
+                device_id: id,
+            },
         }
     }
 }
@@ -111,7 +121,9 @@ fn checked_numel(shape: &[i64]) -> Result<usize> {
     let mut n: usize = 1;
     for &d in shape {
         let d = usize::try_from(d).map_err(|_| {
-            Error::invalid(format!("tensor shape {shape:?}: dimensions must be >= 0, got {d}"))
+            Error::invalid(format!(
+                "tensor shape {shape:?}: dimensions must be >= 0, got {d}"
+            ))
         })?;
         n = n
             .checked_mul(d)
@@ -124,7 +136,13 @@ impl Meta {
     fn new(data: *mut c_void, dtype: DType, device: Device, shape: &[i64]) -> Meta {
         let mut dims = [0i64; MAX_NDIM];
         dims[..shape.len()].copy_from_slice(shape);
-        Meta { data, dtype, device, ndim: shape.len(), shape: dims }
+        Meta {
+            data,
+            dtype,
+            device,
+            ndim: shape.len(),
+            shape: dims,
+        }
     }
 
     /// A view of `len` elements of `dtype` at `data`, when `shape` covers exactly `len`.
@@ -142,7 +160,9 @@ impl Meta {
     fn raw(data: *mut c_void, dtype: DType, shape: &[i64], device: Device) -> Result<Meta> {
         let numel = checked_numel(shape)?;
         if data.is_null() && numel != 0 {
-            return Err(Error::invalid(format!("tensor shape {shape:?}: data pointer is NULL")));
+            return Err(Error::invalid(format!(
+                "tensor shape {shape:?}: data pointer is NULL"
+            )));
         }
         numel
             .checked_mul(dtype.size_bytes())
@@ -187,7 +207,10 @@ pub struct TensorMut<'a> {
 
 impl<'a> Tensor<'a> {
     fn from_meta(meta: Meta) -> Self {
-        Tensor { meta, _borrow: PhantomData }
+        Tensor {
+            meta,
+            _borrow: PhantomData,
+        }
     }
 
     /// An f32 view of `data` with `shape` (row-major); Err unless the shape covers the slice exactly.
@@ -237,7 +260,10 @@ impl<'a> Tensor<'a> {
 
 impl<'a> TensorMut<'a> {
     fn from_meta(meta: Meta) -> Self {
-        TensorMut { meta, _borrow: PhantomData }
+        TensorMut {
+            meta,
+            _borrow: PhantomData,
+        }
     }
 
     pub fn f32(data: &'a mut [f32], shape: &[i64]) -> Result<Self> {
@@ -340,14 +366,22 @@ pub struct Workspace<'a> {
 impl Workspace<'static> {
     /// Let the handle use the workspace it owns (NULL / 0 in the C API).
     pub fn internal() -> Self {
-        Workspace { ptr: ptr::null_mut(), bytes: 0, _borrow: PhantomData }
+        Workspace {
+            ptr: ptr::null_mut(),
+            bytes: 0,
+            _borrow: PhantomData,
+        }
     }
 }
 
 impl<'a> Workspace<'a> {
     /// Host memory for a CPU run; each concurrent call needs its own.
     pub fn host(buffer: &'a mut HostWorkspace) -> Self {
-        Workspace { ptr: buffer.ptr.as_ptr() as *mut c_void, bytes: buffer.bytes, _borrow: PhantomData }
+        Workspace {
+            ptr: buffer.ptr.as_ptr() as *mut c_void,
+            bytes: buffer.bytes,
+            _borrow: PhantomData,
+        }
     }
 
     /// Caller memory, e.g. a CUDA allocation.
@@ -357,7 +391,11 @@ impl<'a> Workspace<'a> {
     /// on the device of the tensors of the call, and used by nobody else until
     /// the call (and on the GPU, its queued work) has finished.
     pub unsafe fn from_raw(ptr: *mut c_void, bytes: usize) -> Self {
-        Workspace { ptr, bytes, _borrow: PhantomData }
+        Workspace {
+            ptr,
+            bytes,
+            _borrow: PhantomData,
+        }
     }
 
     pub(crate) fn raw(&self) -> (*mut c_void, usize) {
@@ -387,9 +425,16 @@ impl HostWorkspace {
         // SAFETY: the layout has a non-zero size.
         let raw = unsafe { alloc::alloc_zeroed(layout) };
         let ptr = NonNull::new(raw).ok_or_else(|| {
-            Error::new(crate::Status::OUT_OF_MEMORY, format!("workspace of {bytes} bytes: host allocation failed"))
+            Error::new(
+                crate::Status::OUT_OF_MEMORY,
+                format!("workspace of {bytes} bytes: host allocation failed"),
+            )
         })?;
-        Ok(HostWorkspace { ptr, bytes: layout.size(), layout })
+        Ok(HostWorkspace {
+            ptr,
+            bytes: layout.size(),
+            layout,
+        })
     }
 
     pub fn len(&self) -> usize {

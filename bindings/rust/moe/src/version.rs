@@ -17,7 +17,11 @@ pub struct Version {
 
 impl Version {
     pub fn from_number(n: u32) -> Version {
-        Version { major: n / 10000, minor: n / 100 % 100, patch: n % 100 }
+        Version {
+            major: n / 10000,
+            minor: n / 100 % 100,
+            patch: n % 100,
+        }
     }
 }
 

@@ -9,13 +9,23 @@ use moe::{Device, DispatcherConfig, HostWorkspace, Layer, Stream, Tensor, Tensor
 
 /// Random weights for `s` rounded to `fp`, scaled so activations stay O(1).
 fn weights(s: &ExpertSpec, fp: Fp, rng: &mut Rng) -> (FpData, FpData) {
-    let w13 = FpData::new(fp, &rng.normals(s.e_loc * s.rows13() * s.h, 1.0 / (s.h as f64).sqrt()));
+    let w13 = FpData::new(
+        fp,
+        &rng.normals(s.e_loc * s.rows13() * s.h, 1.0 / (s.h as f64).sqrt()),
+    );
     let w2 = FpData::new(fp, &rng.normals(s.e_loc * s.h * s.i, 1.0 / (s.i as f64).sqrt()));
     (w13, w2)
 }
 
 /// One-call layer: route (spec), dispatch (rank `ep_rank` of `ep_size`), run (experts).
-fn check_layer(route: &RouteSpec, experts: ExpertSpec, ep: (usize, usize), fp: Fp, t: usize, with_bias: bool) {
+fn check_layer(
+    route: &RouteSpec,
+    experts: ExpertSpec,
+    ep: (usize, usize),
+    fp: Fp,
+    t: usize,
+    with_bias: bool,
+) {
     let mut rng = Rng::fresh();
     let (ep_rank, ep_size) = ep;
     let e_total = route.e + route.n_shared;
@@ -26,7 +36,9 @@ fn check_layer(route: &RouteSpec, experts: ExpertSpec, ep: (usize, usize), fp: F
     let bias: Vec<f32> = rng.normals(route.e, 0.3).iter().map(|&v| v as f32).collect();
 
     let mut runner = experts.config().build().unwrap();
-    runner.set_weights(&w13.tensor(&experts.w13_shape()), &w2.tensor(&experts.w2_shape())).unwrap();
+    runner
+        .set_weights(&w13.tensor(&experts.w13_shape()), &w2.tensor(&experts.w2_shape()))
+        .unwrap();
     let dispatcher = DispatcherConfig::new(e_total as i32)
         .unwrap()
         .expert_parallel(ep_rank as i32, ep_size as i32)
@@ -50,7 +62,12 @@ fn check_layer(route: &RouteSpec, experts: ExpertSpec, ep: (usize, usize), fp: F
         .unwrap_or_else(|e| panic!("{route:?} {experts:?} {fp:?}: {e}"));
 
     let bias64: Vec<f64> = bias.iter().map(|&v| v as f64).collect();
-    let (ids, w) = route_reference(route, &logits.exact, if with_bias { Some(&bias64) } else { None }, None);
+    let (ids, w) = route_reference(
+        route,
+        &logits.exact,
+        if with_bias { Some(&bias64) } else { None },
+        None,
+    );
     let mapping = contiguous_mapping(e_total, ep_rank, ep_size);
     let local = dispatch_reference(&ids, &mapping, experts.e_loc).local_ids;
     let mut ref_spec = experts;
@@ -58,12 +75,20 @@ fn check_layer(route: &RouteSpec, experts: ExpertSpec, ep: (usize, usize), fp: F
         ref_spec.output_scale *= route.scaling;
     }
     let reference = moe_reference(&ref_spec, &x.exact, &local, &w, &w13.exact, &w2.exact);
-    assert_close(&format!("{route:?} {experts:?} {fp:?} T={t}"), &y.values(), &reference, tolerance(fp));
+    assert_close(
+        &format!("{route:?} {experts:?} {fp:?} T={t}"),
+        &y.values(),
+        &reference,
+        tolerance(fp),
+    );
 }
 
 #[test]
 fn layer_forward_softmax_topk_silu() {
-    let route = RouteSpec { renormalize: true, ..RouteSpec::new(SOFTMAX_TOPK, 8, 2) };
+    let route = RouteSpec {
+        renormalize: true,
+        ..RouteSpec::new(SOFTMAX_TOPK, 8, 2)
+    };
     for fp in ALL_FP {
         check_layer(&route, ExpertSpec::new(8, 64, 96), (0, 1), fp, 13, false);
     }
@@ -79,7 +104,10 @@ fn layer_forward_deepseek_v3_scaled_on_output_with_shared_expert() {
         n_shared: 1,
         ..RouteSpec::new(DEEPSEEK_V3, 16, 4)
     };
-    let experts = ExpertSpec { output_scale: 0.5, ..ExpertSpec::new(17, 32, 48) };
+    let experts = ExpertSpec {
+        output_scale: 0.5,
+        ..ExpertSpec::new(17, 32, 48)
+    };
     for fp in ALL_FP {
         check_layer(&route, experts, (0, 1), fp, 21, true);
     }
@@ -96,7 +124,10 @@ fn layer_forward_expert_parallel_rank_sums_its_experts_only() {
 #[test]
 fn layer_forward_llama4_weight_on_input() {
     let route = RouteSpec::new(LLAMA4, 8, 1);
-    let experts = ExpertSpec { weight_on_input: true, ..ExpertSpec::new(8, 32, 64) };
+    let experts = ExpertSpec {
+        weight_on_input: true,
+        ..ExpertSpec::new(8, 32, 64)
+    };
     for fp in [Fp::F32, Fp::BF16] {
         check_layer(&route, experts, (0, 1), fp, 11, false);
     }
@@ -105,11 +136,16 @@ fn layer_forward_llama4_weight_on_input() {
 #[test]
 fn layer_forward_f32_convenience() {
     let mut rng = Rng::fresh();
-    let route = RouteSpec { renormalize: true, ..RouteSpec::new(SOFTMAX_TOPK, 8, 2) };
+    let route = RouteSpec {
+        renormalize: true,
+        ..RouteSpec::new(SOFTMAX_TOPK, 8, 2)
+    };
     let experts = ExpertSpec::new(8, 16, 24);
     let (w13, w2) = weights(&experts, Fp::F32, &mut rng);
     let mut runner = experts.config().build().unwrap();
-    runner.set_weights(&w13.tensor(&experts.w13_shape()), &w2.tensor(&experts.w2_shape())).unwrap();
+    runner
+        .set_weights(&w13.tensor(&experts.w13_shape()), &w2.tensor(&experts.w2_shape()))
+        .unwrap();
     let layer = Layer::new(
         route.config().build().unwrap(),
         DispatcherConfig::new(8).unwrap().build().unwrap(),
@@ -128,16 +164,25 @@ fn layer_forward_f32_convenience() {
 /// Route -> dispatch -> run with caller workspaces; checks the dispatcher's
 /// metadata exactly and the runner's output against the reference.
 fn check_steps(experts: ExpertSpec, fp: Fp, rng: &mut Rng) {
-    let route = RouteSpec { renormalize: true, ..RouteSpec::new(SOFTMAX_TOPK, experts.e_loc, 3) };
+    let route = RouteSpec {
+        renormalize: true,
+        ..RouteSpec::new(SOFTMAX_TOPK, experts.e_loc, 3)
+    };
     let (t, h, k, e) = (rng.int(1, 30) as usize, experts.h, route.k, experts.e_loc);
     let (w13, w2) = weights(&experts, fp, rng);
     let x = FpData::new(fp, &rng.normals(t * h, 1.0));
     let logits = FpData::new(Fp::F32, &rng.normals(t * e, 1.0));
 
     let router = route.config().build().unwrap();
-    let dispatcher = DispatcherConfig::new(e as i32).unwrap().device(Device::Cpu).build().unwrap();
+    let dispatcher = DispatcherConfig::new(e as i32)
+        .unwrap()
+        .device(Device::Cpu)
+        .build()
+        .unwrap();
     let mut runner = experts.config().build().unwrap();
-    runner.set_weights(&w13.tensor(&experts.w13_shape()), &w2.tensor(&experts.w2_shape())).unwrap();
+    runner
+        .set_weights(&w13.tensor(&experts.w13_shape()), &w2.tensor(&experts.w2_shape()))
+        .unwrap();
 
     let tk = [t as i64, k as i64];
     let (mut ids, mut w) = (vec![0x7f7f_7f7fi32; t * k], vec![f32::NAN; t * k]);
@@ -175,7 +220,8 @@ fn check_steps(experts: ExpertSpec, fp: Fp, rng: &mut Rng) {
     assert_eq!(slots, d.sorted_slots);
 
     let mut y = FpOut::poisoned(fp, t * h);
-    let mut rws = HostWorkspace::new(runner.workspace_size(t as i64, k as i32, Device::Cpu).unwrap()).unwrap();
+    let mut rws =
+        HostWorkspace::new(runner.workspace_size(t as i64, k as i32, Device::Cpu).unwrap()).unwrap();
     runner
         .run(
             &x.tensor(&[t as i64, h as i64]),
@@ -190,7 +236,12 @@ fn check_steps(experts: ExpertSpec, fp: Fp, rng: &mut Rng) {
         .unwrap_or_else(|err| panic!("{experts:?} {fp:?}: {err}"));
     let w64: Vec<f64> = w.iter().map(|&v| v as f64).collect();
     let reference = moe_reference(&experts, &x.exact, &local, &w64, &w13.exact, &w2.exact);
-    assert_close(&format!("{experts:?} {fp:?} T={t}"), &y.values(), &reference, tolerance(fp));
+    assert_close(
+        &format!("{experts:?} {fp:?} T={t}"),
+        &y.values(),
+        &reference,
+        tolerance(fp),
+    );
 }
 
 #[test]
@@ -199,7 +250,11 @@ fn runner_every_activation_gated_and_not() {
     for act in [SILU, GELU, GELU_TANH, RELU2, IDENTITY] {
         for gated in [true, false] {
             for fp in ALL_FP {
-                let experts = ExpertSpec { act, gated, ..ExpertSpec::new(6, 24, 40) };
+                let experts = ExpertSpec {
+                    act,
+                    gated,
+                    ..ExpertSpec::new(6, 24, 40)
+                };
                 check_steps(experts, fp, &mut rng);
             }
         }
@@ -210,7 +265,10 @@ fn runner_every_activation_gated_and_not() {
 fn runner_swapped_gate_up_order() {
     let mut rng = Rng::fresh();
     for fp in ALL_FP {
-        let experts = ExpertSpec { swap_gate_up: true, ..ExpertSpec::new(4, 32, 16) };
+        let experts = ExpertSpec {
+            swap_gate_up: true,
+            ..ExpertSpec::new(4, 32, 16)
+        };
         check_steps(experts, fp, &mut rng);
     }
 }
@@ -218,11 +276,16 @@ fn runner_swapped_gate_up_order() {
 #[test]
 fn layer_is_shared_across_threads() {
     let mut rng = Rng::fresh();
-    let route = RouteSpec { renormalize: true, ..RouteSpec::new(SOFTMAX_TOPK, 8, 2) };
+    let route = RouteSpec {
+        renormalize: true,
+        ..RouteSpec::new(SOFTMAX_TOPK, 8, 2)
+    };
     let experts = ExpertSpec::new(8, 32, 32);
     let (w13, w2) = weights(&experts, Fp::F32, &mut rng);
     let mut runner = experts.config().build().unwrap();
-    runner.set_weights(&w13.tensor(&experts.w13_shape()), &w2.tensor(&experts.w2_shape())).unwrap();
+    runner
+        .set_weights(&w13.tensor(&experts.w13_shape()), &w2.tensor(&experts.w2_shape()))
+        .unwrap();
     let layer = Layer::new(
         route.config().build().unwrap(),
         DispatcherConfig::new(8).unwrap().build().unwrap(),
@@ -230,7 +293,12 @@ fn layer_is_shared_across_threads() {
     );
     let t = 9;
     let inputs: Vec<(FpData, FpData)> = (0..4)
-        .map(|_| (FpData::new(Fp::F32, &rng.normals(t * 32, 1.0)), FpData::new(Fp::F32, &rng.normals(t * 8, 1.0))))
+        .map(|_| {
+            (
+                FpData::new(Fp::F32, &rng.normals(t * 32, 1.0)),
+                FpData::new(Fp::F32, &rng.normals(t * 8, 1.0)),
+            )
+        })
         .collect();
     let bytes = layer.workspace_size(t as i64, Device::Cpu).unwrap();
     // Two threads with their own workspaces, two with the internal one (serialized by the library).
@@ -251,7 +319,11 @@ fn layer_is_shared_across_threads() {
                                 None,
                                 None,
                                 &mut TensorMut::f32(&mut y, &[t as i64, 32]).unwrap(),
-                                if n % 2 == 0 { Workspace::host(&mut ws) } else { Workspace::internal() },
+                                if n % 2 == 0 {
+                                    Workspace::host(&mut ws)
+                                } else {
+                                    Workspace::internal()
+                                },
                                 Stream::DEFAULT,
                             )
                             .unwrap();

@@ -3,8 +3,8 @@
 //! scripts/rust_leak_check.sh: Drop must release everything.
 
 use moe::{
-    Device, DispatcherConfig, HostWorkspace, Layer, RouterConfig, RoutingMethod, RunnerConfig, Stream, Tensor,
-    TensorMut, Workspace,
+    Device, DispatcherConfig, HostWorkspace, Layer, RouterConfig, RoutingMethod, RunnerConfig, Stream,
+    Tensor, TensorMut, Workspace,
 };
 
 const CYCLES: usize = 25;
@@ -32,11 +32,20 @@ fn dispatchers_with_and_without_mapping() {
     let ids: Vec<i32> = vec![0, 5, 7, -1, 3, 2];
     for n in 0..CYCLES {
         let d = if n % 2 == 0 {
-            DispatcherConfig::new(8).unwrap().expert_parallel(1, 2).build().unwrap()
+            DispatcherConfig::new(8)
+                .unwrap()
+                .expert_parallel(1, 2)
+                .build()
+                .unwrap()
         } else {
-            DispatcherConfig::new(8).unwrap().mapping(vec![3, -1, 2, -1, 1, -1, 0, -1], 4).build().unwrap()
+            DispatcherConfig::new(8)
+                .unwrap()
+                .mapping(vec![3, -1, 2, -1, 1, -1, 0, -1], 4)
+                .build()
+                .unwrap()
         };
-        let (mut local, mut counts, mut offsets, mut slots) = (vec![0i32; 6], vec![0i32; 4], vec![0i32; 5], vec![0i32; 6]);
+        let (mut local, mut counts, mut offsets, mut slots) =
+            (vec![0i32; 6], vec![0i32; 4], vec![0i32; 5], vec![0i32; 6]);
         let mut ws = HostWorkspace::new(d.workspace_size(3, 2).unwrap()).unwrap();
         for workspace in [Workspace::host(&mut ws), Workspace::internal()] {
             d.dispatch(
@@ -58,12 +67,17 @@ fn dispatchers_with_and_without_mapping() {
 #[test]
 fn layers_dropped_with_internal_workspaces() {
     let (e, h, i, t) = (4usize, 8usize, 6usize, 5usize);
-    let w13: Vec<f32> = (0..e * 2 * i * h).map(|n| ((n % 13) as f32 - 6.0) / 20.0).collect();
+    let w13: Vec<f32> = (0..e * 2 * i * h)
+        .map(|n| ((n % 13) as f32 - 6.0) / 20.0)
+        .collect();
     let w2: Vec<f32> = (0..e * h * i).map(|n| ((n % 11) as f32 - 5.0) / 20.0).collect();
     let x: Vec<f32> = (0..t * h).map(|n| ((n % 7) as f32 - 3.0) / 3.0).collect();
     let z: Vec<f32> = (0..t * e).map(|n| ((n * 5 % 9) as f32 - 4.0) / 2.0).collect();
     for _ in 0..CYCLES {
-        let mut runner = RunnerConfig::new(e as i32, h as i32, i as i32).unwrap().build().unwrap();
+        let mut runner = RunnerConfig::new(e as i32, h as i32, i as i32)
+            .unwrap()
+            .build()
+            .unwrap();
         runner
             .set_weights(
                 &Tensor::f32(&w13, &[e as i64, 2 * i as i64, h as i64]).unwrap(),
@@ -71,7 +85,10 @@ fn layers_dropped_with_internal_workspaces() {
             )
             .unwrap();
         let layer = Layer::new(
-            RouterConfig::new(RoutingMethod::SOFTMAX_TOPK, e as i32, 2).unwrap().build().unwrap(),
+            RouterConfig::new(RoutingMethod::SOFTMAX_TOPK, e as i32, 2)
+                .unwrap()
+                .build()
+                .unwrap(),
             DispatcherConfig::new(e as i32).unwrap().build().unwrap(),
             runner,
         );
@@ -97,23 +114,44 @@ fn layers_dropped_with_internal_workspaces() {
 #[test]
 fn failed_creations_and_calls_leak_nothing() {
     for _ in 0..CYCLES {
-        assert!(RouterConfig::new(RoutingMethod::SOFTMAX_TOPK, 8, 9).unwrap().build().is_err());
+        assert!(RouterConfig::new(RoutingMethod::SOFTMAX_TOPK, 8, 9)
+            .unwrap()
+            .build()
+            .is_err());
         assert!(RouterConfig::new(RoutingMethod(99), 8, 2).is_err());
-        assert!(DispatcherConfig::new(8).unwrap().expert_parallel(3, 2).build().is_err());
+        assert!(DispatcherConfig::new(8)
+            .unwrap()
+            .expert_parallel(3, 2)
+            .build()
+            .is_err());
         assert!(RunnerConfig::new(1, 0, 4).unwrap().build().is_err());
         let bad = vec![0f32; 3];
         let mut runner = RunnerConfig::new(1, 4, 4).unwrap().build().unwrap();
-        assert!(runner.set_weights(&Tensor::f32(&bad, &[1, 3, 1]).unwrap(), &Tensor::f32(&bad, &[3]).unwrap()).is_err());
-        let router = RouterConfig::new(RoutingMethod::SOFTMAX_TOPK, 8, 2).unwrap().build().unwrap();
+        assert!(runner
+            .set_weights(
+                &Tensor::f32(&bad, &[1, 3, 1]).unwrap(),
+                &Tensor::f32(&bad, &[3]).unwrap()
+            )
+            .is_err());
+        let router = RouterConfig::new(RoutingMethod::SOFTMAX_TOPK, 8, 2)
+            .unwrap()
+            .build()
+            .unwrap();
         assert!(router.route_f32(&[0.0; 9]).is_err());
     }
 }
 
 #[test]
 fn handles_moved_across_threads() {
-    let router = RouterConfig::new(RoutingMethod::SIGMOID_TOPK, 8, 2).unwrap().build().unwrap();
+    let router = RouterConfig::new(RoutingMethod::SIGMOID_TOPK, 8, 2)
+        .unwrap()
+        .build()
+        .unwrap();
     let router = std::thread::spawn(move || {
-        assert!(RouterConfig::new(RoutingMethod::SOFTMAX_TOPK, 8, 9).unwrap().build().is_err());
+        assert!(RouterConfig::new(RoutingMethod::SOFTMAX_TOPK, 8, 9)
+            .unwrap()
+            .build()
+            .is_err());
         router.route_f32(&[0.25; 8]).unwrap();
         router
     })

@@ -8,7 +8,14 @@ use moe::{Stream, Tensor, TensorMut};
 
 /// Routes `z` (rounded to `fp`) with the library and checks ids exactly and
 /// weights to 1e-5 (f32 arithmetic on exactly representable inputs).
-fn check_route(spec: &RouteSpec, fp: Fp, t: usize, bias: Option<&[f64]>, num_valid: Option<usize>, rng: &mut Rng) {
+fn check_route(
+    spec: &RouteSpec,
+    fp: Fp,
+    t: usize,
+    bias: Option<&[f64]>,
+    num_valid: Option<usize>,
+    rng: &mut Rng,
+) {
     let router = spec.config().build().unwrap();
     assert_eq!(router.output_columns() as usize, spec.columns());
     let logits = FpData::new(fp, &rng.normals(t * spec.e, 2.0));
@@ -34,7 +41,10 @@ fn check_route(spec: &RouteSpec, fp: Fp, t: usize, bias: Option<&[f64]>, num_val
         .unwrap_or_else(|e| panic!("{spec:?} {fp:?}: {e}"));
 
     let (ref_ids, ref_w) = route_reference(spec, &logits.exact, bias_exact.as_deref(), num_valid);
-    assert_eq!(ids, ref_ids, "{spec:?} {fp:?} T={t}: ids differ from the reference");
+    assert_eq!(
+        ids, ref_ids,
+        "{spec:?} {fp:?} T={t}: ids differ from the reference"
+    );
     let w: Vec<f64> = weights.iter().map(|&v| v as f64).collect();
     assert_close(&format!("{spec:?} {fp:?} T={t} weights"), &w, &ref_w, 1e-5);
 }
@@ -46,7 +56,11 @@ fn check_method(method: i32, variants: &[RouteSpec], with_bias: bool) {
         assert_eq!(spec.method, method);
         for fp in ALL_FP {
             let t = rng.int(1, 70) as usize;
-            let bias = if with_bias { Some(rng.normals(spec.e, 0.5)) } else { None };
+            let bias = if with_bias {
+                Some(rng.normals(spec.e, 0.5))
+            } else {
+                None
+            };
             check_route(spec, fp, t, bias.as_deref(), None, &mut rng);
         }
     }
@@ -75,7 +89,10 @@ fn router_softmax_topk() {
 fn router_topk_softmax() {
     check_method(
         TOPK_SOFTMAX,
-        &[spec(TOPK_SOFTMAX, 8, 2, |_| {}), spec(TOPK_SOFTMAX, 128, 8, |s| s.scaling = 0.5)],
+        &[
+            spec(TOPK_SOFTMAX, 8, 2, |_| {}),
+            spec(TOPK_SOFTMAX, 128, 8, |s| s.scaling = 0.5),
+        ],
         false,
     );
 }
@@ -135,7 +152,11 @@ fn router_grouped_softmax() {
 
 #[test]
 fn router_llama4() {
-    check_method(LLAMA4, &[spec(LLAMA4, 16, 1, |_| {}), spec(LLAMA4, 128, 1, |_| {})], false);
+    check_method(
+        LLAMA4,
+        &[spec(LLAMA4, 16, 1, |_| {}), spec(LLAMA4, 128, 1, |_| {})],
+        false,
+    );
 }
 
 #[test]
@@ -199,8 +220,16 @@ fn router_non_finite_logits_are_never_selected() {
         let z: Vec<f64> = logits.iter().map(|&v| v as f64).collect();
         let (ref_ids, ref_w) = route_reference(&s, &z, None, None);
         assert_eq!(ids, ref_ids, "method {method}");
-        assert_eq!(&ids[0..4], &[1, 5, -1, -1], "method {method}: only the finite experts of row 0");
-        assert_eq!(&ids[8..12], &[-1, -1, -1, -1], "method {method}: an all -inf row selects nothing");
+        assert_eq!(
+            &ids[0..4],
+            &[1, 5, -1, -1],
+            "method {method}: only the finite experts of row 0"
+        );
+        assert_eq!(
+            &ids[8..12],
+            &[-1, -1, -1, -1],
+            "method {method}: an all -inf row selects nothing"
+        );
         assert!(w[8..12].iter().all(|&v| v == 0.0));
         let w: Vec<f64> = w.iter().map(|&v| v as f64).collect();
         assert_close(&format!("method {method} weights"), &w, &ref_w, 1e-5);
@@ -221,7 +250,11 @@ fn router_rows_do_not_depend_on_the_batch() {
     for row in [0usize, 63, 64, 149] {
         let (ids, w) = router.route_f32(&logits[row * 64..(row + 1) * 64]).unwrap();
         assert_eq!(ids, &all_ids[row * 8..(row + 1) * 8]);
-        assert_eq!(w, &all_w[row * 8..(row + 1) * 8], "row {row}: weights must be bit-identical");
+        assert_eq!(
+            w,
+            &all_w[row * 8..(row + 1) * 8],
+            "row {row}: weights must be bit-identical"
+        );
     }
 }
 
@@ -245,6 +278,10 @@ fn pack_topk_matches_the_packed_format() {
     for n in 0..t * k {
         let expect = ((ids[n] as u32) << 16 | f32_to_bf16(w[n]) as u32) as i32;
         assert_eq!(packed[n], expect, "slot {n}: id {} weight {}", ids[n], w[n]);
-        assert_eq!(packed[n] >> 16, ids[n], "slot {n}: the id must survive in the high half");
+        assert_eq!(
+            packed[n] >> 16,
+            ids[n],
+            "slot {n}: the id must survive in the high half"
+        );
     }
 }

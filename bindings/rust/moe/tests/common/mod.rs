@@ -18,11 +18,16 @@ impl Rng {
     pub fn fresh() -> Rng {
         static COUNTER: AtomicU64 = AtomicU64::new(0);
         let seed = match std::env::var("MOE_TEST_SEED") {
-            Ok(s) => s.parse::<u64>().expect("MOE_TEST_SEED must be an integer")
-                ^ COUNTER.fetch_add(1, Ordering::Relaxed),
+            Ok(s) => {
+                s.parse::<u64>().expect("MOE_TEST_SEED must be an integer")
+                    ^ COUNTER.fetch_add(1, Ordering::Relaxed)
+            }
             Err(_) => {
                 let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64;
-                nanos ^ (COUNTER.fetch_add(1, Ordering::Relaxed).wrapping_mul(0x9E37_79B9_7F4A_7C15))
+                nanos
+                    ^ (COUNTER
+                        .fetch_add(1, Ordering::Relaxed)
+                        .wrapping_mul(0x9E37_79B9_7F4A_7C15))
             }
         };
         eprintln!("rng seed {seed}");
@@ -139,7 +144,12 @@ pub struct FpData {
 
 impl FpData {
     pub fn new(fp: Fp, values: &[f64]) -> FpData {
-        let mut d = FpData { fp, f32: Vec::new(), u16: Vec::new(), exact: Vec::new() };
+        let mut d = FpData {
+            fp,
+            f32: Vec::new(),
+            u16: Vec::new(),
+            exact: Vec::new(),
+        };
         for &v in values {
             match fp {
                 Fp::F32 => {
@@ -180,9 +190,21 @@ pub struct FpOut {
 impl FpOut {
     pub fn poisoned(fp: Fp, n: usize) -> FpOut {
         match fp {
-            Fp::F32 => FpOut { fp, f32: vec![f32::NAN; n], u16: Vec::new() },
-            Fp::BF16 => FpOut { fp, f32: Vec::new(), u16: vec![0x7fc0; n] },
-            Fp::F16 => FpOut { fp, f32: Vec::new(), u16: vec![0x7e00; n] },
+            Fp::F32 => FpOut {
+                fp,
+                f32: vec![f32::NAN; n],
+                u16: Vec::new(),
+            },
+            Fp::BF16 => FpOut {
+                fp,
+                f32: Vec::new(),
+                u16: vec![0x7fc0; n],
+            },
+            Fp::F16 => FpOut {
+                fp,
+                f32: Vec::new(),
+                u16: vec![0x7e00; n],
+            },
         }
     }
     pub fn tensor(&mut self, shape: &[i64]) -> moe::TensorMut<'_> {
@@ -292,8 +314,15 @@ fn selectable(x: f64) -> bool {
 
 /// Softmax over the selectable entries (others get 0).
 fn softmax(z: &[f64]) -> Vec<f64> {
-    let m = z.iter().copied().filter(|&v| selectable(v)).fold(f64::NEG_INFINITY, f64::max);
-    let ex: Vec<f64> = z.iter().map(|&v| if selectable(v) { (v - m).exp() } else { 0.0 }).collect();
+    let m = z
+        .iter()
+        .copied()
+        .filter(|&v| selectable(v))
+        .fold(f64::NEG_INFINITY, f64::max);
+    let ex: Vec<f64> = z
+        .iter()
+        .map(|&v| if selectable(v) { (v - m).exp() } else { 0.0 })
+        .collect();
     let s: f64 = ex.iter().sum();
     ex.iter().map(|&v| v / s).collect()
 }
@@ -309,7 +338,9 @@ fn topk(keys: &[f64], candidates: impl Iterator<Item = usize>, n: usize) -> Vec<
 /// Experts in the `topk_group` best groups by `group_score`.
 fn kept_experts(spec: &RouteSpec, keys: &[f64], group_score: impl Fn(&[f64]) -> f64) -> Vec<usize> {
     let gsize = spec.e / spec.n_group;
-    let scores: Vec<f64> = (0..spec.n_group).map(|g| group_score(&keys[g * gsize..(g + 1) * gsize])).collect();
+    let scores: Vec<f64> = (0..spec.n_group)
+        .map(|g| group_score(&keys[g * gsize..(g + 1) * gsize]))
+        .collect();
     let groups = topk(&scores, 0..spec.n_group, spec.topk_group);
     let mut experts: Vec<usize> = groups.iter().flat_map(|&g| g * gsize..(g + 1) * gsize).collect();
     experts.sort();
@@ -334,10 +365,15 @@ pub fn route_reference(
         let (sel, w): (Vec<usize>, Vec<f64>) = match spec.method {
             SOFTMAX_TOPK | GROUPED_SOFTMAX => {
                 let p = softmax(z);
-                let keys: Vec<f64> = (0..e).map(|i| if selectable(z[i]) { p[i] } else { f64::NAN }).collect();
+                let keys: Vec<f64> = (0..e)
+                    .map(|i| if selectable(z[i]) { p[i] } else { f64::NAN })
+                    .collect();
                 let cand = if spec.method == GROUPED_SOFTMAX && spec.n_group > 1 {
                     kept_experts(spec, &keys, |g| {
-                        g.iter().copied().filter(|&v| selectable(v)).fold(f64::NEG_INFINITY, f64::max)
+                        g.iter()
+                            .copied()
+                            .filter(|&v| selectable(v))
+                            .fold(f64::NEG_INFINITY, f64::max)
                     })
                 } else {
                     (0..e).collect()
@@ -357,8 +393,9 @@ pub fn route_reference(
             }
             SIGMOID_TOPK | DEEPSEEK_V3 => {
                 let sg: Vec<f64> = z.iter().map(|&v| sigmoid(v)).collect();
-                let c: Vec<f64> =
-                    (0..e).map(|i| if selectable(z[i]) { sg[i] + b(i) } else { f64::NAN }).collect();
+                let c: Vec<f64> = (0..e)
+                    .map(|i| if selectable(z[i]) { sg[i] + b(i) } else { f64::NAN })
+                    .collect();
                 let cand = if spec.method == DEEPSEEK_V3 && spec.n_group > 1 {
                     kept_experts(spec, &c, |g| {
                         let top = topk(g, 0..g.len(), 2);
@@ -392,7 +429,11 @@ pub fn route_reference(
         }
         for j in 0..spec.n_shared {
             ids[row * cols + k + j] = (e + j) as i32;
-            ws[row * cols + k + j] = if spec.scaling_on_output { 1.0 / spec.scaling } else { 1.0 };
+            ws[row * cols + k + j] = if spec.scaling_on_output {
+                1.0 / spec.scaling
+            } else {
+                1.0
+            };
         }
     }
     (ids, ws)
@@ -410,11 +451,16 @@ pub struct DispatchRef {
 /// Contiguous expert-parallel mapping: global id -> local id or -1.
 pub fn contiguous_mapping(e: usize, ep_rank: usize, ep_size: usize) -> Vec<i32> {
     let per = e / ep_size;
-    (0..e).map(|g| if g / per == ep_rank { (g % per) as i32 } else { -1 }).collect()
+    (0..e)
+        .map(|g| if g / per == ep_rank { (g % per) as i32 } else { -1 })
+        .collect()
 }
 
 pub fn dispatch_reference(ids: &[i32], mapping: &[i32], e_loc: usize) -> DispatchRef {
-    let local_ids: Vec<i32> = ids.iter().map(|&g| if g < 0 { -1 } else { mapping[g as usize] }).collect();
+    let local_ids: Vec<i32> = ids
+        .iter()
+        .map(|&g| if g < 0 { -1 } else { mapping[g as usize] })
+        .collect();
     let mut counts = vec![0i32; e_loc];
     for &l in &local_ids {
         if l >= 0 {
@@ -433,7 +479,12 @@ pub fn dispatch_reference(ids: &[i32], mapping: &[i32], e_loc: usize) -> Dispatc
             fill[l as usize] += 1;
         }
     }
-    DispatchRef { local_ids, counts, offsets, sorted_slots }
+    DispatchRef {
+        local_ids,
+        counts,
+        offsets,
+        sorted_slots,
+    }
 }
 
 // --- expert computation reference (SEMANTICS.md section 4) -----------------
