@@ -224,20 +224,18 @@ def experts(hidden: np.ndarray, local_ids: np.ndarray, weights: np.ndarray, w13:
     x = np.asarray(hidden, dtype=np.float64)
     w13 = np.asarray(w13, dtype=np.float64)
     w2 = np.asarray(w2, dtype=np.float64)
+    ids = np.asarray(local_ids)
+    wts = np.asarray(weights, dtype=np.float64)
     inter = w2.shape[2]
     y = np.zeros_like(x)
-    for t in range(x.shape[0]):
-        for j in range(local_ids.shape[1]):
-            e = int(local_ids[t, j])
-            if e < 0:
-                continue
-            wt = float(weights[t, j])
-            xin = x[t] * wt if weight_on_input else x[t]
-            h = w13[e] @ xin
-            if gated:
-                gate, up = (h[inter:], h[:inter]) if swap_gate_up else (h[:inter], h[inter:])
-                a = activation(gate, act) * up
-            else:
-                a = activation(h, act)
-            y[t] += (1.0 if weight_on_input else wt) * (w2[e] @ a)
+    for e in np.unique(ids[ids >= 0]):  # never index with -1
+        tok, slot = np.nonzero(ids == e)
+        wt = wts[tok, slot][:, None]
+        h = (x[tok] * wt if weight_on_input else x[tok]) @ w13[e].T
+        if gated:
+            gate, up = (h[:, inter:], h[:, :inter]) if swap_gate_up else (h[:, :inter], h[:, inter:])
+            a = activation(gate, act) * up
+        else:
+            a = activation(h, act)
+        np.add.at(y, tok, (a @ w2[e].T) * (1.0 if weight_on_input else wt))
     return output_scale * y
