@@ -100,38 +100,41 @@ struct TopK {
   }
 };
 
-// Softmax over `n` values at vals[idx[i]] (or vals[i] when idx is null) that
-// are all selectable; the +inf limit gives the +inf entries equal shares.
-// Writes out[i]. Fixed summation order: independent of T and threads.
-void softmax_selectable(const float* vals, const int* idx, int n, const unsigned char* ok,
-                        float* out) {
-  auto v = [&](int i) { return vals[idx ? idx[i] : i]; };
-  auto use = [&](int i) { return ok == nullptr || ok[idx ? idx[i] : i]; };
-  float m = -kInf;
-  for (int i = 0; i < n; ++i)
-    if (use(i)) m = std::max(m, v(i));
-  if (m == kInf) {
-    int n_inf = 0;
-    for (int i = 0; i < n; ++i) n_inf += (use(i) && v(i) == kInf) ? 1 : 0;
-    for (int i = 0; i < n; ++i) out[i] = (use(i) && v(i) == kInf) ? 1.0f / float(n_inf) : 0.0f;
-    return;
-  }
+// Normalizer of a softmax over the entries v[i] with use[i] (all when use is
+// null), all selectable: the max, the sum of exp(v - max), and the count of
+// +inf entries (the +inf limit gives them equal shares, the rest 0).
+struct SoftmaxNorm {
+  float max = -kInf;
   float den = 0.0f;
-  for (int i = 0; i < n; ++i) {
-    out[i] = use(i) ? std::exp(v(i) - m) : 0.0f;
-    den += out[i];
+  int n_inf = 0;
+  float p(float v) const {
+    if (n_inf > 0) return v == kInf ? 1.0f / float(n_inf) : 0.0f;
+    return std::exp(v - max) / den;
   }
-  for (int i = 0; i < n; ++i) out[i] /= den;
+};
+
+// Fixed summation order: the result is independent of T and of threads.
+SoftmaxNorm softmax_norm(const float* v, const unsigned char* use, int n) {
+  SoftmaxNorm s;
+  for (int i = 0; i < n; ++i)
+    if (!use || use[i]) s.max = std::max(s.max, v[i]);
+  if (s.max == kInf) {
+    for (int i = 0; i < n; ++i) s.n_inf += ((!use || use[i]) && v[i] == kInf) ? 1 : 0;
+    return s;
+  }
+  for (int i = 0; i < n; ++i)
+    if (!use || use[i]) s.den += std::exp(v[i] - s.max);
+  return s;
 }
 
 struct RowScratch {
-  std::vector<float> z, key, p;
+  std::vector<float> z, key;
   std::vector<unsigned char> ok, kept;
   std::vector<int> sel_idx, grp_idx;
   std::vector<float> sel_key, w;
   std::vector<GroupKey> grp_key;
   explicit RowScratch(const RouterPlan& plan)
-      : z(size_t(plan.E)), key(size_t(plan.E)), p(size_t(plan.E)), ok(size_t(plan.E)),
+      : z(size_t(plan.E)), key(size_t(plan.E)), ok(size_t(plan.E)),
         kept(size_t(plan.n_group)), sel_idx(size_t(plan.k)), grp_idx(size_t(plan.topk_group)),
         sel_key(size_t(plan.k)), w(size_t(plan.k)), grp_key(size_t(plan.topk_group)) {}
 };
@@ -147,27 +150,31 @@ void route_row(const RouterPlan& plan, const RouteArgs& args, int64_t t, RowScra
                int32_t* ids, float* wout) {
   const int E = plan.E, k = plan.k;
   float* z = s.z.data();
-  float* key = s.key.data();
   unsigned char* ok = s.ok.data();
   load_row(args.logits_dtype, args.logits, t, E, z);
 
   const int method = plan.method;
   const bool sigmoid_key = method == MOE_ROUTING_DEEPSEEK_V3 ||
                            (method == MOE_ROUTING_SIGMOID_TOPK && args.bias != nullptr);
-  for (int e = 0; e < E; ++e) {
-    key[e] = sigmoid_key ? sigmoid(z[e]) + (args.bias ? args.bias[e] : 0.0f) : z[e];
-    ok[e] = selectable(z[e]) && selectable(key[e]);
+  const float* key = z;
+  if (sigmoid_key) {
+    float* c = s.key.data();
+    for (int e = 0; e < E; ++e) c[e] = sigmoid(z[e]) + (args.bias ? args.bias[e] : 0.0f);
+    key = c;
   }
+  for (int e = 0; e < E; ++e) ok[e] = selectable(z[e]) && selectable(key[e]);
 
   // Group stage: keep the topk_group best groups (one group keeps everything).
   const bool grouped = (method == MOE_ROUTING_DEEPSEEK_V3 ||
                         method == MOE_ROUTING_GROUPED_SOFTMAX) && plan.n_group > 1;
-  const int gsize = E / plan.n_group;
+  const int n_group = grouped ? plan.n_group : 1;
+  const int gsize = E / n_group;
+  unsigned char* kept = s.kept.data();
   if (grouped) {
     TopK<GroupKey> groups{plan.topk_group, 0, s.grp_idx.data(), s.grp_key.data()};
     const int max_count = method == MOE_ROUTING_DEEPSEEK_V3 ? 2 : 1;
-    for (int g = 0; g < plan.n_group; ++g) {
-      s.kept[size_t(g)] = 0;
+    for (int g = 0; g < n_group; ++g) {
+      kept[g] = 0;
       float top1 = -kInf, top2 = -kInf;
       int count = 0;
       for (int e = g * gsize; e < (g + 1) * gsize; ++e) {
@@ -184,12 +191,18 @@ void route_row(const RouterPlan& plan, const RouteArgs& args, int64_t t, RowScra
       count = std::min(count, max_count);
       groups.offer(g, GroupKey{count, count == 2 ? top1 + top2 : top1});
     }
-    for (int i = 0; i < groups.n; ++i) s.kept[size_t(groups.idx[i])] = 1;
+    for (int i = 0; i < groups.n; ++i) kept[groups.idx[i]] = 1;
+  } else {
+    kept[0] = 1;
   }
 
+  // Expert stage, in ascending expert order (the tie rule relies on it).
   TopK<float> sel{k, 0, s.sel_idx.data(), s.sel_key.data()};
-  for (int e = 0; e < E; ++e)
-    if (ok[e] && (!grouped || s.kept[size_t(e / gsize)])) sel.offer(e, key[e]);
+  for (int g = 0; g < n_group; ++g) {
+    if (!kept[g]) continue;
+    for (int e = g * gsize; e < (g + 1) * gsize; ++e)
+      if (ok[e]) sel.offer(e, key[e]);
+  }
   const int n = sel.n;
   const int* S = sel.idx;
   float* w = s.w.data();
@@ -198,8 +211,8 @@ void route_row(const RouterPlan& plan, const RouteArgs& args, int64_t t, RowScra
     case MOE_ROUTING_SOFTMAX_TOPK:
     case MOE_ROUTING_GROUPED_SOFTMAX: {
       // p over every selectable expert of the row, not only the kept groups.
-      softmax_selectable(z, nullptr, E, ok, s.p.data());
-      for (int i = 0; i < n; ++i) w[i] = s.p[size_t(S[i])];
+      const SoftmaxNorm norm = softmax_norm(z, ok, E);
+      for (int i = 0; i < n; ++i) w[i] = norm.p(z[S[i]]);
       if (plan.renormalize && n > 0) {
         float sum = 0.0f;
         for (int i = 0; i < n; ++i) sum += w[i];
@@ -207,9 +220,12 @@ void route_row(const RouterPlan& plan, const RouteArgs& args, int64_t t, RowScra
       }
       break;
     }
-    case MOE_ROUTING_TOPK_SOFTMAX:
-      softmax_selectable(z, S, n, nullptr, w);
+    case MOE_ROUTING_TOPK_SOFTMAX: {
+      for (int i = 0; i < n; ++i) w[i] = z[S[i]];
+      const SoftmaxNorm norm = softmax_norm(w, nullptr, n);
+      for (int i = 0; i < n; ++i) w[i] = norm.p(w[i]);
       break;
+    }
     case MOE_ROUTING_SIGMOID_TOPK:
     case MOE_ROUTING_DEEPSEEK_V3: {
       for (int i = 0; i < n; ++i) w[i] = sigmoid(z[S[i]]);
