@@ -303,6 +303,21 @@ TEST_CASE("router.grouped_softmax.random") {
 
 TEST_CASE("router.llama4.random") { check_random(MOE_ROUTING_LLAMA4, false, false); }
 
+TEST_CASE("router.deepseek_v3.group_size_one") {
+  // E == n_group: each group scores its single c.
+  auto rng = fresh_rng();
+  for (DT dt : kLogitTypes) {
+    SUBCASE(dt_name(dt)) {
+      auto cfg = make_cfg(MOE_ROUTING_DEEPSEEK_V3, 32, 4, 32, 6);
+      HostTensor logits(dt, {100, 32});
+      logits.fill_normal(rng, 1.5);
+      HostTensor bias(DT::f32, {32});
+      bias.fill_normal(rng, 0.2);
+      check_against_ref(cfg, logits, &bias);
+    }
+  }
+}
+
 TEST_CASE("router.deepseek_v3.production_shape") {
   // DeepSeek-V3: E = 256, 8 groups, 4 kept, k = 8, factor 2.5, with fused shared.
   auto rng = fresh_rng();
