@@ -1,0 +1,307 @@
+// CUDA runner vs the CPU backend (and a float64 reference on small shapes),
+// through the public API with device tensors: activation x gated x dtype,
+// swap, weight-on-input, odd sizes, the three model shapes of BRIEF.md,
+// outputs poisoned before every run; bad ids with and without validation.
+#include <algorithm>
+#include <cmath>
+
+#include "gpu_support.h"
+
+using namespace moe_test;
+
+namespace {
+
+struct Model {
+  const char* name;
+  int E, ep_size, ep_rank, k, H, I;
+  DT dt = DT::bf16;
+  int activation = MOE_ACTIVATION_SILU;
+  bool gated = true, swap = false, weight_on_input = false;
+  float output_scale = 1.0f;
+  int E_loc() const { return E / ep_size; }
+};
+
+struct Dispatcher {
+  moe_dispatcher_t h = nullptr;
+  Dispatcher(const Model& m, int device_type) {
+    moe_dispatcher_config_t c;
+    REQUIRE(moe_dispatcher_config_default(&c) == MOE_STATUS_SUCCESS);
+    c.num_experts = m.E;
+    c.ep_rank = m.ep_rank;
+    c.ep_size = m.ep_size;
+    c.device_type = device_type;
+    MOE_CHECK_OK(moe_dispatcher_create(&c, &h));
+  }
+  ~Dispatcher() { moe_dispatcher_destroy(h); }
+};
+
+struct Runner {
+  moe_runner_t h = nullptr;
+  explicit Runner(const Model& m, bool validate = false) {
+    moe_runner_config_t c;
+    REQUIRE(moe_runner_config_default(&c) == MOE_STATUS_SUCCESS);
+    c.num_experts = m.E_loc();
+    c.hidden_size = m.H;
+    c.intermediate_size = m.I;
+    c.activation = m.activation;
+    c.gated = m.gated;
+    c.swap_gate_up = m.swap;
+    c.apply_router_weight_on_input = m.weight_on_input;
+    c.output_scale = m.output_scale;
+    c.validate_ids = validate;
+    MOE_CHECK_OK(moe_runner_create(&c, &h));
+  }
+  ~Runner() { moe_runner_destroy(h); }
+};
+
+// Host data of one layer and one batch.
+struct Problem {
+  Model m;
+  int64_t T;
+  HostTensor x, w13, w2, ids, w;
+  Problem(const Model& m_, int64_t T_)
+      : m(m_), T(T_), x(m.dt, {T, m.H}), w13(m.dt, {m.E_loc(), (m.gated ? 2 : 1) * m.I, m.H}),
+        w2(m.dt, {m.E_loc(), m.H, m.I}), ids(DT::i32, {T, m.k}), w(DT::f32, {T, m.k}) {
+    auto rng = fresh_rng();
+    x.fill_normal(rng, 1.0);
+    fill_uniform_fast(w13, rng(), std::sqrt(3.0 / m.H));
+    fill_uniform_fast(w2, rng(), std::sqrt(3.0 / m.I));
+    std::uniform_real_distribution<double> wd(0.1, 1.0);
+    for (int64_t t = 0; t < T; ++t) {
+      // k distinct global experts; some slots -1, some tokens with no slot at all.
+      std::vector<int> pool(size_t(m.E));
+      for (int e = 0; e < m.E; ++e) pool[size_t(e)] = e;
+      std::shuffle(pool.begin(), pool.end(), rng);
+      for (int j = 0; j < m.k; ++j) {
+        int id = pool[size_t(j)];
+        if ((t % 9 == 4 && j == 0) || t % 17 == 5) id = -1;
+        ids.as<int32_t>()[t * m.k + j] = id;
+        w.as<float>()[t * m.k + j] = float(wd(rng));
+      }
+    }
+  }
+};
+
+// The CPU pipeline (dispatch + run) on host tensors; y poisoned first.
+void run_cpu(const Problem& pb, HostTensor& y, HostTensor& local_out) {
+  const Model& m = pb.m;
+  Dispatcher d(m, kDLCPU);
+  Runner r(m);
+  HostTensor& ids = const_cast<HostTensor&>(pb.ids);
+  HostTensor counts(DT::i32, {m.E_loc()}), offsets(DT::i32, {m.E_loc() + 1}),
+      sorted(DT::i32, {pb.T * m.k});
+  MOE_CHECK_OK(moe_dispatcher_dispatch(d.h, ids.dl(), local_out.dl(), counts.dl(), offsets.dl(),
+                                       sorted.dl(), nullptr, 0, nullptr));
+  MOE_CHECK_OK(moe_runner_set_weights(r.h, const_cast<HostTensor&>(pb.w13).dl(),
+                                      const_cast<HostTensor&>(pb.w2).dl(), nullptr, nullptr,
+                                      nullptr, nullptr));
+  y.poison();
+  MOE_CHECK_OK(moe_runner_run(r.h, const_cast<HostTensor&>(pb.x).dl(), local_out.dl(),
+                              const_cast<HostTensor&>(pb.w).dl(), offsets.dl(), sorted.dl(),
+                              y.dl(), nullptr, 0, nullptr));
+}
+
+// Device tensors of one problem plus the GPU dispatch outputs.
+struct GpuProblem {
+  DeviceTensor x, w13, w2, ids, w, local, counts, offsets, sorted;
+  explicit GpuProblem(const Problem& pb)
+      : x(pb.x), w13(pb.w13), w2(pb.w2), ids(pb.ids), w(pb.w), local(DT::i32, {pb.T, pb.m.k}),
+        counts(DT::i32, {pb.m.E_loc()}), offsets(DT::i32, {pb.m.E_loc() + 1}),
+        sorted(DT::i32, {pb.T * pb.m.k}) {
+    Dispatcher d(pb.m, kDLCUDA);
+    for (DeviceTensor* t : {&local, &counts, &offsets, &sorted}) t->poison();
+    MOE_CHECK_OK(moe_dispatcher_dispatch(d.h, ids.dl(), local.dl(), counts.dl(), offsets.dl(),
+                                         sorted.dl(), nullptr, 0, nullptr));
+  }
+};
+
+// Runs the GPU runner with a caller workspace into a poisoned output.
+moe_status_t run_gpu(moe_runner_t r, const Problem& pb, GpuProblem& g, HostTensor& y) {
+  DeviceTensor d_y(pb.m.dt, {pb.T, pb.m.H});
+  d_y.poison();
+  size_t bytes = 0;
+  MOE_CHECK_OK(moe_runner_workspace_size(r, pb.T, pb.m.k, kDLCUDA, &bytes));
+  void* ws = nullptr;
+  CUDA_OK(cudaMalloc(&ws, std::max<size_t>(bytes, 256)));
+  CUDA_OK(cudaMemset(ws, 0xff, std::max<size_t>(bytes, 256)));  // NaN garbage must not leak
+  moe_status_t st = moe_runner_run(r, g.x.dl(), g.local.dl(), g.w.dl(), g.offsets.dl(),
+                                   g.sorted.dl(), d_y.dl(), ws, bytes, nullptr);
+  if (st == MOE_STATUS_SUCCESS) d_y.download(y);
+  CUDA_OK(cudaFree(ws));
+  return st;
+}
+
+double act_ref(int a, double v) {
+  switch (a) {
+    case MOE_ACTIVATION_SILU: return v / (1.0 + std::exp(-v));
+    case MOE_ACTIVATION_GELU: return 0.5 * v * (1.0 + std::erf(v / std::sqrt(2.0)));
+    case MOE_ACTIVATION_GELU_TANH:
+      return 0.5 * v * (1.0 + std::tanh(std::sqrt(2.0 / M_PI) * (v + 0.044715 * v * v * v)));
+    case MOE_ACTIVATION_RELU2: return v > 0 ? v * v : 0.0;
+    default: return v;
+  }
+}
+
+// Float64 reference of SEMANTICS.md section 4 from the rounded inputs.
+std::vector<double> reference(const Problem& pb) {
+  const Model& m = pb.m;
+  const int E_loc = m.E_loc(), first = m.ep_rank * E_loc, rows13 = (m.gated ? 2 : 1) * m.I;
+  std::vector<double> y(size_t(pb.T * m.H), 0.0), h(size_t(m.I));
+  for (int64_t t = 0; t < pb.T; ++t)
+    for (int j = 0; j < m.k; ++j) {
+      const int g = pb.ids.as<int32_t>()[t * m.k + j];
+      if (g < first || g >= first + E_loc) continue;
+      const int e = g - first;
+      const double wt = pb.w.as<float>()[t * m.k + j];
+      const double xs = m.weight_on_input ? wt : 1.0;
+      for (int i = 0; i < m.I; ++i) {
+        auto dot = [&](int row) {
+          double s = 0;
+          for (int c = 0; c < m.H; ++c)
+            s += pb.w13.get((int64_t(e) * rows13 + row) * m.H + c) * pb.x.get(t * m.H + c) * xs;
+          return s;
+        };
+        if (m.gated) {
+          const int gate = m.swap ? m.I + i : i, up = m.swap ? i : m.I + i;
+          h[size_t(i)] = act_ref(m.activation, dot(gate)) * dot(up);
+        } else {
+          h[size_t(i)] = act_ref(m.activation, dot(i));
+        }
+      }
+      for (int c = 0; c < m.H; ++c) {
+        double s = 0;
+        for (int i = 0; i < m.I; ++i) s += pb.w2.get((int64_t(e) * m.H + c) * m.I + i) * h[size_t(i)];
+        y[size_t(t * m.H + c)] += (m.weight_on_input ? 1.0 : wt) * s * m.output_scale;
+      }
+    }
+  return y;
+}
+
+double tolerance(DT dt) { return dt == DT::f32 ? 1e-5 : 1e-2; }
+
+// GPU vs CPU (and vs float64 when asked); tokens with no local slot are exactly 0.
+void check_model(const Model& m, int64_t T, bool with_ref) {
+  Problem pb(m, T);
+  HostTensor y_cpu(m.dt, {T, m.H}), local_cpu(DT::i32, {T, m.k}), y_gpu(m.dt, {T, m.H});
+  run_cpu(pb, y_cpu, local_cpu);
+  GpuProblem g(pb);
+  Runner r(m);
+  MOE_CHECK_OK(moe_runner_set_weights(r.h, g.w13.dl(), g.w2.dl(), nullptr, nullptr, nullptr, nullptr));
+  MOE_CHECK_OK(run_gpu(r.h, pb, g, y_gpu));
+  const std::vector<double> gv = values(y_gpu), cv = values(y_cpu);
+  INFO("model ", m.name, " dtype ", dt_name(m.dt), " act ", m.activation, " gated ", m.gated,
+       " swap ", m.swap, " T ", T);
+  const double e_cpu = rel_error(gv, cv);
+  INFO("rel error vs CPU ", e_cpu);
+  CHECK(e_cpu < tolerance(m.dt));
+  int64_t nonzero_empty = 0;
+  for (int64_t t = 0; t < T; ++t) {
+    bool any = false;
+    for (int j = 0; j < m.k; ++j) any |= local_cpu.as<int32_t>()[t * m.k + j] >= 0;
+    if (!any)
+      for (int c = 0; c < m.H; ++c) nonzero_empty += gv[size_t(t * m.H + c)] != 0.0;
+  }
+  CHECK(nonzero_empty == 0);
+  if (with_ref) {
+    const double e_ref = rel_error(gv, reference(pb));
+    INFO("rel error vs float64 ", e_ref);
+    CHECK(e_ref < tolerance(m.dt));
+  }
+}
+
+const DT kTypes[] = {DT::bf16, DT::f16, DT::f32};
+const int kActs[] = {MOE_ACTIVATION_SILU, MOE_ACTIVATION_GELU, MOE_ACTIVATION_GELU_TANH,
+                     MOE_ACTIVATION_RELU2, MOE_ACTIVATION_IDENTITY};
+
+}  // namespace
+
+TEST_CASE("gpu.runner.activation_gated_dtype") {
+  for (DT dt : kTypes)
+    for (int act : kActs)
+      for (bool gated : {true, false}) {
+        Model m{"small", 16, 2, 1, 4, 128, 96};
+        m.dt = dt;
+        m.activation = act;
+        m.gated = gated;
+        m.output_scale = 1.5f;
+        for (int64_t T : {int64_t(1), int64_t(7), int64_t(64)}) check_model(m, T, T <= 7);
+      }
+}
+
+TEST_CASE("gpu.runner.large_batch_small_model") {
+  for (DT dt : kTypes) {
+    Model m{"small", 16, 1, 0, 4, 256, 160};
+    m.dt = dt;
+    check_model(m, 1000, false);
+  }
+}
+
+TEST_CASE("gpu.runner.swap_and_weight_on_input") {
+  for (DT dt : kTypes) {
+    Model m{"swap", 8, 1, 0, 2, 64, 64};
+    m.dt = dt;
+    m.swap = true;
+    check_model(m, 33, true);
+    Model l{"llama4", 16, 1, 0, 1, 128, 64};
+    l.dt = dt;
+    l.weight_on_input = true;
+    check_model(l, 40, true);
+  }
+}
+
+TEST_CASE("gpu.runner.odd_sizes") {
+  for (DT dt : kTypes) {
+    Model m{"odd", 6, 1, 0, 3, 72, 40};  // multiples of 8, not of the tile sizes
+    m.dt = dt;
+    check_model(m, 19, true);
+    m.gated = false;
+    m.activation = MOE_ACTIVATION_RELU2;
+    check_model(m, 5, true);
+  }
+  // Rows that are not 16-byte multiples are refused with UNSUPPORTED, at set_weights.
+  Model bad{"bad", 4, 1, 0, 2, 100, 64};
+  Runner r(bad);
+  DeviceTensor w13(DT::bf16, {4, 128, 100}), w2(DT::bf16, {4, 100, 64});
+  moe_status_t st = moe_runner_set_weights(r.h, w13.dl(), w2.dl(), nullptr, nullptr, nullptr, nullptr);
+  check_error_mentions(st, MOE_STATUS_UNSUPPORTED, {"multiples of 8"});
+}
+
+TEST_CASE("gpu.runner.model_shapes") {
+  // BRIEF.md: Mixtral-8x7B, Qwen3-30B-A3B, one EP-of-8 slice of DeepSeek-V3.
+  const Model shapes[] = {
+      {"mixtral", 8, 1, 0, 2, 4096, 14336},
+      {"qwen3", 128, 1, 0, 8, 2048, 768},
+      {"deepseek_ep_slice", 256, 8, 5, 8, 7168, 2048},
+  };
+  for (const Model& m : shapes) {
+    SUBCASE(m.name) {
+      for (int64_t T : {int64_t(7), int64_t(64)}) check_model(m, T, false);
+    }
+  }
+}
+
+TEST_CASE("gpu.runner.bad_ids") {
+  Model m{"ids", 16, 1, 0, 4, 64, 32};
+  Problem pb(m, 20);
+  GpuProblem g(pb);
+  // Slot (3, 1) gets id 40: outside [-1, 16).
+  HostTensor local(DT::i32, {pb.T, m.k});
+  g.local.download(local);
+  local.as<int32_t>()[3 * m.k + 1] = 40;
+  g.local.upload(local);
+  HostTensor y(m.dt, {pb.T, m.H});
+  {
+    Runner r(m, /*validate=*/true);
+    MOE_CHECK_OK(moe_runner_set_weights(r.h, g.w13.dl(), g.w2.dl(), nullptr, nullptr, nullptr, nullptr));
+    moe_status_t st = run_gpu(r.h, pb, g, y);
+    check_error_mentions(st, MOE_STATUS_INVALID_ARGUMENT, {"token 3", "slot 1", "40"});
+  }
+  // Without validation the bad slot counts as -1: same as the CPU with -1 there.
+  Runner r(m);
+  MOE_CHECK_OK(moe_runner_set_weights(r.h, g.w13.dl(), g.w2.dl(), nullptr, nullptr, nullptr, nullptr));
+  MOE_CHECK_OK(run_gpu(r.h, pb, g, y));
+  pb.ids.as<int32_t>()[3 * m.k + 1] = -1;
+  HostTensor y_cpu(m.dt, {pb.T, m.H}), local_cpu(DT::i32, {pb.T, m.k});
+  run_cpu(pb, y_cpu, local_cpu);
+  CHECK(rel_error(values(y), values(y_cpu)) < 1e-2);
+}
