@@ -61,20 +61,60 @@ pub fn has_cuda() -> bool {
 pub fn check_version() -> Result<()> {
     static CHECKED: OnceLock<Result<()>> = OnceLock::new();
     CHECKED
-        .get_or_init(|| {
-            let loaded = version();
-            if loaded.major == BUILT_AGAINST.major {
-                Ok(())
-            } else {
-                Err(Error::new(
-                    Status::NOT_AVAILABLE,
-                    format!(
-                        "libmoe version mismatch: the loaded library is {loaded} (major {}), \
-                         this crate was built against {BUILT_AGAINST} (major {})",
-                        loaded.major, BUILT_AGAINST.major
-                    ),
-                ))
-            }
-        })
+        .get_or_init(|| compatible(version(), BUILT_AGAINST))
         .clone()
+}
+
+/// The rule: same major version (the library's SOVERSION).
+fn compatible(loaded: Version, built: Version) -> Result<()> {
+    if loaded.major == built.major {
+        return Ok(());
+    }
+    Err(Error::new(
+        Status::NOT_AVAILABLE,
+        format!(
+            "libmoe version mismatch: the loaded library is {loaded} (major {}), \
+             this crate was built against {built} (major {})",
+            loaded.major, built.major
+        ),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_version_numbers() {
+        assert_eq!(
+            Version::from_number(10203),
+            Version {
+                major: 1,
+                minor: 2,
+                patch: 3
+            }
+        );
+        assert_eq!(Version::from_number(100).to_string(), "0.1.0");
+    }
+
+    #[test]
+    fn major_must_match() {
+        let v = |n| Version::from_number(n);
+        assert!(compatible(v(10203), v(10000)).is_ok());
+        assert!(compatible(v(10000), v(10999)).is_ok());
+        let err = compatible(v(20000), v(10203)).unwrap_err();
+        assert_eq!(err.status, Status::NOT_AVAILABLE);
+        assert!(
+            err.message.contains("2.0.0") && err.message.contains("1.2.3"),
+            "{}",
+            err.message
+        );
+        assert!(compatible(v(100), v(10100)).is_err());
+    }
+
+    #[test]
+    fn the_loaded_library_is_compatible() {
+        check_version().unwrap();
+        assert_eq!(version().major, sys::MOE_VERSION_MAJOR);
+    }
 }
