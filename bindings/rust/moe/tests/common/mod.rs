@@ -537,6 +537,9 @@ pub struct ExpertSpec {
     pub swap_gate_up: bool,
     pub weight_on_input: bool,
     pub output_scale: f64,
+    /// FP8 modes: activations are fake-quantized in groups of this many values
+    /// before each matmul (a whole row for per-tensor, 128 for block scales); 0 = none.
+    pub fp8_act_group: usize,
 }
 
 impl ExpertSpec {
@@ -550,6 +553,7 @@ impl ExpertSpec {
             swap_gate_up: false,
             weight_on_input: false,
             output_scale: 1.0,
+            fp8_act_group: 0,
         }
     }
     pub fn rows13(&self) -> usize {
@@ -598,7 +602,10 @@ pub fn moe_reference(
             }
             let wgt = weights[tok * kk + j];
             let (in_scale, out_scale) = if s.weight_on_input { (wgt, 1.0) } else { (1.0, wgt) };
-            let xr: Vec<f64> = x[tok * h..(tok + 1) * h].iter().map(|v| v * in_scale).collect();
+            let mut xr: Vec<f64> = x[tok * h..(tok + 1) * h].iter().map(|v| v * in_scale).collect();
+            if s.fp8_act_group > 0 {
+                fake_quant_e4m3(&mut xr, s.fp8_act_group);
+            }
             let w13e = &w13[id as usize * r13 * h..(id as usize + 1) * r13 * h];
             let dot = |row: usize| -> f64 { (0..h).map(|c| w13e[row * h + c] * xr[c]).sum() };
             for (n, a) in act.iter_mut().enumerate() {
@@ -609,6 +616,9 @@ pub fn moe_reference(
                     activation(s.act, dot(n))
                 };
             }
+            if s.fp8_act_group > 0 {
+                fake_quant_e4m3(&mut act, s.fp8_act_group);
+            }
             let w2e = &w2[id as usize * h * i..(id as usize + 1) * h * i];
             for o in 0..h {
                 let v: f64 = (0..i).map(|n| w2e[o * i + n] * act[n]).sum();
@@ -617,4 +627,105 @@ pub fn moe_reference(
         }
     }
     y
+}
+
+// --- FP8 E4M3 (fn) -----------------------------------------------------------
+
+pub fn e4m3_to_f64(b: u8) -> f64 {
+    let sign = if b & 0x80 != 0 { -1.0 } else { 1.0 };
+    let exp = ((b >> 3) & 0xf) as i32;
+    let man = (b & 7) as f64;
+    if exp == 15 && man == 7.0 {
+        return f64::NAN;
+    }
+    if exp == 0 {
+        sign * man / 8.0 * 2f64.powi(-6)
+    } else {
+        sign * (1.0 + man / 8.0) * 2f64.powi(exp - 7)
+    }
+}
+
+/// The nearest finite E4M3 code (ties to the even code), saturating at +-448.
+pub fn f64_to_e4m3(v: f64) -> u8 {
+    // Codes 0..=126 are the non-negative finite values in increasing order.
+    let a = v.abs();
+    let mut lo = 0u8;
+    let mut hi = 126u8;
+    if a >= e4m3_to_f64(hi) {
+        lo = hi;
+    } else {
+        while hi - lo > 1 {
+            let mid = (lo + hi) / 2;
+            if e4m3_to_f64(mid) <= a {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+        }
+        let (dl, dh) = (a - e4m3_to_f64(lo), e4m3_to_f64(hi) - a);
+        if dh < dl || (dh == dl && hi % 2 == 0) {
+            lo = hi;
+        }
+    }
+    if v < 0.0 && lo != 0 {
+        lo | 0x80
+    } else {
+        lo
+    }
+}
+
+/// Fake-quantizes `v` in groups of `group` values with dynamic scales amax / 448, as the
+/// FP8 modes do to activations before each matmul (a zero scale becomes 1).
+pub fn fake_quant_e4m3(v: &mut [f64], group: usize) {
+    for chunk in v.chunks_mut(group) {
+        let amax = chunk.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+        let scale = (amax as f32 / 448.0) as f64;
+        let scale = if scale > 0.0 { scale } else { 1.0 };
+        for x in chunk.iter_mut() {
+            *x = e4m3_to_f64(f64_to_e4m3((*x as f32 / scale as f32) as f64)) * scale;
+        }
+    }
+}
+
+/// Quantizes `w` [E, rows, cols] with one scale per (expert, block of `block` x `block`)
+/// (`block` = None: one scale per expert). Returns (codes, scales, dequantized values).
+pub fn quantize_e4m3(
+    w: &[f64],
+    e: usize,
+    rows: usize,
+    cols: usize,
+    block: Option<usize>,
+) -> (Vec<u8>, Vec<f32>, Vec<f64>) {
+    let (br, bc) = match block {
+        Some(b) => (b, b),
+        None => (rows, cols),
+    };
+    let (nr, nc) = (rows.div_ceil(br), cols.div_ceil(bc));
+    let mut scales = vec![0f32; e * nr * nc];
+    let mut codes = vec![0u8; w.len()];
+    let mut deq = vec![0f64; w.len()];
+    for x in 0..e {
+        for a in 0..nr {
+            for b in 0..nc {
+                let idx = |r: usize, c: usize| (x * rows + r) * cols + c;
+                let cells = || {
+                    (a * br..((a + 1) * br).min(rows))
+                        .flat_map(move |r| (b * bc..((b + 1) * bc).min(cols)).map(move |c| (r, c)))
+                };
+                let amax = cells().map(|(r, c)| w[idx(r, c)].abs()).fold(0.0, f64::max);
+                let scale = (amax / 448.0) as f32;
+                scales[(x * nr + a) * nc + b] = scale;
+                for (r, c) in cells() {
+                    let q = if scale > 0.0 {
+                        f64_to_e4m3(w[idx(r, c)] / scale as f64)
+                    } else {
+                        0
+                    };
+                    codes[idx(r, c)] = q;
+                    deq[idx(r, c)] = e4m3_to_f64(q) * scale as f64;
+                }
+            }
+        }
+    }
+    (codes, scales, deq)
 }
