@@ -239,7 +239,8 @@ impl<'a> Tensor<'a> {
     /// `data` must point to a contiguous row-major array of `shape` elements of
     /// `dtype` on `device`, valid for reads and not written by anyone else for
     /// `'a` (and on the GPU, until the work queued on the stream of every call
-    /// that uses the view has finished).
+    /// that uses the view has finished). A call with device views must get a
+    /// workspace on that device: `Workspace::internal()` or `Workspace::from_raw`.
     pub unsafe fn from_raw(data: *const c_void, dtype: DType, shape: &[i64], device: Device) -> Result<Self> {
         Meta::raw(data as *mut c_void, dtype, shape, device).map(Self::from_meta)
     }
@@ -375,7 +376,7 @@ impl Workspace<'static> {
 }
 
 impl<'a> Workspace<'a> {
-    /// Host memory for a CPU run; each concurrent call needs its own.
+    /// Host memory for a run on CPU tensors (not CUDA ones); each concurrent call needs its own.
     pub fn host(buffer: &'a mut HostWorkspace) -> Self {
         Workspace {
             ptr: buffer.ptr.as_ptr() as *mut c_void,
