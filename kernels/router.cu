@@ -152,6 +152,7 @@ __global__ void route_kernel(RouteParams p, int warps_per_block, int stride_floa
         }
       }
       if (bi == INT_MAX) break;
+      __syncwarp();  // every lane's reads of this round precede the write
       if (lane == 0) gcnt[bi] = -1;  // kept
       __syncwarp();
     }
@@ -175,6 +176,7 @@ __global__ void route_kernel(RouteParams p, int warps_per_block, int stride_floa
     }
     warp_argmax(bv, bi);
     if (bi == INT_MAX) break;
+    __syncwarp();  // every lane's reads of this round precede the write
     if (lane == 0) {
       ids[n] = bi;
       key[bi] = -INFINITY;

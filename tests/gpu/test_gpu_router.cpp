@@ -36,6 +36,8 @@ const Case kCases[] = {
     {"deepseek_v3.e512", MOE_ROUTING_DEEPSEEK_V3, 512, 16, 16, 8, true, true, 1.5f, 0, true},
     {"grouped_softmax", MOE_ROUTING_GROUPED_SOFTMAX, 160, 6, 8, 3, true, false, 16.0f, 2, false},
     {"llama4", MOE_ROUTING_LLAMA4, 16, 1, 1, 1, false, false, 1.0f, 0, false},
+    // Scores of one token exceed 48 KB of shared memory: the opt-in path.
+    {"softmax_topk.e20000", MOE_ROUTING_SOFTMAX_TOPK, 20000, 4, 1, 1, true, false, 1.0f, 0, false},
 };
 
 const DT kLogitTypes[] = {DT::f32, DT::bf16, DT::f16};
@@ -56,9 +58,13 @@ moe_router_config_t make_cfg(const Case& c) {
 
 // Random logits with NaN, -inf and +inf sprinkled in, and a few rows with
 // fewer than k selectable experts.
-void fill_logits(HostTensor& z, std::mt19937_64& rng, int k) {
+void fill_logits(HostTensor& z, std::mt19937_64& rng, int k, bool ties) {
   const int64_t T = z.shape[0], E = z.shape[1];
   z.fill_normal(rng, 1.5);
+  if (ties) {  // small integers: many exact ties, in experts and in groups
+    std::uniform_int_distribution<int> small(-2, 2);
+    for (int64_t i = 0; i < z.numel(); ++i) z.set(i, small(rng));
+  }
   const double nan = std::numeric_limits<double>::quiet_NaN();
   const double inf = std::numeric_limits<double>::infinity();
   std::uniform_int_distribution<int64_t> col(0, E - 1);
@@ -73,13 +79,13 @@ void fill_logits(HostTensor& z, std::mt19937_64& rng, int k) {
   }
 }
 
-void check_gpu_vs_cpu(const Case& c, DT dt, int64_t T, bool with_valid) {
+void check_gpu_vs_cpu(const Case& c, DT dt, int64_t T, bool with_valid, bool ties = false) {
   auto rng = fresh_rng();
   const moe_router_config_t cfg = make_cfg(c);
   const int C = c.k + c.n_shared;
   Router r(cfg);
   HostTensor logits(dt, {T, c.E});
-  fill_logits(logits, rng, c.k);
+  fill_logits(logits, rng, c.k, ties);
   HostTensor bias(DT::f32, {c.E});
   bias.fill_normal(rng, 0.2);
   HostTensor valid(DT::i32, {1});
@@ -89,14 +95,15 @@ void check_gpu_vs_cpu(const Case& c, DT dt, int64_t T, bool with_valid) {
   HostTensor cpu_ids(DT::i32, {T, C}), cpu_w(DT::f32, {T, C});
   cpu_ids.poison();
   cpu_w.poison();
-  MOE_CHECK_OK(moe_router_run(r.h, logits.dl(), c.bias ? bias.dl() : nullptr,
+  const bool use_bias = c.bias && !ties;  // ties need equal keys: no bias
+  MOE_CHECK_OK(moe_router_run(r.h, logits.dl(), use_bias ? bias.dl() : nullptr,
                               with_valid ? valid.dl() : nullptr, cpu_ids.dl(), cpu_w.dl(), nullptr));
 
   DeviceTensor d_logits(logits), d_bias(bias), d_valid(valid);
   DeviceTensor d_ids(DT::i32, {T, C}), d_w(DT::f32, {T, C});
   d_ids.poison();
   d_w.poison();
-  MOE_CHECK_OK(moe_router_run(r.h, d_logits.dl(), c.bias ? d_bias.dl() : nullptr,
+  MOE_CHECK_OK(moe_router_run(r.h, d_logits.dl(), use_bias ? d_bias.dl() : nullptr,
                               with_valid ? d_valid.dl() : nullptr, d_ids.dl(), d_w.dl(), nullptr));
   HostTensor gpu_ids(DT::i32, {T, C}), gpu_w(DT::f32, {T, C});
   d_ids.download(gpu_ids);
@@ -107,7 +114,7 @@ void check_gpu_vs_cpu(const Case& c, DT dt, int64_t T, bool with_valid) {
   std::vector<int> rid;
   std::vector<double> rw, margin;
   std::vector<double> bias_v = values(bias);
-  ref_route(ref_router_cfg(cfg), values(logits), T, c.bias ? bias_v.data() : nullptr, nvalid,
+  ref_route(ref_router_cfg(cfg), values(logits), T, use_bias ? bias_v.data() : nullptr, nvalid,
             rid, rw, &margin);
   int64_t mismatched_ids = 0, bad_weights = 0, skipped = 0, first_bad = -1;
   for (int64_t t = 0; t < T; ++t) {
@@ -176,15 +183,21 @@ TEST_CASE("gpu.router.num_valid_tokens") {
   }
 }
 
+TEST_CASE("gpu.router.ties_lower_index_wins") {
+  for (const Case& c : kCases) {
+    SUBCASE(c.name) { check_gpu_vs_cpu(c, DT::bf16, 200, false, /*ties=*/true); }
+  }
+}
+
 TEST_CASE("gpu.router.packed_minus_one_stays") {
-  HostTensor ids(DT::i32, {4}), w(DT::f32, {4}), packed(DT::i32, {4});
+  HostTensor ids(DT::i32, {1, 4}), w(DT::f32, {1, 4}), packed(DT::i32, {1, 4});
   const int32_t id_v[4] = {-1, 0, 32767, 5};
   const float w_v[4] = {0.0f, 0.5f, 1.0f, -2.0f};
   for (int i = 0; i < 4; ++i) {
     ids.as<int32_t>()[i] = id_v[i];
     w.as<float>()[i] = w_v[i];
   }
-  DeviceTensor d_ids(ids), d_w(w), d_packed(DT::i32, {4});
+  DeviceTensor d_ids(ids), d_w(w), d_packed(DT::i32, {1, 4});
   d_packed.poison();
   MOE_CHECK_OK(moe_pack_topk(d_ids.dl(), d_w.dl(), d_packed.dl(), nullptr));
   d_packed.download(packed);
