@@ -206,6 +206,7 @@ int main(int argc, char** argv) {
   bw2.upload(hw2.data());
 
   moe_router_config_t rc;
+  rc.struct_size = uint32_t(sizeof(rc));
   CHECK(moe_router_config_default(&rc, MOE_ROUTING_SOFTMAX_TOPK));
   rc.num_experts = E;
   rc.top_k = K;
@@ -213,12 +214,14 @@ int main(int argc, char** argv) {
   moe_router_t router;
   CHECK(moe_router_create(&rc, &router));
   moe_dispatcher_config_t dc;
+  dc.struct_size = uint32_t(sizeof(dc));
   CHECK(moe_dispatcher_config_default(&dc));
   dc.num_experts = E;
   dc.device_type = dev.device_type;
   moe_dispatcher_t dispatcher;
   CHECK(moe_dispatcher_create(&dc, &dispatcher));
   moe_runner_config_t uc;
+  uc.struct_size = uint32_t(sizeof(uc));
   CHECK(moe_runner_config_default(&uc));
   uc.num_experts = E;
   uc.hidden_size = H;

@@ -12,6 +12,10 @@ namespace moe {
 
 namespace {
 
+// The fields every caller's struct has: the first version's required ones.
+constexpr size_t kDispatcherMinSize =
+    offsetof(moe_dispatcher_config_t, num_local_experts) + sizeof(int32_t);
+
 moe_dispatcher_config_t dispatcher_defaults() {
   moe_dispatcher_config_t c{};
   c.struct_size = sizeof(c);
@@ -53,7 +57,7 @@ MOE_API moe_status_t moe_dispatcher_config_default(moe_dispatcher_config_t* conf
   MOE_ENTRY
   ArgChecker c("moe_dispatcher_config_default");
   c.not_null(config, "config");
-  *config = dispatcher_defaults();
+  c.write_defaults(config, "config", dispatcher_defaults(), kDispatcherMinSize);
   MOE_EXIT
 }
 
@@ -64,8 +68,7 @@ MOE_API moe_status_t moe_dispatcher_create(const moe_dispatcher_config_t* config
   c.not_null(dispatcher, "dispatcher");
   *dispatcher = nullptr;
   moe_dispatcher_config_t cfg =
-      c.config(config, "config", dispatcher_defaults(),
-               offsetof(moe_dispatcher_config_t, num_local_experts) + sizeof(int32_t));
+      c.config(config, "config", dispatcher_defaults(), kDispatcherMinSize);
   if (cfg.num_experts < 1 || cfg.num_experts > 32767)
     c.bad("config->num_experts", "E in [1, 32767]", std::to_string(cfg.num_experts));
   if (cfg.ep_size < 1 || cfg.ep_size > cfg.num_experts)
@@ -81,7 +84,7 @@ MOE_API moe_status_t moe_dispatcher_create(const moe_dispatcher_config_t* config
     if (cfg.device_id < 0)
       c.bad("config->device_id", "a CUDA ordinal >= 0", std::to_string(cfg.device_id));
     dev = Device{Backend::cuda, cfg.device_id};
-    require_backend(c, dev);
+    require_backend(c, dev, "config->device_type");
   } else {
     c.bad("config->device_type", "kDLCPU (1) or kDLCUDA (2)", std::to_string(cfg.device_type),
           MOE_STATUS_UNSUPPORTED);
@@ -177,8 +180,8 @@ MOE_API moe_status_t moe_dispatcher_workspace_size(moe_dispatcher_t dispatcher, 
   ArgChecker c("moe_dispatcher_workspace_size");
   c.not_null(dispatcher, "dispatcher");
   c.not_null(bytes, "bytes");
-  if (max_tokens < 0) c.bad("max_tokens", "a value >= 0", std::to_string(max_tokens));
-  if (columns < 1) c.bad("columns", "a value >= 1", std::to_string(columns));
+  if (columns < 1 || columns > 1024) c.bad("columns", "a value in [1, 1024]", std::to_string(columns));
+  check_max_tokens(c, max_tokens, columns);
   *bytes = backend_dispatch_workspace(dispatcher->device, dispatcher->plan, max_tokens, columns);
   MOE_EXIT
 }
@@ -223,8 +226,8 @@ MOE_API moe_status_t moe_dispatcher_dispatch(moe_dispatcher_t dispatcher, const 
   // The CPU backend refuses bad ids; the CUDA backend treats them as -1.
   if (dev.backend == Backend::cpu) check_ids_in_range(c, "topk_ids", a.topk_ids, T, int(K), p.E);
   size_t need = backend_dispatch_workspace(dev, p, T, int(K));
-  WorkspaceLease ws;
-  if (need > 0) ws = lease_workspace(c, dispatcher->workspace, workspace, workspace_bytes, need, dev);
+  // Checked even when the backend needs none, so CPU and CUDA accept the same arguments.
+  WorkspaceLease ws = lease_workspace(c, dispatcher->workspace, workspace, workspace_bytes, need, dev);
   a.workspace = ws.ptr;
   a.workspace_bytes = need;
   backend_dispatch(dev, p, a, stream);

@@ -9,6 +9,9 @@ namespace moe {
 
 namespace {
 
+// The fields every caller's struct has: the first version's required ones.
+constexpr size_t kRouterMinSize = offsetof(moe_router_config_t, top_k) + sizeof(int32_t);
+
 bool grouped(int method) {
   return method == MOE_ROUTING_DEEPSEEK_V3 || method == MOE_ROUTING_GROUPED_SOFTMAX;
 }
@@ -44,7 +47,7 @@ Device check_route_inputs(const ArgChecker& c, const moe_router_s& router, const
   args.logits_dtype = c.tensor(logits, "logits", {DType::f32, DType::bf16, DType::f16});
   c.shape(logits, "logits", {-1, p.E}, {"T", "E"});
   Device dev = c.device(logits, "logits");
-  require_backend(c, dev);
+  require_backend(c, dev, "logits.device");
   args.logits = tensor_data(logits);
   args.T = logits->shape[0];
   args.bias = nullptr;
@@ -80,7 +83,7 @@ MOE_API moe_status_t moe_router_config_default(moe_router_config_t* config, int3
   if (method < 0 || method >= MOE_ROUTING_NUM_METHODS)
     c.bad("method", "a moe_routing_method_t in [0, " + std::to_string(MOE_ROUTING_NUM_METHODS) + ")",
           std::to_string(method));
-  *config = router_defaults(method);
+  c.write_defaults(config, "config", router_defaults(method), kRouterMinSize);
   MOE_EXIT
 }
 
@@ -90,8 +93,8 @@ MOE_API moe_status_t moe_router_create(const moe_router_config_t* config, moe_ro
   c.not_null(router, "router");
   *router = nullptr;
   c.not_null(config, "config");
-  moe_router_config_t cfg = c.config(config, "config", router_defaults(config->method),
-                                     offsetof(moe_router_config_t, top_k) + sizeof(int32_t));
+  moe_router_config_t cfg =
+      c.config(config, "config", router_defaults(config->method), kRouterMinSize);
   if (cfg.method < 0 || cfg.method >= MOE_ROUTING_NUM_METHODS)
     c.bad("config->method", "a moe_routing_method_t in [0, " +
                                 std::to_string(MOE_ROUTING_NUM_METHODS) + ")",
@@ -191,7 +194,7 @@ MOE_API moe_status_t moe_pack_topk(const DLTensor* topk_ids, const DLTensor* top
   c.tensor(topk_ids, "topk_ids", {DType::i32});
   if (topk_ids->ndim != 2) c.bad("topk_ids", "a 2-D tensor [T, k]", "shape " + shape_string(topk_ids));
   Device dev = c.device(topk_ids, "topk_ids");
-  require_backend(c, dev);
+  require_backend(c, dev, "topk_ids.device");
   int64_t T = topk_ids->shape[0], k = topk_ids->shape[1];
   c.tensor(topk_weights, "topk_weights", {DType::f32});
   c.shape(topk_weights, "topk_weights", {T, k}, {"T", "k"});

@@ -11,6 +11,9 @@ namespace moe {
 
 namespace {
 
+// The fields every caller's struct has: the first version's required ones.
+constexpr size_t kRunnerMinSize = offsetof(moe_runner_config_t, intermediate_size) + sizeof(int32_t);
+
 moe_runner_config_t runner_defaults() {
   moe_runner_config_t c{};
   c.struct_size = sizeof(c);
@@ -114,7 +117,7 @@ MOE_API moe_status_t moe_runner_config_default(moe_runner_config_t* config) {
   MOE_ENTRY
   ArgChecker c("moe_runner_config_default");
   c.not_null(config, "config");
-  *config = runner_defaults();
+  c.write_defaults(config, "config", runner_defaults(), kRunnerMinSize);
   MOE_EXIT
 }
 
@@ -124,8 +127,7 @@ MOE_API moe_status_t moe_runner_create(const moe_runner_config_t* config, moe_ru
   c.not_null(runner, "runner");
   *runner = nullptr;
   moe_runner_config_t cfg =
-      c.config(config, "config", runner_defaults(),
-               offsetof(moe_runner_config_t, intermediate_size) + sizeof(int32_t));
+      c.config(config, "config", runner_defaults(), kRunnerMinSize);
   if (cfg.num_experts < 1 || cfg.num_experts > 32767)
     c.bad("config->num_experts", "E_loc in [1, 32767]", std::to_string(cfg.num_experts));
   if (cfg.hidden_size < 1 || cfg.hidden_size > (1 << 20))
@@ -201,7 +203,7 @@ MOE_API moe_status_t moe_runner_set_weights(moe_runner_t runner, const DLTensor*
   c.shape(w13, "w13", {p.E_loc, p.rows13(), p.H},
           {"E_loc", p.gated ? "2 * I" : "I", "H"});
   Device dev = c.device(w13, "w13");
-  require_backend(c, dev);
+  require_backend(c, dev, "w13.device");
   DType wt2 = c.tensor(w2, "w2", fp8 ? fp8_types : float_types);
   if (wt2 != wt)
     c.bad("w2.dtype", std::string("the dtype of w13 (") + dtype_name(wt) + ")", dtype_name(wt2));
@@ -254,13 +256,14 @@ MOE_API moe_status_t moe_runner_workspace_size(moe_runner_t runner, int64_t max_
   ArgChecker c("moe_runner_workspace_size");
   c.not_null(runner, "runner");
   c.not_null(bytes, "bytes");
-  if (max_tokens < 0) c.bad("max_tokens", "a value >= 0", std::to_string(max_tokens));
   if (columns < 1 || columns > 1024) c.bad("columns", "a value in [1, 1024]", std::to_string(columns));
+  check_max_tokens(c, max_tokens, std::max<int64_t>(runner->plan.H, columns));
   Device dev;
   if (device_type == kDLCPU) dev = Device{Backend::cpu, 0};
   else if (device_type == kDLCUDA) dev = Device{Backend::cuda, runner->weights_device.id};
-  else c.bad("device_type", "kDLCPU (1) or kDLCUDA (2)", std::to_string(device_type));
-  require_backend(c, dev);
+  else c.bad("device_type", "kDLCPU (1) or kDLCUDA (2)", std::to_string(device_type),
+             MOE_STATUS_UNSUPPORTED);
+  require_backend(c, dev, "device_type");
   *bytes = backend_runner_workspace(dev, runner->plan, max_tokens, columns);
   MOE_EXIT
 }

@@ -71,6 +71,21 @@ class ArgChecker {
     return out;
   }
 
+  // *_default(): the caller sets struct_size first; only that many bytes of
+  // the defaults are written, so an older caller's smaller struct is safe.
+  template <class T>
+  void write_defaults(T* user, const char* arg, const T& defaults, size_t min_size) const {
+    not_null(user, arg);
+    uint32_t size = user->struct_size;
+    if (size < min_size || size > sizeof(T))
+      bad(std::string(arg) + "->struct_size",
+          "sizeof the struct in the caller's header, set before this call (a value in [" +
+              std::to_string(min_size) + ", " + std::to_string(sizeof(T)) + "])",
+          std::to_string(size));
+    std::memcpy(static_cast<void*>(user), &defaults, size);
+    user->struct_size = size;
+  }
+
   const char* fn() const { return fn_; }
 
  private:
@@ -86,8 +101,13 @@ inline int64_t numel(const DLTensor* t) {
   return n;
 }
 
-// Fails with NOT_AVAILABLE when the CUDA backend is not built in.
-void require_backend(const ArgChecker& c, const Device& d);
+// Fails with NOT_AVAILABLE when the CUDA backend is not built in; `arg`
+// names what put the call on that device.
+void require_backend(const ArgChecker& c, const Device& d, const char* arg = "tensors");
+
+// Workspace queries: max_tokens in [0, 2^40 / per_token], the most any run can
+// pass (its tensors hold at most 2^40 elements), so size arithmetic cannot wrap.
+void check_max_tokens(const ArgChecker& c, int64_t max_tokens, int64_t per_token);
 
 // Offset of the next 256-byte-aligned region.
 inline size_t align256(size_t n) { return (n + 255) & ~size_t(255); }

@@ -34,6 +34,7 @@ TEST_CASE("api.last_error_is_per_thread_and_cleared") {
   std::thread([&] { other = moe_last_error(); }).join();
   CHECK(other.empty());
   moe_router_config_t c;
+  c.struct_size = uint32_t(sizeof(c));
   MOE_CHECK_OK(moe_router_config_default(&c, MOE_ROUTING_SOFTMAX_TOPK));
   CHECK(std::string(moe_last_error()).empty());
 }
@@ -46,16 +47,20 @@ TEST_CASE("api.destroy_accepts_null") {
 
 TEST_CASE("api.config.defaults") {
   moe_router_config_t rc;
+  rc.struct_size = uint32_t(sizeof(rc));
   MOE_CHECK_OK(moe_router_config_default(&rc, MOE_ROUTING_DEEPSEEK_V3));
   CHECK(rc.struct_size == sizeof(rc));
   CHECK(rc.renormalize == 1);
   CHECK(rc.routed_scaling_factor == 1.0f);
   CHECK(rc.n_group == 1);
+  rc.struct_size = uint32_t(sizeof(rc));
   MOE_CHECK_OK(moe_router_config_default(&rc, MOE_ROUTING_SOFTMAX_TOPK));
   CHECK(rc.renormalize == 0);
+  rc.struct_size = uint32_t(sizeof(rc));
   check_error_mentions(moe_router_config_default(&rc, MOE_ROUTING_NUM_METHODS),
                        MOE_STATUS_INVALID_ARGUMENT, {"method"});
   moe_runner_config_t uc;
+  uc.struct_size = uint32_t(sizeof(uc));
   MOE_CHECK_OK(moe_runner_config_default(&uc));
   CHECK(uc.struct_size == sizeof(uc));
   CHECK(uc.gated == 1);
@@ -63,6 +68,7 @@ TEST_CASE("api.config.defaults") {
   CHECK(uc.deterministic == 1);
   CHECK(uc.output_scale == 1.0f);
   moe_dispatcher_config_t dc;
+  dc.struct_size = uint32_t(sizeof(dc));
   MOE_CHECK_OK(moe_dispatcher_config_default(&dc));
   CHECK(dc.struct_size == sizeof(dc));
   CHECK(dc.ep_size == 1);
@@ -72,6 +78,7 @@ TEST_CASE("api.config.defaults") {
 TEST_CASE("api.config.struct_size_from_an_older_caller") {
   // An older caller knew the fields up to top_k: the rest take defaults.
   moe_router_config_t c;
+  c.struct_size = uint32_t(sizeof(c));
   MOE_CHECK_OK(moe_router_config_default(&c, MOE_ROUTING_SOFTMAX_TOPK));
   c.num_experts = 8;
   c.top_k = 2;
@@ -90,6 +97,7 @@ TEST_CASE("api.config.struct_size_from_an_older_caller") {
   moe_router_destroy(r);
 
   moe_runner_config_t uc;
+  uc.struct_size = uint32_t(sizeof(uc));
   MOE_CHECK_OK(moe_runner_config_default(&uc));
   uc.num_experts = 2;
   uc.hidden_size = 8;
@@ -103,6 +111,7 @@ TEST_CASE("api.config.struct_size_from_an_older_caller") {
 
 TEST_CASE("api.config.struct_size_zero_or_from_the_future") {
   moe_router_config_t c;
+  c.struct_size = uint32_t(sizeof(c));
   MOE_CHECK_OK(moe_router_config_default(&c, MOE_ROUTING_SOFTMAX_TOPK));
   c.num_experts = 8;
   c.top_k = 2;
@@ -115,6 +124,7 @@ TEST_CASE("api.config.struct_size_zero_or_from_the_future") {
                        {"struct_size", std::to_string(sizeof(c) + 4).c_str()});
   CHECK(r == nullptr);
   moe_dispatcher_config_t dc;
+  dc.struct_size = uint32_t(sizeof(dc));
   MOE_CHECK_OK(moe_dispatcher_config_default(&dc));
   dc.num_experts = 4;
   dc.struct_size = 3;
@@ -122,6 +132,7 @@ TEST_CASE("api.config.struct_size_zero_or_from_the_future") {
   check_error_mentions(moe_dispatcher_create(&dc, &d), MOE_STATUS_INVALID_ARGUMENT,
                        {"struct_size"});
   moe_runner_config_t uc;
+  uc.struct_size = uint32_t(sizeof(uc));
   MOE_CHECK_OK(moe_runner_config_default(&uc));
   uc.struct_size = 1u << 20;
   moe_runner_t u = nullptr;

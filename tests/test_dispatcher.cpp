@@ -15,6 +15,7 @@ struct Dispatch {
 
 moe_dispatcher_config_t config(int E, int rank, int size) {
   moe_dispatcher_config_t c;
+  c.struct_size = uint32_t(sizeof(c));
   REQUIRE(moe_dispatcher_config_default(&c) == MOE_STATUS_SUCCESS);
   c.num_experts = E;
   c.ep_rank = rank;

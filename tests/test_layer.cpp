@@ -34,6 +34,7 @@ struct LayerSpec {
 
 void build(Layer& l, const LayerSpec& s, std::mt19937_64& rng) {
   moe_router_config_t rc;
+  rc.struct_size = uint32_t(sizeof(rc));
   MOE_CHECK_OK(moe_router_config_default(&rc, s.method));
   rc.num_experts = s.E;
   rc.top_k = s.k;
@@ -46,6 +47,7 @@ void build(Layer& l, const LayerSpec& s, std::mt19937_64& rng) {
   rc.num_fused_shared_experts = s.n_shared;
   MOE_CHECK_OK(moe_router_create(&rc, &l.router));
   moe_dispatcher_config_t dc;
+  dc.struct_size = uint32_t(sizeof(dc));
   MOE_CHECK_OK(moe_dispatcher_config_default(&dc));
   dc.num_experts = s.E + s.n_shared;
   dc.ep_rank = s.ep_rank;
@@ -54,6 +56,7 @@ void build(Layer& l, const LayerSpec& s, std::mt19937_64& rng) {
   int32_t E_loc = 0;
   MOE_CHECK_OK(moe_dispatcher_num_local_experts(l.dispatcher, &E_loc));
   moe_runner_config_t uc;
+  uc.struct_size = uint32_t(sizeof(uc));
   MOE_CHECK_OK(moe_runner_config_default(&uc));
   uc.num_experts = E_loc;
   uc.hidden_size = s.H;

@@ -35,6 +35,7 @@ const char* method_name(int m) {
 
 moe_router_config_t make_cfg(int method, int E, int k, int n_group = 1, int topk_group = 1) {
   moe_router_config_t c;
+  c.struct_size = uint32_t(sizeof(c));
   REQUIRE(moe_router_config_default(&c, method) == MOE_STATUS_SUCCESS);
   c.num_experts = E;
   c.top_k = k;

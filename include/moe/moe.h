@@ -9,10 +9,11 @@
  *  - Every function returns moe_status_t. On failure moe_last_error() gives a
  *    thread-local message naming the argument, what was expected and what
  *    was received. No C++ exception ever crosses this boundary.
- *  - Config structs begin with `uint32_t struct_size`; fill them with the
- *    matching *_default() function, then change fields. The library reads
- *    only the first struct_size bytes, so a caller built against an older
- *    header keeps working when fields are appended.
+ *  - Config structs begin with `uint32_t struct_size`. Set struct_size to
+ *    sizeof(the struct) first, then fill the struct with the matching
+ *    *_default() function (which writes only struct_size bytes), then change
+ *    fields. The library reads only the first struct_size bytes, so a caller
+ *    built against an older header keeps working when fields are appended.
  *  - Enums are append-only; values are never renumbered or reused. Config
  *    fields that hold enum values are int32_t, so their size is fixed.
  *  - The backend follows the tensors: kDLCPU tensors run on the CPU backend,
@@ -148,7 +149,8 @@ typedef struct moe_router_config_t {
 } moe_router_config_t;
 
 /* Defaults for a method: E=0, k=0 (must be set), n_group=topk_group=1,
- * renormalize = 1 for DEEPSEEK_V3 and 0 otherwise, scaling 1.0. */
+ * renormalize = 1 for DEEPSEEK_V3 and 0 otherwise, scaling 1.0.
+ * config->struct_size must be set (to sizeof(moe_router_config_t)) first. */
 MOE_API moe_status_t moe_router_config_default(moe_router_config_t* config,
                                                int32_t method);
 
@@ -202,6 +204,7 @@ typedef struct moe_dispatcher_config_t {
   int32_t device_id;            /* device ordinal for kDLCUDA */
 } moe_dispatcher_config_t;
 
+/* config->struct_size must be set first; the defaults: CPU, ep_size 1. */
 MOE_API moe_status_t moe_dispatcher_config_default(moe_dispatcher_config_t* config);
 MOE_API moe_status_t moe_dispatcher_create(const moe_dispatcher_config_t* config,
                                            moe_dispatcher_t* dispatcher);
@@ -272,6 +275,8 @@ typedef struct moe_runner_config_t {
   int32_t validate_ids;         /* CUDA only: 1 = check ids on the device and report bad ones (one sync per call) */
 } moe_runner_config_t;
 
+/* config->struct_size must be set first; the defaults: SILU, gated,
+ * [gate; up], no quantization, output_scale 1, deterministic. */
 MOE_API moe_status_t moe_runner_config_default(moe_runner_config_t* config);
 MOE_API moe_status_t moe_runner_create(const moe_runner_config_t* config,
                                        moe_runner_t* runner);

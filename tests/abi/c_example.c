@@ -52,16 +52,19 @@ int main(void) {
   for (i = 0; i < E * 2 * I * H; ++i) w13[i] = (float)(0.05 * sin(0.013 * i));
   for (i = 0; i < E * H * I; ++i) w2[i] = (float)(0.05 * cos(0.017 * i));
 
+  rc.struct_size = (uint32_t)sizeof(rc);
   CHECK(moe_router_config_default(&rc, MOE_ROUTING_SOFTMAX_TOPK));
   rc.num_experts = E;
   rc.top_k = K;
   rc.renormalize = 1;
   CHECK(moe_router_create(&rc, &router));
 
+  dc.struct_size = (uint32_t)sizeof(dc);
   CHECK(moe_dispatcher_config_default(&dc));
   dc.num_experts = E;
   CHECK(moe_dispatcher_create(&dc, &dispatcher));
 
+  uc.struct_size = (uint32_t)sizeof(uc);
   CHECK(moe_runner_config_default(&uc));
   uc.num_experts = E;
   uc.hidden_size = H;

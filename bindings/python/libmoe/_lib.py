@@ -35,7 +35,16 @@ class LibraryVersionError(ImportError):
 # --------------------------------------------------------------------------
 
 
-class RouterConfig(ctypes.Structure):
+class _Config(ctypes.Structure):
+    """A config struct whose struct_size is set at construction, as the
+    *_default() functions require."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.struct_size = ctypes.sizeof(self)
+
+
+class RouterConfig(_Config):
     _fields_ = [
         ("struct_size", ctypes.c_uint32),
         ("method", ctypes.c_int32),
@@ -50,7 +59,7 @@ class RouterConfig(ctypes.Structure):
     ]
 
 
-class DispatcherConfig(ctypes.Structure):
+class DispatcherConfig(_Config):
     _fields_ = [
         ("struct_size", ctypes.c_uint32),
         ("num_experts", ctypes.c_int32),
@@ -63,7 +72,7 @@ class DispatcherConfig(ctypes.Structure):
     ]
 
 
-class RunnerConfig(ctypes.Structure):
+class RunnerConfig(_Config):
     _fields_ = [
         ("struct_size", ctypes.c_uint32),
         ("num_experts", ctypes.c_int32),
