@@ -377,9 +377,3 @@ def current_stream(ref: Tensor) -> Optional[int]:
         return int(ref.stream_hint)
     return 0  # the legacy default stream
 
-
-def torch_first_cuda(objs: Sequence[Any]) -> Optional[Any]:
-    for o in objs:
-        if _is_torch(o):
-            return o
-    return None

@@ -97,7 +97,8 @@ class RunnerConfig(_Config):
 
 def _libs_in_dir(directory: Path) -> List[Path]:
     """libmoe.so* files in a directory, the unversioned name first."""
-    found = sorted(Path(p) for p in glob.glob(str(directory / _LIB_GLOB)))
+    # exists() drops dangling symlinks (a build relinking right now).
+    found = [Path(p) for p in glob.glob(str(directory / _LIB_GLOB)) if Path(p).exists()]
     return sorted(found, key=lambda p: (p.name != "libmoe.so", len(p.name)))
 
 
@@ -113,6 +114,13 @@ def _repo_roots() -> List[Path]:
     return roots
 
 
+def _mtime(p: Path) -> float:
+    try:
+        return p.stat().st_mtime
+    except OSError:  # removed since it was listed
+        return 0.0
+
+
 def _build_dir_candidates() -> List[Path]:
     """libmoe.so* in <repo>/build, then in <repo>/build-*, newest library first."""
     out: List[Path] = []
@@ -121,7 +129,7 @@ def _build_dir_candidates() -> List[Path]:
         # One file per build directory: the others are symlinks to it.
         others = [libs[0] for libs in (_libs_in_dir(Path(d)) for d in glob.glob(str(root / "build-*")))
                   if libs]
-        others.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+        others.sort(key=_mtime, reverse=True)
         out += canonical + others
     return out
 

@@ -187,3 +187,16 @@ def test_pack_topk_matches_reference(rng):
     np.testing.assert_array_equal(packed, ref.pack_topk(ids, w))
     assert (packed[25:] == np.int32(-65536)).all()  # id -1 keeps 0xFFFF in the high half
     np.testing.assert_array_equal(packed >> 16, ids)
+
+
+def test_router_torch_cpu_tensors(rng):
+    torch = pytest.importorskip("torch")
+    E, k, T = 16, 4, 23
+    z = rng.standard_normal((T, E)).astype(np.float32)
+    with libmoe.Router("softmax_topk", E, k, renormalize=True) as r:
+        ids, w = r(torch.from_numpy(z).bfloat16(), num_valid_tokens=20)
+    assert isinstance(ids, torch.Tensor) and ids.dtype == torch.int32 and w.dtype == torch.float32
+    z64 = torch.from_numpy(z).bfloat16().double().numpy()
+    ref_ids, ref_w, margin = reference("softmax_topk", E, dict(top_k=k, renormalize=True), z64,
+                                       num_valid=20)
+    check_routing(ids.numpy(), w.numpy(), ref_ids, ref_w, margin, k)
