@@ -66,6 +66,7 @@ WorkspaceLease lease_workspace(const ArgChecker& c, OwnedWorkspace& own, void* w
       c.bad("workspace", "a non-NULL pointer when workspace_bytes is " +
                              std::to_string(workspace_bytes) + " (or NULL with 0 for an internal one)",
             "NULL");
+    if (need == 0) return lease;
     lease.lock = std::unique_lock<std::mutex>(own.mutex);
     lease.ptr = own.get(need, dev);
     return lease;

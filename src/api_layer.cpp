@@ -80,15 +80,16 @@ MOE_API moe_status_t moe_layer_workspace_size(moe_router_t router, moe_dispatche
   ArgChecker c("moe_layer_workspace_size");
   check_layer_handles(c, router, dispatcher, runner);
   c.not_null(bytes, "bytes");
-  if (max_tokens < 0) c.bad("max_tokens", "a value >= 0", std::to_string(max_tokens));
+  check_max_tokens(c, max_tokens, std::max<int64_t>(runner->plan.H, router->plan.columns()));
   Device dev;
   if (device_type == kDLCPU) dev = Device{Backend::cpu, 0};
   else if (device_type == kDLCUDA) dev = Device{Backend::cuda, dispatcher->device.id};
-  else c.bad("device_type", "kDLCPU (1) or kDLCUDA (2)", std::to_string(device_type));
+  else c.bad("device_type", "kDLCPU (1) or kDLCUDA (2)", std::to_string(device_type),
+             MOE_STATUS_UNSUPPORTED);
   if (dev != dispatcher->device)
     c.bad("device_type", "the dispatcher's device (" + device_string(dispatcher->device) + ")",
           device_string(dev));
-  require_backend(c, dev);
+  require_backend(c, dev, "device_type");
   *bytes = layer_layout(*dispatcher, *runner, dev, max_tokens, router->plan.columns()).total;
   MOE_EXIT
 }

@@ -1,5 +1,6 @@
 #include "validate.h"
 
+#include <algorithm>
 #include <cstdint>
 #include <sstream>
 
@@ -87,6 +88,12 @@ DType ArgChecker::tensor(const DLTensor* t, const char* arg,
     if (t->shape[i] < 0 || t->shape[i] > (int64_t(1) << 40))
       bad(std::string(arg) + ".shape[" + std::to_string(i) + "]", "a size in [0, 2^40]",
           std::to_string(t->shape[i]));
+  // Bound the element count before anything multiplies the dims (int64 overflow).
+  bool empty = false;
+  for (int i = 0; i < t->ndim; ++i) empty = empty || t->shape[i] == 0;
+  for (int64_t i = 0, n = 1; !empty && i < t->ndim; n *= t->shape[i++])
+    if (n > (int64_t(1) << 40) / t->shape[i])
+      bad(std::string(arg) + ".shape", "at most 2^40 elements", "shape " + shape_string(t));
   device(t, arg);
   DType found = DType::f32;
   bool ok = false;
@@ -151,15 +158,24 @@ void ArgChecker::shape(const DLTensor* t, const char* arg, std::initializer_list
   bad(arg, want, "shape " + shape_string(t));
 }
 
-void require_backend(const ArgChecker& c, const Device& d) {
+void require_backend(const ArgChecker& c, const Device& d, const char* arg) {
 #ifndef MOE_WITH_CUDA
   if (d.backend == Backend::cuda)
-    c.bad("tensors", "CPU tensors (this libmoe was built without the CUDA backend)",
-          "tensors on " + device_string(d), MOE_STATUS_NOT_AVAILABLE);
+    c.bad(arg, "the CPU (this libmoe was built without the CUDA backend)", device_string(d),
+          MOE_STATUS_NOT_AVAILABLE);
 #else
   (void)c;
   (void)d;
+  (void)arg;
 #endif
+}
+
+void check_max_tokens(const ArgChecker& c, int64_t max_tokens, int64_t per_token) {
+  const int64_t most = (int64_t(1) << 40) / std::max<int64_t>(per_token, 1);
+  if (max_tokens < 0 || max_tokens > most)
+    c.bad("max_tokens", "a value in [0, " + std::to_string(most) +
+                            "] (a run's tensors hold at most 2^40 elements)",
+          std::to_string(max_tokens));
 }
 
 }  // namespace moe
