@@ -177,3 +177,49 @@ def test_mixed_devices_are_rejected(gen):
     layer, _, _ = make_layer(gen, E, k, H, I, torch.float32)
     with layer, pytest.raises(libmoe.MoeError):
         layer(torch.zeros(3, H, device="cuda"), torch.zeros(3, E))  # logits on the CPU
+
+
+class DLPackOnly:
+    """A CUDA array that only speaks DLPack (as a JAX array does)."""
+
+    def __init__(self, t):
+        self._t = t
+
+    def __dlpack__(self, stream=None):
+        return self._t.__dlpack__(stream=stream)
+
+    def __dlpack_device__(self):
+        return self._t.__dlpack_device__()
+
+
+def test_layer_cuda_dlpack_producer(gen):
+    E, k, H, I, T = 8, 2, 256, 256, 20
+    layer, w13, w2 = make_layer(gen, E, k, H, I, torch.bfloat16)
+    x = randn(gen, T, H, dtype=torch.bfloat16)
+    z = randn(gen, T, E)
+    out = torch.full((T, H), float("nan"), dtype=torch.bfloat16, device="cuda")
+    stream = torch.cuda.current_stream().cuda_stream
+    with layer:
+        # No framework to allocate in: the output is given; the stream is explicit.
+        layer(DLPackOnly(x), DLPackOnly(z), output=out, stream=stream)
+        with pytest.raises(TypeError, match="output"):
+            layer(DLPackOnly(x), DLPackOnly(z))
+    torch.cuda.synchronize()
+    assert rel_error(out, torch_moe(x, z, w13, w2, k, True)) < 1e-2
+
+
+def test_layer_cupy_arrays(gen):
+    cupy = pytest.importorskip("cupy")
+    E, k, H, I, T = 8, 2, 256, 256, 20
+    w13 = randn(gen, E, 2 * I, H, scale=H ** -0.5)
+    w2 = randn(gen, E, H, I, scale=I ** -0.5)
+    x = randn(gen, T, H)
+    z = randn(gen, T, E)
+    torch.cuda.synchronize()
+    as_cupy = lambda t: cupy.asarray(t)  # noqa: E731  (zero-copy through __cuda_array_interface__)
+    with libmoe.Layer.create(as_cupy(w13), as_cupy(w2), method="softmax_topk", num_experts=E,
+                             top_k=k, router_options=dict(renormalize=True)) as layer:
+        y = layer(as_cupy(x), as_cupy(z))  # allocated by CuPy, run on CuPy's current stream
+        cupy.cuda.get_current_stream().synchronize()
+    assert isinstance(y, cupy.ndarray) and y.dtype == np.float32
+    assert rel_error(torch.as_tensor(y, device="cuda"), torch_moe(x, z, w13, w2, k, True)) < 1e-5
