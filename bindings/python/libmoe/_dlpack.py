@@ -257,8 +257,9 @@ def _from_dlpack(obj: Any, name: str, dtype: Optional[str], stream: Optional[int
     if hasattr(obj, "__dlpack_device__"):
         dev_type, _ = obj.__dlpack_device__()
     if dev_type in (kDLCUDA, kDLCUDAManaged) and stream is not None:
-        # The producer orders its pending work before `stream` (DLPack protocol).
-        capsule = obj.__dlpack__(stream=stream)
+        # The producer orders its pending work before `stream` (DLPack protocol,
+        # where the legacy default stream is 1: 0 is reserved as ambiguous).
+        capsule = obj.__dlpack__(stream=1 if stream == 0 else stream)
     else:
         capsule = obj.__dlpack__()
     # Borrow, never consume: the capsule keeps its name, so its destructor
