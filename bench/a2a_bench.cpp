@@ -143,6 +143,7 @@ void run_rank(int rank, int T, ncclComm_t comm, const Inputs& in, int iters, Ran
   cudaStream_t s = nullptr;
   CUDA(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
   moe_a2a_config_t cfg;
+  cfg.struct_size = uint32_t(sizeof(cfg));
   MOE(moe_a2a_config_default(&cfg));
   cfg.num_experts = kE;
   cfg.ep_size = kRanks;

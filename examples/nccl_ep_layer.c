@@ -137,6 +137,7 @@ static void* run_rank(void* arg) {
   /* The all-to-all dispatcher (collective: both ranks create it together). */
   moe_a2a_config_t ac;
   moe_a2a_t a2a;
+  ac.struct_size = (uint32_t)sizeof(ac);
   CHECK_MOE(moe_a2a_config_default(&ac));
   ac.num_experts = E;
   ac.ep_size = RANKS;

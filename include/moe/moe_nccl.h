@@ -78,13 +78,15 @@ typedef struct moe_a2a_config_t {
   int32_t top_k;                 /* k: columns of topk_ids and topk_weights */
 } moe_a2a_config_t;
 
-/* Defaults: E, H, M and k are 0 (must be set), ep_size 1, ep_rank 0,
- * contiguous mapping, bf16. */
+/* config->struct_size must be set (to sizeof(moe_a2a_config_t)) first, as
+ * for every config of moe.h. Defaults: E, H, M and k are 0 (must be set),
+ * ep_size 1, ep_rank 0, contiguous mapping, bf16. */
 MOE_API moe_status_t moe_a2a_config_default(moe_a2a_config_t* config);
 
 /*
- * Collective. nccl_comm: an ncclComm_t whose device is the one this handle
- * uses (buffers are allocated there once, here). Checks the config, then
+ * Collective. nccl_comm: a blocking ncclComm_t (NCCL's default) whose
+ * device is the one this handle uses (buffers are allocated there once,
+ * here). Checks the config, then
  * all-gathers it and compares it across ranks (every rank returns
  * INVALID_ARGUMENT naming the first field that differs), then sets up the
  * peer connections with one exchange of the fixed-size messages, so that

@@ -35,6 +35,9 @@ moe_a2a_config_t a2a_defaults() {
   return c;
 }
 
+// Every field up to top_k is required (there is no older layout of this struct).
+constexpr size_t kA2aMinSize = offsetof(moe_a2a_config_t, top_k) + sizeof(int32_t);
+
 [[noreturn]] void nccl_fail(const std::string& what, ncclResult_t r, ncclComm_t comm) {
   std::string detail = ncclGetErrorString(r);
   const char* last = comm ? ncclGetLastError(comm) : nullptr;
@@ -377,8 +380,7 @@ extern "C" {
 MOE_API moe_status_t moe_a2a_config_default(moe_a2a_config_t* config) {
   MOE_ENTRY
   ArgChecker c("moe_a2a_config_default");
-  c.not_null(config, "config");
-  *config = a2a_defaults();
+  c.write_defaults(config, "config", a2a_defaults(), kA2aMinSize);
   MOE_EXIT
 }
 
@@ -404,7 +406,7 @@ MOE_API moe_status_t moe_a2a_create(const moe_a2a_config_t* config, void* nccl_c
   Error local{MOE_STATUS_SUCCESS, ""};
   try {
     moe_a2a_config_t cfg =
-        c.config(config, "config", a2a_defaults(), offsetof(moe_a2a_config_t, top_k) + 4);
+        c.config(config, "config", a2a_defaults(), kA2aMinSize);
     plan_a2a(c, cfg, ranks, comm_rank, *h);
     cfg.expert_rank = nullptr;
     cfg.expert_local_id = nullptr;

@@ -53,7 +53,8 @@ std::unique_ptr<Model> make_model(DT dt, int E, int K, int H, int I, int M, bool
 
 moe_a2a_config_t a2a_config(const Model& m, int rank) {
   moe_a2a_config_t c;
-  REQUIRE(moe_a2a_config_default(&c) == MOE_STATUS_SUCCESS);
+  c.struct_size = uint32_t(sizeof(c));
+  MOE_OK(moe_a2a_config_default(&c));
   c.num_experts = m.E;
   c.ep_size = kRanks;
   c.ep_rank = rank;
@@ -70,7 +71,8 @@ moe_a2a_config_t a2a_config(const Model& m, int rank) {
 
 moe_runner_config_t runner_config(const Model& m, int experts) {
   moe_runner_config_t c;
-  REQUIRE(moe_runner_config_default(&c) == MOE_STATUS_SUCCESS);
+  c.struct_size = uint32_t(sizeof(c));
+  MOE_OK(moe_runner_config_default(&c));
   c.num_experts = experts;
   c.hidden_size = m.H;
   c.intermediate_size = m.I;
@@ -142,6 +144,7 @@ std::unique_ptr<HostTensor> single_gpu(const Model& m, const Batch* const* batch
   cudaStream_t s = nullptr;
   CUDA_OK(cudaStreamCreate(&s));
   moe_dispatcher_config_t dc;
+  dc.struct_size = uint32_t(sizeof(dc));
   MOE_OK(moe_dispatcher_config_default(&dc));
   dc.num_experts = m.E;
   dc.device_type = kDLCUDA;
@@ -229,6 +232,7 @@ struct EpRank {
     MOE_OK(moe_runner_set_weights(runner, w13.dl(), w2.dl(), nullptr, nullptr, nullptr, nullptr));
     // Received ids are already local: a standard dispatcher over E_loc experts, ep_size 1.
     moe_dispatcher_config_t dc;
+    dc.struct_size = uint32_t(sizeof(dc));
     MOE_OK(moe_dispatcher_config_default(&dc));
     dc.num_experts = E_loc;
     dc.device_type = kDLCUDA;
