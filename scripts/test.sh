@@ -20,5 +20,6 @@ MOE_LIB_PATH="$root/$MOE_BUILD_DIR" ${PYTHON:-python3} -m pytest -q bindings/pyt
 echo "== Rust (cargo test --offline)"
 scripts/check_rust_bindings.sh
 MOE_LIB_DIR="$root/$MOE_BUILD_DIR" cargo test --offline --manifest-path bindings/rust/Cargo.toml
+MOE_LIB_DIR="$root/$MOE_BUILD_DIR" scripts/rust_leak_check.sh
 
 echo "== all suites passed"
