@@ -53,7 +53,7 @@ step configure "$out/nccl_build.log" 120 cmake -S "$root" -B "$build" -G Ninja \
   -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90a -DMOE_DEPS_DIR="$root/.deps" \
   -DMOE_ENABLE_NCCL=ON "${nccl_args[@]}"
 grep -q 'NCCL=ON' "$out/nccl_build.log" || { echo "NCCL not found: stopping" | tee -a "$summary"; exit 1; }
-step build "$out/nccl_build.log" 420 cmake --build "$build" -j "$(nproc)" \
+step build "$out/nccl_build.log" 360 cmake --build "$build" -j "$(nproc)" \
   --target moe_nccl_tests nccl_ep_layer moe_a2a_bench
 bin="$build/tests/nccl"
 if [ ! -x "$bin/moe_nccl_tests" ]; then
@@ -62,9 +62,9 @@ if [ ! -x "$bin/moe_nccl_tests" ]; then
   exit 1
 fi
 
-step tests "$out/nccl_tests.log" 300 "$bin/moe_nccl_tests" --duration=true
-step example "$out/nccl_example.log" 120 "$bin/nccl_ep_layer"
-step bench "$out/a2a_bench.log" 300 "$bin/moe_a2a_bench" --json "$out/a2a_bench.json"
+step tests "$out/nccl_tests.log" 180 "$bin/moe_nccl_tests" --duration=true
+step example "$out/nccl_example.log" 60 "$bin/nccl_ep_layer"
+step bench "$out/a2a_bench.log" 150 "$bin/moe_a2a_bench" --json "$out/a2a_bench.json"
 
 for f in nccl_tests.log nccl_example.log a2a_bench.log; do
   echo "--- tail of $f"

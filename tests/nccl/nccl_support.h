@@ -34,7 +34,7 @@ const std::vector<ncclComm_t>& comms(int n);
 // none). A rank left waiting in a collective that a failed peer never joined
 // would hang forever: after timeout_s the process exits with a message.
 std::vector<std::string> run_ranks(int n, const std::function<void(int)>& fn,
-                                   int timeout_s = 300);
+                                   int timeout_s = 120);
 
 // Device memory with the DLTensor that describes it.
 struct DevTensor {
