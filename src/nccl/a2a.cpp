@@ -147,11 +147,14 @@ struct moe_a2a_s {
 
   int64_t recv_rows() const { return int64_t(ep_size) * M; }
   ~moe_a2a_s() {
-    if (base) {
-      moe::cuda::DeviceGuard guard(device);
-      cudaDeviceSynchronize();  // in-flight exchanges may still use the slabs
-      moe::cuda::device_free(base, device);
+    if (!base) return;
+    // In-flight exchanges may still use the slabs. No throwing guard in a destructor.
+    int previous = -1;
+    if (cudaGetDevice(&previous) == cudaSuccess && cudaSetDevice(device) == cudaSuccess) {
+      cudaDeviceSynchronize();
+      cudaSetDevice(previous);
     }
+    moe::cuda::device_free(base, device);
   }
 };
 
@@ -441,7 +444,7 @@ MOE_API moe_status_t moe_a2a_create(const moe_a2a_config_t* config, void* nccl_c
   try {
     std::vector<int64_t> all = allgather_fingerprints(comm, device, ranks, fp);
     if (!ok)
-      throw Error{local.status, local.message + " (every rank's moe_a2a_create fails with it)"};
+      throw Error{local.status, local.message + " (the other ranks' moe_a2a_create fail too)"};
     compare_fingerprints(c, all, ranks);
     connect_peers(*h);
   } catch (...) {
