@@ -281,6 +281,8 @@ void allocate_a2a(moe_a2a_s& h) {
   cuda_check(cudaMemset(h.base, 0, total), "cudaMemset of the a2a slabs");
   cuda::copy_to_device(h.expert_rank_dev, h.expert_rank.data(), size_t(h.E) * 4, h.device);
   cuda::copy_to_device(h.expert_local_dev, h.expert_local.data(), size_t(h.E) * 4, h.device);
+  // The memset and copies ran on the legacy stream, which callers' non-blocking streams do not wait for.
+  cuda_check(cudaDeviceSynchronize(), "cudaDeviceSynchronize after setting up the a2a slabs");
 }
 
 // All-gathers each rank's fingerprint (synchronous: creation only).
