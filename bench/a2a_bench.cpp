@@ -164,6 +164,7 @@ void run_rank(int rank, int T, ncclComm_t comm, const Inputs& in, int iters, Ran
     CUDA(cudaMemcpy(ids.ptr, in.ids.data(), in.ids.size() * 4, cudaMemcpyHostToDevice));
     CUDA(cudaMemcpy(w.ptr, in.weights.data(), in.weights.size() * 4, cudaMemcpyHostToDevice));
     CUDA(cudaMemset(recv_hidden.ptr, 0, size_t(R) * kH * 2));
+    CUDA(cudaDeviceSynchronize());  // legacy-stream uploads before the non-blocking stream reads them
     out.dispatch_us = time_op(s, iters, [&] {
       MOE(moe_a2a_dispatch(a2a, &hidden.t, &ids.t, &w.t, &recv_hidden.t, &recv_ids.t, &recv_w.t,
                            &counts.t, s));
@@ -183,6 +184,7 @@ void run_rank(int rank, int T, ncclComm_t comm, const Inputs& in, int iters, Ran
   CUDA(cudaMalloc(&send, total));
   CUDA(cudaMalloc(&recv, total));
   CUDA(cudaMemset(send, 0, total));
+  CUDA(cudaDeviceSynchronize());
   auto exchange = [&](size_t bytes_a, size_t bytes_b) {
     NCCL(ncclGroupStart());
     NCCL(ncclSend(send, bytes_a, ncclUint8, peer, comm, s));

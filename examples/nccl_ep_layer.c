@@ -184,6 +184,8 @@ static void* run_rank(void* arg) {
   void* wsd = gpu_alloc(ws_d);
   void* wsr = gpu_alloc(ws_r);
 
+  /* The uploads above ran on the legacy stream, which a non-blocking stream does not wait for. */
+  CHECK_CUDA(cudaDeviceSynchronize());
   cudaEvent_t start, stop;
   CHECK_CUDA(cudaEventCreate(&start));
   CHECK_CUDA(cudaEventCreate(&stop));
