@@ -258,6 +258,8 @@ struct EpRank {
     h_recv_w = std::make_unique<HostTensor>(DT::f32, std::vector<int64_t>{R, m.K});
     h_recv_counts = std::make_unique<HostTensor>(DT::i32, std::vector<int64_t>{kRanks});
     h_expert_out = std::make_unique<HostTensor>(m.dtype, std::vector<int64_t>{R, m.H});
+    // Handles upload tables on the legacy stream, which `stream` (non-blocking) does not wait for.
+    CUDA_OK(cudaDeviceSynchronize());
   }
 
   void set_tokens(const Model& m, int64_t tokens) {
