@@ -431,37 +431,79 @@ __global__ void __launch_bounds__(F_THREADS) gemm_f32_kernel(MoeRunParams p, Wor
 
 // --- reduction and id check ---------------------------------------------------------
 
-// y[t, c..c+3] = output_scale * sum_{j valid, in order} w[t, j] * out2[t*K + j, c..c+3].
+// y[t, c..c+3] = output_scale * sum_{j valid, in order} w[t, j] * out2[t*K + j, c..c+3]
+// (times sigmoid(token_gate[t]), plus the old y when accumulating; 0 past num_valid).
 template <class T>
 __global__ void reduce_kernel(MoeRunParams p, Work w) {
   const int quads = p.H / 4;
   const int64_t total = p.T * quads;
+  int64_t valid = p.T;
+  if (p.num_valid) {
+    const int64_t nv = *p.num_valid;
+    valid = nv < 0 ? 0 : (nv < p.T ? nv : p.T);
+  }
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
        i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t t = i / quads;
     const int c = int(i % quads) * 4;
-    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-    for (int j = 0; j < p.K; ++j) {
-      const int64_t s = t * p.K + j;
-      const int32_t id = p.local_ids[s];
-      if (id < 0 || id >= p.E_loc) continue;  // -1, and bad ids treated as -1
-      const float wt = p.weight_on_input ? 1.0f : p.weights[s];
-      const float4 o = *reinterpret_cast<const float4*>(w.out2 + s * p.H + c);
-      acc.x += wt * o.x;
-      acc.y += wt * o.y;
-      acc.z += wt * o.z;
-      acc.w += wt * o.w;
-    }
     T* y = static_cast<T*>(p.y) + t * p.H + c;
-    const float sc = p.output_scale;
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (t < valid) {
+      for (int j = 0; j < p.K; ++j) {
+        const int64_t s = t * p.K + j;
+        const int32_t id = p.local_ids[s];
+        if (id < 0 || id >= p.E_loc) continue;  // -1, and bad ids treated as -1
+        const float wt = (p.weight_on_input || !p.weights) ? 1.0f : p.weights[s];
+        const float4 o = *reinterpret_cast<const float4*>(w.out2 + s * p.H + c);
+        acc.x += wt * o.x;
+        acc.y += wt * o.y;
+        acc.z += wt * o.z;
+        acc.w += wt * o.w;
+      }
+      float sc = p.output_scale;
+      if (p.token_gate) sc *= 1.0f / (1.0f + expf(-p.token_gate[t]));
+      acc.x *= sc;
+      acc.y *= sc;
+      acc.z *= sc;
+      acc.w *= sc;
+      if (p.accumulate) {
+        acc.x += to_f32(y[0]);
+        acc.y += to_f32(y[1]);
+        acc.z += to_f32(y[2]);
+        acc.w += to_f32(y[3]);
+      }
+    }
     if constexpr (std::is_same_v<T, float>) {
-      *reinterpret_cast<float4*>(y) = make_float4(acc.x * sc, acc.y * sc, acc.z * sc, acc.w * sc);
+      *reinterpret_cast<float4*>(y) = acc;
     } else {
       uint2 v;
-      v.x = pack2<T>(acc.x * sc, acc.y * sc);
-      v.y = pack2<T>(acc.z * sc, acc.w * sc);
+      v.x = pack2<T>(acc.x, acc.y);
+      v.y = pack2<T>(acc.z, acc.w);
       *reinterpret_cast<uint2*>(y) = v;
     }
+  }
+}
+
+// Dense routing: slot t * n + e of a valid token goes to expert e; sorted
+// position e * valid + t.
+__global__ void dense_routing_kernel(int64_t T, int n, const int32_t* num_valid,
+                                     int32_t* local_ids, int32_t* offsets, int32_t* sorted_slots) {
+  int64_t valid = T;
+  if (num_valid) {
+    const int64_t nv = *num_valid;
+    valid = nv < 0 ? 0 : (nv < T ? nv : T);
+  }
+  const int64_t total = T * n;
+  const int64_t range = total > n + 1 ? total : n + 1;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < range;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    if (i <= n) offsets[i] = int32_t(i * valid);
+    if (i >= total) continue;
+    const int64_t t = i / n;
+    const int e = int(i % n);
+    local_ids[i] = t < valid ? e : -1;
+    // i read as a sorted position p: expert p / valid, token p % valid.
+    sorted_slots[i] = i < valid * n ? int32_t((i % valid) * n + i / valid) : -1;
   }
 }
 
@@ -486,8 +528,8 @@ int grid_limit(int64_t work, int threads) {
 }
 
 template <class T>
-void launch_gemms(const MoeRunParams& p, const Work& w, dim3 grid1, dim3 grid2,
-                  cudaStream_t stream) {
+void launch_gemms_typed(const MoeRunParams& p, const Work& w, dim3 grid1, dim3 grid2,
+                        cudaStream_t stream) {
   if constexpr (std::is_same_v<T, float>) {
     if (p.gated)
       gemm_f32_kernel<kGemm1Gated><<<grid1, F_THREADS, 0, stream>>>(p, w);
@@ -501,8 +543,6 @@ void launch_gemms(const MoeRunParams& p, const Work& w, dim3 grid1, dim3 grid2,
       gemm_tc_kernel<T, kGemm1Plain><<<grid1, TC_THREADS, 0, stream>>>(p, w);
     gemm_tc_kernel<T, kGemm2><<<grid2, TC_THREADS, 0, stream>>>(p, w);
   }
-  const int64_t quads = p.T * (p.H / 4);
-  reduce_kernel<T><<<grid_limit(quads, 256), 256, 0, stream>>>(p, w);
 }
 
 }  // namespace
@@ -525,7 +565,7 @@ cudaError_t launch_validate_ids(const MoeRunParams& p, int32_t** bad_slot_dev,
   return launch_status();
 }
 
-cudaError_t launch_moe_run(const MoeRunParams& p, cudaStream_t stream) {
+cudaError_t launch_moe_gemms(const MoeRunParams& p, cudaStream_t stream) {
   if (p.T == 0) return cudaSuccess;
   const Work w = make_work(p);
   tile_map_kernel<<<1, 32, 0, stream>>>(p, w.n, const_cast<int32_t*>(w.tile_start));
@@ -534,10 +574,37 @@ cudaError_t launch_moe_run(const MoeRunParams& p, cudaStream_t stream) {
   const dim3 grid1(unsigned(max_tiles), unsigned(ceil_div(p.I, BN)));
   const dim3 grid2(unsigned(max_tiles), unsigned(ceil_div(p.H, BN)));
   switch (p.dtype) {
-    case DType::bf16: launch_gemms<__nv_bfloat16>(p, w, grid1, grid2, stream); break;
-    case DType::f16: launch_gemms<__half>(p, w, grid1, grid2, stream); break;
-    default: launch_gemms<float>(p, w, grid1, grid2, stream); break;
+    case DType::bf16: launch_gemms_typed<__nv_bfloat16>(p, w, grid1, grid2, stream); break;
+    case DType::f16: launch_gemms_typed<__half>(p, w, grid1, grid2, stream); break;
+    default: launch_gemms_typed<float>(p, w, grid1, grid2, stream); break;
   }
+  return launch_status();
+}
+
+cudaError_t launch_moe_reduce(const MoeRunParams& p, cudaStream_t stream) {
+  if (p.T == 0) return cudaSuccess;
+  const Work w = make_work(p);
+  const int blocks = grid_limit(p.T * (p.H / 4), 256);
+  switch (p.dtype) {
+    case DType::bf16: reduce_kernel<__nv_bfloat16><<<blocks, 256, 0, stream>>>(p, w); break;
+    case DType::f16: reduce_kernel<__half><<<blocks, 256, 0, stream>>>(p, w); break;
+    default: reduce_kernel<float><<<blocks, 256, 0, stream>>>(p, w); break;
+  }
+  return launch_status();
+}
+
+cudaError_t launch_moe_run(const MoeRunParams& p, cudaStream_t stream) {
+  cudaError_t err = launch_moe_gemms(p, stream);
+  if (err != cudaSuccess) return err;
+  return launch_moe_reduce(p, stream);
+}
+
+cudaError_t launch_dense_routing(int64_t T, int n, const int32_t* num_valid, int32_t* local_ids,
+                                 int32_t* offsets, int32_t* sorted_slots, cudaStream_t stream) {
+  // At least n + 1 threads so every offset is written, also when T * n is small.
+  const int64_t work = std::max<int64_t>(T * n, n + 1);
+  dense_routing_kernel<<<grid_limit(work, 256), 256, 0, stream>>>(T, n, num_valid, local_ids,
+                                                                  offsets, sorted_slots);
   return launch_status();
 }
 

@@ -46,7 +46,7 @@ step ctest_cpu "$out/ctest_cpu.log" 180 ctest --test-dir "$build" -L cpu --outpu
 step ctest_gpu "$out/ctest_gpu.log" 300 ctest --test-dir "$build" -L gpu -V
 
 # Reduced case set under the sanitizers: every kernel, small sizes.
-san_cases='gpu.router.num_valid*,gpu.router.packed*,gpu.dispatcher.explicit*,gpu.dispatcher.empty*,gpu.runner.odd_sizes,gpu.runner.swap*,gpu.runner.bad_ids,gpu.graph*'
+san_cases='gpu.block.shared*,gpu.block.graph*,gpu.router.num_valid*,gpu.router.packed*,gpu.dispatcher.explicit*,gpu.dispatcher.empty*,gpu.runner.odd_sizes,gpu.runner.swap*,gpu.runner.bad_ids,gpu.graph*'
 for tool in memcheck racecheck initcheck synccheck; do
   step "sanitize_$tool" "$out/sanitize.log" 150 compute-sanitizer --tool "$tool" \
     --error-exitcode 9 "$build/tests/moe_gpu_tests" -tc="$san_cases" -sce='*e20000*' 

@@ -13,6 +13,7 @@ struct Dispatcher {
   Dispatcher(int E, int rank, int size, const std::vector<int32_t>* mapping, int E_loc,
              int device_type) {
     moe_dispatcher_config_t c;
+    c.struct_size = uint32_t(sizeof(c));
     REQUIRE(moe_dispatcher_config_default(&c) == MOE_STATUS_SUCCESS);
     c.num_experts = E;
     c.ep_rank = rank;

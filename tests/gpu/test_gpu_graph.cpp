@@ -38,6 +38,7 @@ constexpr int E = 64, K = 6, H = 256, I = 128;
 
 void make_handles(Handles& h) {
   moe_router_config_t rc;
+  rc.struct_size = uint32_t(sizeof(rc));
   REQUIRE(moe_router_config_default(&rc, MOE_ROUTING_DEEPSEEK_V3) == MOE_STATUS_SUCCESS);
   rc.num_experts = E;
   rc.top_k = K;
@@ -46,6 +47,7 @@ void make_handles(Handles& h) {
   rc.routed_scaling_factor = 2.0f;
   MOE_CHECK_OK(moe_router_create(&rc, &h.router));
   moe_dispatcher_config_t dc;
+  dc.struct_size = uint32_t(sizeof(dc));
   REQUIRE(moe_dispatcher_config_default(&dc) == MOE_STATUS_SUCCESS);
   dc.num_experts = E;
   dc.ep_size = 2;
@@ -53,6 +55,7 @@ void make_handles(Handles& h) {
   dc.device_type = kDLCUDA;
   MOE_CHECK_OK(moe_dispatcher_create(&dc, &h.dispatcher));
   moe_runner_config_t c;
+  c.struct_size = uint32_t(sizeof(c));
   REQUIRE(moe_runner_config_default(&c) == MOE_STATUS_SUCCESS);
   c.num_experts = E / 2;
   c.hidden_size = H;

@@ -44,6 +44,7 @@ const DT kLogitTypes[] = {DT::f32, DT::bf16, DT::f16};
 
 moe_router_config_t make_cfg(const Case& c) {
   moe_router_config_t cfg;
+  cfg.struct_size = uint32_t(sizeof(cfg));
   REQUIRE(moe_router_config_default(&cfg, c.method) == MOE_STATUS_SUCCESS);
   cfg.num_experts = c.E;
   cfg.top_k = c.k;
