@@ -63,6 +63,10 @@ void device_free(void* ptr, int device_id) noexcept {
 void copy_to_device(void* dst, const void* src, size_t bytes, int device_id) {
   DeviceGuard guard(device_id);
   check(cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice), "cudaMemcpy host to device");
+  // A pageable upload may still be in flight when cudaMemcpy returns, and a
+  // caller's non-blocking stream does not wait for it: finish it here (create
+  // time only, never on the run path).
+  check(cudaDeviceSynchronize(), "cudaDeviceSynchronize after the upload");
 }
 
 DeviceGuard::DeviceGuard(int device_id) : previous(-1) {
