@@ -508,23 +508,20 @@ MOE_API moe_status_t moe_block_forward(moe_router_t router, moe_dispatcher_t dis
   sa.accumulate = true;
   sa.workspace = base + l.shared;
 
-  run_gate(dev, g, stream);
   auto layer = [&] {
     forward_status(c, moe_layer_forward(router, dispatcher, runner, hidden, &logits.t,
                                         correction_bias, num_valid_tokens, output,
                                         base + l.layer, l.layer_bytes, stream));
   };
-  if (!shared) {
+  if (!shared || dev.backend == Backend::cpu) {
+    run_gate(dev, g, stream);
     layer();
-    return MOE_STATUS_SUCCESS;
-  }
-  if (dev.backend == Backend::cpu) {
-    layer();
-    cpu::shared_run(shared->plan, sa);
+    if (shared) cpu::shared_run(shared->plan, sa);
     return MOE_STATUS_SUCCESS;
   }
 #ifdef MOE_WITH_CUDA
-  // Shared GEMMs on the side stream while the routed experts run on `stream`.
+  // The shared experts' GEMMs on the side stream, overlapped with the gate,
+  // routing and routed experts on `stream`; the combine after the join.
   std::lock_guard<std::mutex> side_lock(shared->side_mutex);
   void* side = cuda::side_stream_fork(shared->side, stream);
   struct Join {  // joins the side stream back even when an enqueue fails (no dangling fork in a capture)
@@ -539,6 +536,7 @@ MOE_API moe_status_t moe_block_forward(moe_router_t router, moe_dispatcher_t dis
     }
   } join{shared->side, stream};
   cuda::shared_compute(shared->plan, sa, side);
+  run_gate(dev, g, stream);
   layer();
   join.done = true;
   cuda::side_stream_join(shared->side, stream);
