@@ -91,16 +91,20 @@ __global__ void route_kernel(RouteParams p, int warps_per_block, int stride_floa
   int n_inf = 0;
   if (softmax_all) {
     m = warp_max(m);
-    for (int e = lane; e < E; e += 32) {
-      const float v = key[e];  // == z for softmax methods
-      if (v == -INFINITY) continue;
-      if (m == INFINITY)
-        n_inf += v == INFINITY;
-      else
-        den += expf(v - m);
+    if (m == INFINITY) {
+      for (int e = lane; e < E; e += 32) n_inf += key[e] == INFINITY;
+      n_inf = warp_sum_int(n_inf);
+    } else if (m != -INFINITY) {
+      // exp in parallel, summed in ascending expert order as the CPU does, so
+      // the weights agree to rounding (a tree sum differs by up to E ulps).
+      for (int base = 0; base < E; base += 32) {
+        const int e = base + lane;
+        const float v = e < E ? key[e] : -INFINITY;  // key == z for softmax methods
+        const float x = v == -INFINITY ? 0.0f : expf(v - m);
+#pragma unroll
+        for (int l = 0; l < 32; ++l) den += __shfl_sync(kFullMask, x, l);
+      }
     }
-    den = warp_sum(den);
-    n_inf = warp_sum_int(n_inf);
   }
   __syncwarp();
 

@@ -76,7 +76,7 @@ void check_block(const BlockSpec& spec, DT dt, int64_t T, int64_t valid) {
   ref_block(d.ref, d.xd, T, valid, ref, margin);
   int64_t compared = 0;
   const double err = block_rel_error(y, ref, margin, compared);
-  INFO("spec ", spec.name, " dtype ", dt_name(dt), " T ", T, " valid ", valid, ": rel error ",
+  INFO("spec ", std::string(spec.name), " dtype ", std::string(dt_name(dt)), " T ", T, " valid ", valid, ": rel error ",
        err, " over ", compared, " rows");
   CHECK(compared >= T * 3 / 4);
   CHECK(err < tolerance(dt));
@@ -120,7 +120,7 @@ TEST_CASE("gpu.block.shared_experts_accumulate") {
     std::vector<double> want = ref_shared(d.ref, d.xd, T);
     for (int64_t i = 0; i < T * spec.H; ++i) want[size_t(i)] += base.get(i);
     const double err = rel_error(values(y), want);
-    INFO("dtype ", dt_name(dt), " rel error ", err);
+    INFO("dtype ", std::string(dt_name(dt)), " rel error ", err);
     CHECK(err < tolerance(dt));
   }
 }

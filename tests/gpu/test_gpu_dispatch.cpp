@@ -35,7 +35,7 @@ void compare(const HostTensor& a, const HostTensor& b, const char* what) {
       ++diff;
       if (first < 0) first = i;
     }
-  INFO(what, ": first difference at ", first);
+  INFO(std::string(what), ": first difference at ", first);
   CHECK(diff == 0);
 }
 

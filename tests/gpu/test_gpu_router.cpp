@@ -137,7 +137,7 @@ void check_gpu_vs_cpu(const Case& c, DT dt, int64_t T, bool with_valid, bool tie
       }
     }
   }
-  INFO("case ", c.name, ", dtype ", dt_name(dt), ", T ", T, ", valid ", nvalid,
+  INFO("case ", std::string(c.name), ", dtype ", std::string(dt_name(dt)), ", T ", T, ", valid ", nvalid,
        ", first bad row ", first_bad);
   if (first_bad >= 0) {
     for (int j = 0; j < C; ++j) {
@@ -149,7 +149,8 @@ void check_gpu_vs_cpu(const Case& c, DT dt, int64_t T, bool with_valid, bool tie
   }
   CHECK(mismatched_ids == 0);
   CHECK(bad_weights == 0);
-  CHECK(skipped <= T / 20 + 1);
+  // Integer logits make exact ties of sums of sigmoids that f32 breaks either way.
+  CHECK(skipped <= (ties ? T / 2 : T / 20 + 1));
 
   // Packed format: identical bits.
   HostTensor cpu_packed(DT::i32, {T, C}), gpu_packed(DT::i32, {T, C});

@@ -192,7 +192,7 @@ void check_model(const Model& m, int64_t T, bool with_ref) {
   MOE_CHECK_OK(moe_runner_set_weights(r.h, g.w13.dl(), g.w2.dl(), nullptr, nullptr, nullptr, nullptr));
   MOE_CHECK_OK(run_gpu(r.h, pb, g, y_gpu));
   const std::vector<double> gv = values(y_gpu), cv = values(y_cpu);
-  INFO("model ", m.name, " dtype ", dt_name(m.dt), " act ", m.activation, " gated ", m.gated,
+  INFO("model ", std::string(m.name), " dtype ", std::string(dt_name(m.dt)), " act ", m.activation, " gated ", m.gated,
        " swap ", m.swap, " T ", T);
   const double e_cpu = rel_error(gv, cv);
   INFO("rel error vs CPU ", e_cpu);
@@ -333,7 +333,7 @@ TEST_CASE("gpu.runner.batch_independent") {
       GpuProblem g1(p1);
       HostTensor y1(m.dt, {1, m.H});
       MOE_CHECK_OK(run_gpu(r.h, p1, g1, y1));
-      INFO("dtype ", dt_name(dt), " token ", t);
+      INFO("dtype ", std::string(dt_name(dt)), " token ", t);
       CHECK(std::memcmp(y1.storage.data(),
                         y_all.storage.data() + t * m.H * dt_bytes(dt),
                         size_t(m.H) * dt_bytes(dt)) == 0);
