@@ -73,8 +73,11 @@ void ref_fake_quant(std::vector<double>& v, int64_t group, const double* static_
       const float s = amax / 448.0f;
       scale = s > 0 ? s : 1.0f;
     }
+    // The division is f32 as in the library: low-precision inputs often land
+    // exactly on an E4M3 midpoint in f32, and a double quotient would break
+    // those ties differently.
     for (int64_t i = g0; i < g1; ++i)
-      v[size_t(i)] = ref_e4m3_value(ref_e4m3_code(v[size_t(i)] / scale)) * scale;
+      v[size_t(i)] = ref_e4m3_value(ref_e4m3_code(float(v[size_t(i)]) / float(scale))) * scale;
   }
 }
 

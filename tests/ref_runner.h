@@ -4,8 +4,9 @@
 // so the only differences left are the library's f32 arithmetic and, for
 // FP8, activation quantization done here the same way the library does it:
 // per token (per 128 columns for BLOCK_128) scale = amax / 448 computed in
-// f32 (a zero scale becomes 1), values rounded to the nearest E4M3FN
-// (ties to even, saturating at 448), a static scale of 0 giving zeros.
+// f32 (a zero scale becomes 1), v / scale evaluated in f32 and rounded to
+// the nearest E4M3FN (ties to even, saturating at 448), a static scale of 0
+// giving zeros.
 #pragma once
 
 #include <cstdint>

@@ -32,8 +32,11 @@ struct Options {
   float output_scale = 1.0f;
 };
 
+// FP8: tighter than the 3e-2 contract because the reference quantizes the
+// activations exactly as the library does (measured <= 2e-3, from the output
+// rounding); a skipped quantization step costs >= 1.3e-2 and must fail.
 double tolerance(const Options& o) {
-  if (o.quant != MOE_QUANT_NONE) return 3e-2;
+  if (o.quant != MOE_QUANT_NONE) return 5e-3;
   return o.x_dt == DT::f32 && o.w_dt == DT::f32 ? 1e-5 : 1e-2;
 }
 
@@ -215,7 +218,7 @@ std::vector<double> check_against_reference(const Shape& s, const Options& o, in
   const std::vector<double> out = values(b.y), ref = b.reference(layer, wt);
   const double err = rel_error(out, ref);
   INFO("T=", T, " H=", s.H, " I=", s.I, " E_loc=", s.E_loc(), " k=", s.k, " x=",
-       dt_name(o.x_dt), " w=", dt_name(o.w_dt), " activation=", o.activation,
+       std::string(dt_name(o.x_dt)), " w=", std::string(dt_name(o.w_dt)), " activation=", o.activation,
        " gated=", o.gated, " quant=", o.quant, " rel error=", err);
   CHECK(err < tolerance(o));
   // Every token with no local slot is exactly zero (not NaN, not untouched).
@@ -478,7 +481,7 @@ TEST_CASE("runner.cpu.fp8.degenerate_scales") {
       b.run(layer);
       const std::vector<double> out = values(b.y), ref = b.reference(layer, wt);
       for (double v : out) REQUIRE(std::isfinite(v));
-      CHECK(rel_error(out, ref) < 3e-2);
+      CHECK(rel_error(out, ref) < tolerance(o));
     }
   }
   SUBCASE("static activation scale 0") {
