@@ -7,133 +7,201 @@ namespace {
 
 constexpr int kWarpsPerBlock = 4;
 constexpr int kChunks = kDispatchTile / 32;
+// Up to this many local experts, a warp keeps its tile's counters in shared
+// memory (8 KB per warp); beyond, it updates the global histogram directly.
+constexpr int kSmemExperts = 2048;
 
 int num_tiles(int64_t n) { return ceil_div(n, kDispatchTile); }
 
 __device__ __forceinline__ int32_t to_local(const int32_t* mapping, int E, int E_loc, int32_t id) {
   // Never index with an id outside [0, E): -1 and bad ids both mean "not here".
   if (id < 0 || id >= E) return -1;
-  int32_t l = mapping[id];
+  const int32_t l = mapping[id];
   return (l >= 0 && l < E_loc) ? l : -1;
+}
+
+// The tile's counters: shared memory, or the global column (then zeroed by a memset).
+__device__ __forceinline__ int32_t* tile_counters(int32_t* smem, int32_t* hist, int E_loc, int nt,
+                                                  int b, int warp, int64_t& stride) {
+  if (E_loc <= kSmemExperts) {
+    stride = 1;
+    return smem + warp * E_loc;
+  }
+  stride = nt;
+  return hist + b;
 }
 
 // hist[e * nt + b] = slots of tile b that go to local expert e; also writes local_ids.
 __global__ void dispatch_histogram_kernel(DispatchParams p, int nt, int32_t* hist) {
-  int lane = threadIdx.x & 31;
-  int b = blockIdx.x * kWarpsPerBlock + (threadIdx.x >> 5);
+  extern __shared__ int32_t smem[];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int b = blockIdx.x * kWarpsPerBlock + warp;
   if (b >= nt) return;
+  int64_t stride;
+  int32_t* cnt = tile_counters(smem, hist, p.E_loc, nt, b, warp, stride);
+  if (stride == 1)
+    for (int e = lane; e < p.E_loc; e += 32) cnt[e] = 0;
+  // Every load of the tile in flight before the first use.
+  const int64_t base = int64_t(b) * kDispatchTile + lane;
+  int32_t local[kChunks];
+#pragma unroll
   for (int c = 0; c < kChunks; ++c) {
-    int64_t s = int64_t(b) * kDispatchTile + c * 32 + lane;
-    int32_t local = -1;
-    if (s < p.n) {
-      local = to_local(p.mapping, p.E, p.E_loc, p.topk_ids[s]);
-      p.local_ids[s] = local;
-    }
-    unsigned same = __match_any_sync(kFullMask, local);
-    if (local >= 0 && lane == __ffs(same) - 1) hist[int64_t(local) * nt + b] += __popc(same);
-    __syncwarp();  // orders this chunk's updates before the next chunk's reads
+    const int64_t s = base + c * 32;
+    local[c] = s < p.n ? p.topk_ids[s] : -1;
   }
+#pragma unroll
+  for (int c = 0; c < kChunks; ++c) {
+    local[c] = to_local(p.mapping, p.E, p.E_loc, local[c]);
+    const int64_t s = base + c * 32;
+    if (s < p.n) p.local_ids[s] = local[c];
+  }
+  __syncwarp();
+#pragma unroll
+  for (int c = 0; c < kChunks; ++c) {
+    const unsigned same = __match_any_sync(kFullMask, local[c]);
+    if (local[c] >= 0 && lane == __ffs(same) - 1) cnt[local[c] * stride] += __popc(same);
+    __syncwarp();  // orders this chunk's updates before the next chunk's
+  }
+  if (stride == 1)
+    for (int e = lane; e < p.E_loc; e += 32) hist[int64_t(e) * nt + b] = cnt[e];
 }
 
-// First sorted position of local expert e (e == E_loc: the total).
-__device__ __forceinline__ int32_t expert_base(const int32_t* hist, int nt, int E_loc, int e,
-                                               int32_t total) {
-  if (e == E_loc) return total;
-  return nt == 0 ? 0 : hist[int64_t(e) * nt];
-}
-
-// In-place exclusive scan of the expert-major histogram: hist[e * nt + b]
-// becomes the first sorted position of tile b's slots of expert e.
-__global__ void __launch_bounds__(1024) dispatch_scan_kernel(DispatchParams p, int nt, int32_t* hist) {
+// One block: expert totals, offsets and counts, then each expert's row of the
+// histogram becomes exclusive positions: hist[e * nt + b] = first sorted
+// position of tile b's slots of expert e.
+__global__ void __launch_bounds__(1024)
+    dispatch_scan_kernel(DispatchParams p, int nt, int32_t* hist, int32_t* totals) {
   __shared__ int32_t warp_totals[32];
-  const int64_t L = int64_t(p.E_loc) * nt;
-  const int64_t per = (L + blockDim.x - 1) / blockDim.x;
-  const int64_t begin = min(L, per * threadIdx.x), end = min(L, begin + per);
+  __shared__ int32_t total_sh;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  // 1. Slots per expert (one warp per histogram row, coalesced).
+  for (int e = warp; e < p.E_loc; e += warps) {
+    int32_t sum = 0;
+    for (int j = lane; j < nt; j += 32) sum += hist[int64_t(e) * nt + j];
+    sum = warp_sum_int(sum);
+    if (lane == 0) totals[e] = sum;
+  }
+  __syncthreads();
+  // 2. Exclusive scan of the totals over experts (contiguous chunks per thread).
+  const int per = (p.E_loc + blockDim.x - 1) / blockDim.x;
+  const int begin = min(p.E_loc, per * int(threadIdx.x)), end = min(p.E_loc, begin + per);
   int32_t sum = 0;
-  for (int64_t i = begin; i < end; ++i) sum += hist[i];
-  // Block exclusive scan of the per-thread sums.
-  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int e = begin; e < end; ++e) sum += totals[e];
   int32_t incl = sum;
 #pragma unroll
   for (int o = 1; o < 32; o <<= 1) {
-    int32_t v = __shfl_up_sync(kFullMask, incl, o);
+    const int32_t v = __shfl_up_sync(kFullMask, incl, o);
     if (lane >= o) incl += v;
   }
   if (lane == 31) warp_totals[warp] = incl;
   __syncthreads();
   if (warp == 0) {
-    int32_t t = lane < int(blockDim.x >> 5) ? warp_totals[lane] : 0;
+    const int32_t t = lane < warps ? warp_totals[lane] : 0;
     int32_t ti = t;
 #pragma unroll
     for (int o = 1; o < 32; o <<= 1) {
-      int32_t v = __shfl_up_sync(kFullMask, ti, o);
+      const int32_t v = __shfl_up_sync(kFullMask, ti, o);
       if (lane >= o) ti += v;
     }
-    warp_totals[lane] = ti - t;  // exclusive
+    warp_totals[lane] = ti - t;
+    if (lane == 31) total_sh = ti;
   }
   __syncthreads();
   int32_t run = warp_totals[warp] + incl - sum;
-  for (int64_t i = begin; i < end; ++i) {
-    int32_t c = hist[i];
-    hist[i] = run;
+  for (int e = begin; e < end; ++e) {
+    const int32_t c = totals[e];
+    p.counts[e] = c;
+    p.offsets[e] = run;
+    totals[e] = run;  // now the expert's first position
     run += c;
   }
-  __shared__ int32_t total_sh;
-  if (threadIdx.x == blockDim.x - 1) total_sh = warp_totals[warp] + incl;
-  __syncthreads();  // also makes the block's global writes visible to it
-  for (int e = threadIdx.x; e <= p.E_loc; e += blockDim.x) {
-    const int32_t off = expert_base(hist, nt, p.E_loc, e, total_sh);
-    p.offsets[e] = off;
-    if (e < p.E_loc) p.counts[e] = expert_base(hist, nt, p.E_loc, e + 1, total_sh) - off;
+  if (threadIdx.x == 0) p.offsets[p.E_loc] = total_sh;
+  __syncthreads();
+  // 3. Each row: exclusive scan over tiles, starting at the expert's first position.
+  for (int e = warp; e < p.E_loc; e += warps) {
+    int32_t carry = totals[e];
+    for (int j0 = 0; j0 < nt; j0 += 32) {
+      const int j = j0 + lane;
+      const int32_t v = j < nt ? hist[int64_t(e) * nt + j] : 0;
+      int32_t in = v;
+#pragma unroll
+      for (int o = 1; o < 32; o <<= 1) {
+        const int32_t u = __shfl_up_sync(kFullMask, in, o);
+        if (lane >= o) in += u;
+      }
+      if (j < nt) hist[int64_t(e) * nt + j] = carry + in - v;
+      carry += __shfl_sync(kFullMask, in, 31);
+    }
   }
 }
 
 // Stable scatter: each warp walks its tile in slot order, so slots of one
 // expert land in (t, j) order. Positions past the total get -1.
 __global__ void dispatch_scatter_kernel(DispatchParams p, int nt, int32_t* hist) {
-  int lane = threadIdx.x & 31;
-  int b = blockIdx.x * kWarpsPerBlock + (threadIdx.x >> 5);
+  extern __shared__ int32_t smem[];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int b = blockIdx.x * kWarpsPerBlock + warp;
   if (b >= nt) return;
-  const unsigned lanes_below = (1u << lane) - 1u;
+  int64_t stride;
+  int32_t* pos = tile_counters(smem, hist, p.E_loc, nt, b, warp, stride);
+  if (stride == 1)
+    for (int e = lane; e < p.E_loc; e += 32) pos[e] = hist[int64_t(e) * nt + b];
+  const int64_t base = int64_t(b) * kDispatchTile + lane;
+  int32_t local[kChunks];
+#pragma unroll
   for (int c = 0; c < kChunks; ++c) {
-    int64_t s = int64_t(b) * kDispatchTile + c * 32 + lane;
-    int32_t local = s < p.n ? p.local_ids[s] : -1;
-    unsigned same = __match_any_sync(kFullMask, local);
-    int leader = __ffs(same) - 1;
-    int32_t base = 0;
-    if (local >= 0 && lane == leader) base = hist[int64_t(local) * nt + b];
-    base = __shfl_sync(kFullMask, base, leader);
-    if (local >= 0) p.sorted_slots[base + __popc(same & lanes_below)] = int32_t(s);
+    const int64_t s = base + c * 32;
+    local[c] = s < p.n ? p.local_ids[s] : -1;
+  }
+  __syncwarp();
+  const unsigned lanes_below = (1u << lane) - 1u;
+#pragma unroll
+  for (int c = 0; c < kChunks; ++c) {
+    const unsigned same = __match_any_sync(kFullMask, local[c]);
+    const int leader = __ffs(same) - 1;
+    int32_t first = 0;
+    if (local[c] >= 0 && lane == leader) first = pos[local[c] * stride];
+    first = __shfl_sync(kFullMask, first, leader);
+    if (local[c] >= 0) p.sorted_slots[first + __popc(same & lanes_below)] = int32_t(base + c * 32);
     __syncwarp();
-    if (local >= 0 && lane == leader) hist[int64_t(local) * nt + b] = base + __popc(same);
+    if (local[c] >= 0 && lane == leader) pos[local[c] * stride] = first + __popc(same);
     __syncwarp();
   }
   const int32_t total = p.offsets[p.E_loc];
+#pragma unroll
   for (int c = 0; c < kChunks; ++c) {
-    int64_t pos = int64_t(b) * kDispatchTile + c * 32 + lane;
-    if (pos < p.n && pos >= total) p.sorted_slots[pos] = -1;
+    const int64_t q = base + c * 32;
+    if (q < p.n && q >= total) p.sorted_slots[q] = -1;
   }
+}
+
+size_t hist_bytes(int64_t n, int E_loc) {
+  return (size_t(num_tiles(n)) * size_t(E_loc) * sizeof(int32_t) + 255) / 256 * 256;
 }
 
 }  // namespace
 
 size_t dispatch_workspace_bytes(int64_t n, int E_loc) {
-  size_t bytes = size_t(num_tiles(n)) * size_t(E_loc) * sizeof(int32_t);
-  return (bytes + 255) / 256 * 256;
+  return hist_bytes(n, E_loc) + (size_t(E_loc) * sizeof(int32_t) + 255) / 256 * 256;
 }
 
 cudaError_t launch_dispatch(const DispatchParams& p, cudaStream_t stream) {
   const int nt = num_tiles(p.n);
   int32_t* hist = static_cast<int32_t*>(p.workspace);
-  const size_t hist_bytes = size_t(nt) * size_t(p.E_loc) * sizeof(int32_t);
-  if (hist_bytes > 0) {
-    cudaError_t err = cudaMemsetAsync(hist, 0, hist_bytes, stream);
+  int32_t* totals = reinterpret_cast<int32_t*>(static_cast<char*>(p.workspace) + hist_bytes(p.n, p.E_loc));
+  const bool smem = p.E_loc <= kSmemExperts;
+  if (!smem && nt > 0) {
+    const cudaError_t err =
+        cudaMemsetAsync(hist, 0, size_t(nt) * size_t(p.E_loc) * sizeof(int32_t), stream);
     if (err != cudaSuccess) return err;
   }
+  const size_t smem_bytes = smem ? size_t(kWarpsPerBlock) * p.E_loc * sizeof(int32_t) : 0;
   const int blocks = ceil_div(nt, kWarpsPerBlock);
-  if (nt > 0) dispatch_histogram_kernel<<<blocks, 32 * kWarpsPerBlock, 0, stream>>>(p, nt, hist);
-  dispatch_scan_kernel<<<1, 1024, 0, stream>>>(p, nt, hist);
-  if (nt > 0) dispatch_scatter_kernel<<<blocks, 32 * kWarpsPerBlock, 0, stream>>>(p, nt, hist);
+  if (nt > 0)
+    dispatch_histogram_kernel<<<blocks, 32 * kWarpsPerBlock, smem_bytes, stream>>>(p, nt, hist);
+  dispatch_scan_kernel<<<1, 1024, 0, stream>>>(p, nt, hist, totals);
+  if (nt > 0)
+    dispatch_scatter_kernel<<<blocks, 32 * kWarpsPerBlock, smem_bytes, stream>>>(p, nt, hist);
   return launch_status();
 }
 

@@ -12,7 +12,7 @@
 namespace moe::kernels {
 
 // Slots handled by one warp-tile (its histogram column).
-constexpr int kDispatchTile = 512;
+constexpr int kDispatchTile = 256;
 
 // Workspace bytes for n = T*K slots and E_loc local experts.
 size_t dispatch_workspace_bytes(int64_t n, int E_loc);

@@ -97,6 +97,8 @@ TEST_CASE("gpu.dispatcher.explicit_mapping_vs_cpu") {
   for (int e = 0; e < E; e += 3) mapping[size_t(e)] = loc(rng);  // redundant experts share a slot
   for (int64_t T : {int64_t(1), int64_t(33), int64_t(2000)})
     check_dispatch(E, 0, 1, &mapping, E_loc, T, 5, true);
+  // More local experts than the kernels keep in shared memory (global counters).
+  for (int64_t T : {int64_t(3), int64_t(700)}) check_dispatch(6000, 1, 2, nullptr, 3000, T, 8, true);
 }
 
 TEST_CASE("gpu.dispatcher.empty_batch_and_all_remote") {
