@@ -10,6 +10,9 @@ constexpr int kChunks = kDispatchTile / 32;
 // Up to this many local experts, a warp keeps its tile's counters in shared
 // memory (8 KB per warp); beyond, it updates the global histogram directly.
 constexpr int kSmemExperts = 2048;
+// Histograms up to this many counters are scanned by every scatter block
+// itself (one launch fewer); larger ones by the one-block scan kernel.
+constexpr int64_t kFusedScanMax = 16384;
 
 int num_tiles(int64_t n) { return ceil_div(n, kDispatchTile); }
 
@@ -135,6 +138,32 @@ __global__ void __launch_bounds__(1024)
   }
 }
 
+// One warp's tile: slots in order, each to its expert's next position
+// (pos[e * stride], advanced here); tile positions past the total get -1.
+__device__ __forceinline__ void scatter_tile(const DispatchParams& p, const int32_t (&local)[kChunks],
+                                             int64_t base, int32_t* pos, int64_t stride,
+                                             int32_t total) {
+  const int lane = threadIdx.x & 31;
+  const unsigned lanes_below = (1u << lane) - 1u;
+#pragma unroll
+  for (int c = 0; c < kChunks; ++c) {
+    const unsigned same = __match_any_sync(kFullMask, local[c]);
+    const int leader = __ffs(same) - 1;
+    int32_t first = 0;
+    if (local[c] >= 0 && lane == leader) first = pos[local[c] * stride];
+    first = __shfl_sync(kFullMask, first, leader);
+    if (local[c] >= 0) p.sorted_slots[first + __popc(same & lanes_below)] = int32_t(base + c * 32);
+    __syncwarp();
+    if (local[c] >= 0 && lane == leader) pos[local[c] * stride] = first + __popc(same);
+    __syncwarp();
+  }
+#pragma unroll
+  for (int c = 0; c < kChunks; ++c) {
+    const int64_t q = base + c * 32;
+    if (q < p.n && q >= total) p.sorted_slots[q] = -1;
+  }
+}
+
 // Stable scatter: each warp walks its tile in slot order, so slots of one
 // expert land in (t, j) order. Positions past the total get -1.
 __global__ void dispatch_scatter_kernel(DispatchParams p, int nt, int32_t* hist) {
@@ -154,25 +183,81 @@ __global__ void dispatch_scatter_kernel(DispatchParams p, int nt, int32_t* hist)
     local[c] = s < p.n ? p.local_ids[s] : -1;
   }
   __syncwarp();
-  const unsigned lanes_below = (1u << lane) - 1u;
+  scatter_tile(p, local, base, pos, stride, p.offsets[p.E_loc]);
+}
+
+// Scan and scatter in one launch for small histograms: each block reads the
+// whole histogram and derives its tiles' first positions itself (block 0
+// also writes counts and offsets), saving the one-block scan launch.
+__global__ void dispatch_scan_scatter_kernel(DispatchParams p, int nt, const int32_t* hist) {
+  extern __shared__ int32_t smem[];
+  __shared__ int32_t total_sh;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int E_loc = p.E_loc;
+  const int b0 = blockIdx.x * kWarpsPerBlock, b = b0 + warp;
+  int32_t* pos = smem + warp * E_loc;
+  int32_t* total = smem + kWarpsPerBlock * E_loc;
+  int32_t* start = total + E_loc;
+  // 1. Per expert: slots in all tiles, and in the tiles before this block's.
+  for (int e = warp; e < E_loc; e += kWarpsPerBlock) {
+    int32_t all = 0, before = 0;
+    for (int j = lane; j < nt; j += 32) {
+      const int32_t v = hist[int64_t(e) * nt + j];
+      all += v;
+      before += j < b0 ? v : 0;
+    }
+    all = warp_sum_int(all);
+    before = warp_sum_int(before);
+    if (lane == 0) {
+      total[e] = all;
+      start[e] = before;
+    }
+  }
+  __syncthreads();
+  // 2. Experts' first positions (exclusive scan of the totals).
+  if (warp == 0) {
+    int32_t carry = 0;
+    for (int e0 = 0; e0 < E_loc; e0 += 32) {
+      const int e = e0 + lane;
+      const int32_t t = e < E_loc ? total[e] : 0;
+      int32_t incl = t;
+#pragma unroll
+      for (int o = 1; o < 32; o <<= 1) {
+        const int32_t u = __shfl_up_sync(kFullMask, incl, o);
+        if (lane >= o) incl += u;
+      }
+      if (e < E_loc) {
+        const int32_t first = carry + incl - t;
+        if (blockIdx.x == 0) {
+          p.counts[e] = t;
+          p.offsets[e] = first;
+        }
+        start[e] += first;
+      }
+      carry += __shfl_sync(kFullMask, incl, 31);
+    }
+    if (lane == 0) {
+      total_sh = carry;
+      if (blockIdx.x == 0) p.offsets[E_loc] = carry;
+    }
+  }
+  __syncthreads();
+  if (b >= nt) return;
+  // 3. This tile's first positions: add the block's earlier tiles.
+  for (int e = lane; e < E_loc; e += 32) {
+    int32_t v = start[e];
+    for (int bb = b0; bb < b; ++bb) v += hist[int64_t(e) * nt + bb];
+    pos[e] = v;
+  }
+  const int64_t base = int64_t(b) * kDispatchTile + lane;
+  int32_t local[kChunks];
 #pragma unroll
   for (int c = 0; c < kChunks; ++c) {
-    const unsigned same = __match_any_sync(kFullMask, local[c]);
-    const int leader = __ffs(same) - 1;
-    int32_t first = 0;
-    if (local[c] >= 0 && lane == leader) first = pos[local[c] * stride];
-    first = __shfl_sync(kFullMask, first, leader);
-    if (local[c] >= 0) p.sorted_slots[first + __popc(same & lanes_below)] = int32_t(base + c * 32);
-    __syncwarp();
-    if (local[c] >= 0 && lane == leader) pos[local[c] * stride] = first + __popc(same);
-    __syncwarp();
+    const int64_t s = base + c * 32;
+    local[c] = s < p.n ? p.local_ids[s] : -1;
   }
-  const int32_t total = p.offsets[p.E_loc];
-#pragma unroll
-  for (int c = 0; c < kChunks; ++c) {
-    const int64_t q = base + c * 32;
-    if (q < p.n && q >= total) p.sorted_slots[q] = -1;
-  }
+  __syncwarp();
+  scatter_tile(p, local, base, pos, 1, total_sh);
 }
 
 size_t hist_bytes(int64_t n, int E_loc) {
@@ -199,6 +284,11 @@ cudaError_t launch_dispatch(const DispatchParams& p, cudaStream_t stream) {
   const int blocks = ceil_div(nt, kWarpsPerBlock);
   if (nt > 0)
     dispatch_histogram_kernel<<<blocks, 32 * kWarpsPerBlock, smem_bytes, stream>>>(p, nt, hist);
+  if (nt > 0 && p.E_loc <= kSmemExperts / 2 && int64_t(p.E_loc) * nt <= kFusedScanMax) {
+    const size_t fused_smem = size_t(kWarpsPerBlock + 2) * p.E_loc * sizeof(int32_t);
+    dispatch_scan_scatter_kernel<<<blocks, 32 * kWarpsPerBlock, fused_smem, stream>>>(p, nt, hist);
+    return launch_status();
+  }
   dispatch_scan_kernel<<<1, 1024, 0, stream>>>(p, nt, hist, totals);
   if (nt > 0)
     dispatch_scatter_kernel<<<blocks, 32 * kWarpsPerBlock, smem_bytes, stream>>>(p, nt, hist);

@@ -114,6 +114,8 @@ size_t shared_workspace_bytes(const SharedPlan& plan, int64_t T) {
 
 void shared_compute(const SharedPlan& p, const SharedArgs& a, void* stream) {
   check_shared_supported(p, a.x_dtype);
+  check_rows_aligned("shared experts", {{"hidden", a.x}, {"output", a.y}, {"w13", p.w13},
+                                        {"w2", p.w2}});
   DeviceGuard guard(p.device);
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   const kernels::MoeRunParams r = shared_params(p, a);

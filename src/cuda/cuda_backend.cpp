@@ -4,7 +4,10 @@
 
 #include <cuda_runtime.h>
 
+#include <cstdint>
+#include <initializer_list>
 #include <string>
+#include <utility>
 
 #include "../common.h"
 #include "dispatch.cuh"
@@ -37,6 +40,15 @@ void check_runner_supported(const RunnerPlan& plan) {
 }
 
 }  // namespace
+
+void check_rows_aligned(const char* who, std::initializer_list<std::pair<const char*, const void*>> ptrs) {
+  for (const auto& [name, ptr] : ptrs)
+    if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0)
+      fail(MOE_STATUS_UNSUPPORTED,
+           std::string(who) + ": the CUDA backend reads and writes 16-byte vectors, so " + name +
+               " must start at a 16-byte-aligned address (got one with remainder " +
+               std::to_string(reinterpret_cast<uintptr_t>(ptr) % 16) + ")");
+}
 
 void* device_alloc(size_t bytes, int device_id) {
   DeviceGuard guard(device_id);
@@ -142,6 +154,8 @@ void run(const RunnerPlan& plan, const RunArgs& args, void* stream) {
     fail(MOE_STATUS_UNSUPPORTED,
          std::string("runner: the CUDA backend needs hidden and weights of one dtype; got hidden ") +
              dtype_name(args.x_dtype) + ", weights " + dtype_name(plan.w_dtype));
+  check_rows_aligned("runner", {{"hidden", args.x}, {"output", args.y}, {"w13", plan.w13},
+                               {"w2", plan.w2}});
   kernels::MoeRunParams p{};
   p.dtype = args.x_dtype;
   p.E_loc = plan.E_loc;

@@ -5,6 +5,9 @@
 // error string in the message.
 #pragma once
 
+#include <initializer_list>
+#include <utility>
+
 #include "../plan.h"
 
 namespace moe::cuda {
@@ -32,5 +35,10 @@ size_t runner_workspace_bytes(const RunnerPlan& plan, int64_t max_tokens, int K)
 // With plan.validate_ids, synchronises the stream and throws
 // MOE_STATUS_INVALID_ARGUMENT naming the first bad (token, slot).
 void run(const RunnerPlan& plan, const RunArgs& args, void* stream);
+
+// Throws MOE_STATUS_UNSUPPORTED naming the first pointer that is not 16-byte
+// aligned (the runner kernels move 16-byte vectors).
+void check_rows_aligned(const char* who,
+                        std::initializer_list<std::pair<const char*, const void*>> ptrs);
 
 }  // namespace moe::cuda

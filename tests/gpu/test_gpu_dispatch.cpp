@@ -86,6 +86,7 @@ TEST_CASE("gpu.dispatcher.contiguous_vs_cpu") {
     check_dispatch(256, 3, 8, nullptr, 32, T, 8, true);   // DeepSeek EP slice
     check_dispatch(128, 0, 1, nullptr, 128, T, 8, false); // Qwen3, one rank
     check_dispatch(8, 0, 1, nullptr, 8, T, 2, true);      // Mixtral
+    check_dispatch(512, 0, 1, nullptr, 512, T, 8, true);  // histogram too big for the fused scan
   }
 }
 

@@ -1,4 +1,5 @@
-// CUDA runner vs the CPU backend (and a float64 reference on small shapes),
+// CUDA runner vs the CPU backend (and the float64 reference of
+// tests/ref_runner.h on small shapes),
 // through the public API with device tensors: activation x gated x dtype,
 // swap, weight-on-input, odd sizes, the three model shapes of BRIEF.md,
 // outputs poisoned before every run; bad ids with and without validation.
@@ -7,6 +8,7 @@
 #include <cstring>
 
 #include "gpu_support.h"
+#include "ref_runner.h"
 
 using namespace moe_test;
 
@@ -134,52 +136,6 @@ moe_status_t run_gpu(moe_runner_t r, const Problem& pb, GpuProblem& g, HostTenso
   return st;
 }
 
-double act_ref(int a, double v) {
-  switch (a) {
-    case MOE_ACTIVATION_SILU: return v / (1.0 + std::exp(-v));
-    case MOE_ACTIVATION_GELU: return 0.5 * v * (1.0 + std::erf(v / std::sqrt(2.0)));
-    case MOE_ACTIVATION_GELU_TANH:
-      return 0.5 * v * (1.0 + std::tanh(std::sqrt(2.0 / M_PI) * (v + 0.044715 * v * v * v)));
-    case MOE_ACTIVATION_RELU2: return v > 0 ? v * v : 0.0;
-    default: return v;
-  }
-}
-
-// Float64 reference of SEMANTICS.md section 4 from the rounded inputs.
-std::vector<double> reference(const Problem& pb) {
-  const Model& m = pb.m;
-  const int E_loc = m.E_loc(), first = m.ep_rank * E_loc, rows13 = (m.gated ? 2 : 1) * m.I;
-  std::vector<double> y(size_t(pb.T * m.H), 0.0), h(size_t(m.I));
-  for (int64_t t = 0; t < pb.T; ++t)
-    for (int j = 0; j < m.k; ++j) {
-      const int g = pb.ids.as<int32_t>()[t * m.k + j];
-      if (g < first || g >= first + E_loc) continue;
-      const int e = g - first;
-      const double wt = pb.w.as<float>()[t * m.k + j];
-      const double xs = m.weight_on_input ? wt : 1.0;
-      for (int i = 0; i < m.I; ++i) {
-        auto dot = [&](int row) {
-          double s = 0;
-          for (int c = 0; c < m.H; ++c)
-            s += pb.w13.get((int64_t(e) * rows13 + row) * m.H + c) * pb.x.get(t * m.H + c) * xs;
-          return s;
-        };
-        if (m.gated) {
-          const int gate = m.swap ? m.I + i : i, up = m.swap ? i : m.I + i;
-          h[size_t(i)] = act_ref(m.activation, dot(gate)) * dot(up);
-        } else {
-          h[size_t(i)] = act_ref(m.activation, dot(i));
-        }
-      }
-      for (int c = 0; c < m.H; ++c) {
-        double s = 0;
-        for (int i = 0; i < m.I; ++i) s += pb.w2.get((int64_t(e) * m.H + c) * m.I + i) * h[size_t(i)];
-        y[size_t(t * m.H + c)] += (m.weight_on_input ? 1.0 : wt) * s * m.output_scale;
-      }
-    }
-  return y;
-}
-
 double tolerance(DT dt) { return dt == DT::f32 ? 1e-5 : 1e-2; }
 
 // GPU vs CPU (and vs float64 when asked); tokens with no local slot are exactly 0.
@@ -206,7 +162,13 @@ void check_model(const Model& m, int64_t T, bool with_ref) {
   }
   CHECK(nonzero_empty == 0);
   if (with_ref) {
-    const double e_ref = rel_error(gv, reference(pb));
+    RefMoeCfg rc;
+    rc.activation = m.activation;
+    rc.gated = m.gated;
+    rc.swap_gate_up = m.swap;
+    rc.weight_on_input = m.weight_on_input;
+    rc.output_scale = m.output_scale;
+    const double e_ref = rel_error(gv, ref_moe(rc, pb.x, local_cpu, pb.w, pb.w13, pb.w2));
     INFO("rel error vs float64 ", e_ref);
     CHECK(e_ref < tolerance(m.dt));
   }
@@ -339,4 +301,39 @@ TEST_CASE("gpu.runner.batch_independent") {
                         size_t(m.H) * dt_bytes(dt)) == 0);
     }
   }
+}
+
+TEST_CASE("gpu.runner.fp8_unsupported") {
+  // FP8 weights are CPU-only for now: refused clearly at set_weights.
+  Model m{"fp8", 4, 1, 0, 2, 128, 128};
+  moe_runner_config_t c;
+  REQUIRE(moe_runner_config_default(&c) == MOE_STATUS_SUCCESS);
+  c.num_experts = m.E_loc();
+  c.hidden_size = m.H;
+  c.intermediate_size = m.I;
+  c.quant_mode = MOE_QUANT_FP8_PER_TENSOR;
+  moe_runner_t r = nullptr;
+  MOE_CHECK_OK(moe_runner_create(&c, &r));
+  DeviceTensor w13(DT::e4m3, {4, 256, 128}), w2(DT::e4m3, {4, 128, 128}), s13(DT::f32, {4}),
+      s2(DT::f32, {4});
+  moe_status_t st = moe_runner_set_weights(r, w13.dl(), w2.dl(), s13.dl(), s2.dl(), nullptr, nullptr);
+  check_error_mentions(st, MOE_STATUS_UNSUPPORTED, {"FP8"});
+  moe_runner_destroy(r);
+}
+
+TEST_CASE("gpu.runner.misaligned_rows_unsupported") {
+  // A hidden view starting 8 bytes into its buffer: valid DLPack, but the
+  // kernels' 16-byte loads need 16-byte-aligned rows.
+  Model m{"align", 4, 1, 0, 2, 64, 32};
+  Problem pb(m, 3);
+  GpuProblem g(pb);
+  Runner r(m);
+  MOE_CHECK_OK(moe_runner_set_weights(r.h, g.w13.dl(), g.w2.dl(), nullptr, nullptr, nullptr, nullptr));
+  DeviceTensor big(m.dt, {pb.T * m.H + 8}), y(m.dt, {pb.T, m.H});
+  DLTensor x = *g.x.dl();
+  x.data = big.ptr;
+  x.byte_offset = 8;
+  moe_status_t st = moe_runner_run(r.h, &x, g.local.dl(), g.w.dl(), g.offsets.dl(), g.sorted.dl(),
+                                   y.dl(), nullptr, 0, nullptr);
+  check_error_mentions(st, MOE_STATUS_UNSUPPORTED, {"hidden", "16-byte"});
 }
