@@ -6,7 +6,9 @@
 // (with zero / denormal scales), NaN confinement.
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <memory>
 
 #include "ref_runner.h"
 #include "support.h"
@@ -191,8 +193,13 @@ struct Batch {
                                          offsets.dl(), sorted.dl(), nullptr, 0, nullptr));
     size_t bytes = 0;
     MOE_CHECK_OK(moe_runner_workspace_size(layer.r, T, s.k, kDLCPU, &bytes));
-    std::vector<unsigned char> storage(bytes + 256, 0xff);  // 0xffffffff is a NaN in f32
-    void* ws = storage.data() + (256 - reinterpret_cast<uintptr_t>(storage.data()) % 256) % 256;
+    // Exactly the bytes asked for (sanitizer builds catch overruns), filled
+    // with 0xff (a NaN in f32) so nothing may rely on a zeroed workspace.
+    const size_t alloc = std::max<size_t>((bytes + 255) / 256 * 256, 256);
+    std::unique_ptr<void, decltype(&std::free)> storage(std::aligned_alloc(256, alloc), &std::free);
+    REQUIRE(storage);
+    void* ws = storage.get();
+    std::memset(ws, 0xff, bytes);
     MOE_CHECK_OK(moe_runner_run(layer.r, x.dl(), local_ids.dl(), w.dl(), offsets.dl(),
                                 sorted.dl(), y.dl(), ws, bytes, nullptr));
   }
