@@ -5,6 +5,7 @@
 // wrote nothing (outputs and their guard bytes keep their fill pattern).
 // docs/bad-input.md lists every case by test name and subcase.
 #include <cstddef>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -109,8 +110,11 @@ C sized() {
 
 // A rejected call: the expected status, a message naming `words`, and no
 // byte of `outs` written.
+// MOE_TEST_PRINT_ERRORS=1 prints each message (docs/bad-input.md is made from it).
 void rejected(moe_status_t got, moe_status_t want, std::initializer_list<const char*> words,
               const std::vector<const Buf*>& outs = {}) {
+  if (std::getenv("MOE_TEST_PRINT_ERRORS"))
+    std::printf("\nBADINPUT\t%s\t%s\n", moe_status_string(got), moe_last_error());
   check_error_mentions(got, want, words);
   for (const Buf* b : outs) CHECK(b->untouched());
 }
@@ -355,6 +359,49 @@ TEST_CASE("bad_input.router_config_default") {
     c.struct_size = uint32_t(sizeof(c));
     rejected(moe_router_config_default(&c, MOE_ROUTING_NUM_METHODS), MOE_STATUS_INVALID_ARGUMENT,
              {"'method'", "[0, 6)", "got 6"});
+  }
+  SUBCASE("struct_size not set (0)") {
+    c.struct_size = 0;
+    rejected(moe_router_config_default(&c, 0), MOE_STATUS_INVALID_ARGUMENT,
+             {"'config->struct_size'", "set before this call", "got 0"});
+  }
+  SUBCASE("struct_size from the future") {
+    c.struct_size = uint32_t(sizeof(c) + 4);
+    rejected(moe_router_config_default(&c, 0), MOE_STATUS_INVALID_ARGUMENT,
+             {"'config->struct_size'", "set before this call"});
+  }
+  // An older caller's struct is smaller: nothing past its struct_size is written.
+  SUBCASE("older caller: only struct_size bytes written") {
+    unsigned char raw[sizeof(moe_router_config_t)];
+    std::memset(raw, 0x5a, sizeof(raw));
+    const uint32_t old_size = uint32_t(offsetof(moe_router_config_t, n_group));
+    std::memcpy(raw, &old_size, sizeof(old_size));
+    MOE_CHECK_OK(moe_router_config_default(reinterpret_cast<moe_router_config_t*>(raw),
+                                           MOE_ROUTING_DEEPSEEK_V3));
+    for (size_t i = old_size; i < sizeof(raw); ++i) CHECK(raw[i] == 0x5a);
+  }
+}
+
+TEST_CASE("bad_input.config_default_struct_size") {
+  SUBCASE("dispatcher struct_size 0") {
+    auto c = sized<moe_dispatcher_config_t>();
+    c.struct_size = 0;
+    rejected(moe_dispatcher_config_default(&c), MOE_STATUS_INVALID_ARGUMENT,
+             {"moe_dispatcher_config_default", "'config->struct_size'", "got 0"});
+  }
+  SUBCASE("runner struct_size from the future") {
+    auto c = sized<moe_runner_config_t>();
+    c.struct_size = uint32_t(sizeof(c) + 8);
+    rejected(moe_runner_config_default(&c), MOE_STATUS_INVALID_ARGUMENT,
+             {"moe_runner_config_default", "'config->struct_size'"});
+  }
+  SUBCASE("runner older caller: only struct_size bytes written") {
+    unsigned char raw[sizeof(moe_runner_config_t)];
+    std::memset(raw, 0x5a, sizeof(raw));
+    const uint32_t old_size = uint32_t(offsetof(moe_runner_config_t, activation));
+    std::memcpy(raw, &old_size, sizeof(old_size));
+    MOE_CHECK_OK(moe_runner_config_default(reinterpret_cast<moe_runner_config_t*>(raw)));
+    for (size_t i = old_size; i < sizeof(raw); ++i) CHECK(raw[i] == 0x5a);
   }
 }
 
