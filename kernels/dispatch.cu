@@ -10,9 +10,6 @@ constexpr int kChunks = kDispatchTile / 32;
 // Up to this many local experts, a warp keeps its tile's counters in shared
 // memory (8 KB per warp); beyond, it updates the global histogram directly.
 constexpr int kSmemExperts = 2048;
-// Histograms up to this many counters are scanned by every scatter block
-// itself (one launch fewer); larger ones by the one-block scan kernel.
-constexpr int64_t kFusedScanMax = 16384;
 
 int num_tiles(int64_t n) { return ceil_div(n, kDispatchTile); }
 
@@ -186,80 +183,6 @@ __global__ void dispatch_scatter_kernel(DispatchParams p, int nt, int32_t* hist)
   scatter_tile(p, local, base, pos, stride, p.offsets[p.E_loc]);
 }
 
-// Scan and scatter in one launch for small histograms: each block reads the
-// whole histogram and derives its tiles' first positions itself (block 0
-// also writes counts and offsets), saving the one-block scan launch.
-__global__ void dispatch_scan_scatter_kernel(DispatchParams p, int nt, const int32_t* hist) {
-  extern __shared__ int32_t smem[];
-  __shared__ int32_t total_sh;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int E_loc = p.E_loc;
-  const int b0 = blockIdx.x * kWarpsPerBlock, b = b0 + warp;
-  int32_t* pos = smem + warp * E_loc;
-  int32_t* total = smem + kWarpsPerBlock * E_loc;
-  int32_t* start = total + E_loc;
-  // 1. Per expert: slots in all tiles, and in the tiles before this block's.
-  for (int e = warp; e < E_loc; e += kWarpsPerBlock) {
-    int32_t all = 0, before = 0;
-    for (int j = lane; j < nt; j += 32) {
-      const int32_t v = hist[int64_t(e) * nt + j];
-      all += v;
-      before += j < b0 ? v : 0;
-    }
-    all = warp_sum_int(all);
-    before = warp_sum_int(before);
-    if (lane == 0) {
-      total[e] = all;
-      start[e] = before;
-    }
-  }
-  __syncthreads();
-  // 2. Experts' first positions (exclusive scan of the totals).
-  if (warp == 0) {
-    int32_t carry = 0;
-    for (int e0 = 0; e0 < E_loc; e0 += 32) {
-      const int e = e0 + lane;
-      const int32_t t = e < E_loc ? total[e] : 0;
-      int32_t incl = t;
-#pragma unroll
-      for (int o = 1; o < 32; o <<= 1) {
-        const int32_t u = __shfl_up_sync(kFullMask, incl, o);
-        if (lane >= o) incl += u;
-      }
-      if (e < E_loc) {
-        const int32_t first = carry + incl - t;
-        if (blockIdx.x == 0) {
-          p.counts[e] = t;
-          p.offsets[e] = first;
-        }
-        start[e] += first;
-      }
-      carry += __shfl_sync(kFullMask, incl, 31);
-    }
-    if (lane == 0) {
-      total_sh = carry;
-      if (blockIdx.x == 0) p.offsets[E_loc] = carry;
-    }
-  }
-  __syncthreads();
-  if (b >= nt) return;
-  // 3. This tile's first positions: add the block's earlier tiles.
-  for (int e = lane; e < E_loc; e += 32) {
-    int32_t v = start[e];
-    for (int bb = b0; bb < b; ++bb) v += hist[int64_t(e) * nt + bb];
-    pos[e] = v;
-  }
-  const int64_t base = int64_t(b) * kDispatchTile + lane;
-  int32_t local[kChunks];
-#pragma unroll
-  for (int c = 0; c < kChunks; ++c) {
-    const int64_t s = base + c * 32;
-    local[c] = s < p.n ? p.local_ids[s] : -1;
-  }
-  __syncwarp();
-  scatter_tile(p, local, base, pos, 1, total_sh);
-}
-
 size_t hist_bytes(int64_t n, int E_loc) {
   return (size_t(num_tiles(n)) * size_t(E_loc) * sizeof(int32_t) + 255) / 256 * 256;
 }
@@ -284,11 +207,6 @@ cudaError_t launch_dispatch(const DispatchParams& p, cudaStream_t stream) {
   const int blocks = ceil_div(nt, kWarpsPerBlock);
   if (nt > 0)
     dispatch_histogram_kernel<<<blocks, 32 * kWarpsPerBlock, smem_bytes, stream>>>(p, nt, hist);
-  if (nt > 0 && p.E_loc <= kSmemExperts / 2 && int64_t(p.E_loc) * nt <= kFusedScanMax) {
-    const size_t fused_smem = size_t(kWarpsPerBlock + 2) * p.E_loc * sizeof(int32_t);
-    dispatch_scan_scatter_kernel<<<blocks, 32 * kWarpsPerBlock, fused_smem, stream>>>(p, nt, hist);
-    return launch_status();
-  }
   dispatch_scan_kernel<<<1, 1024, 0, stream>>>(p, nt, hist, totals);
   if (nt > 0)
     dispatch_scatter_kernel<<<blocks, 32 * kWarpsPerBlock, smem_bytes, stream>>>(p, nt, hist);

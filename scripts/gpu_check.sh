@@ -27,7 +27,11 @@ step() {
   rc=$?
   local verdict=PASS
   if [ $rc -ne 0 ]; then verdict="FAIL (rc=$rc$([ $rc -eq 124 ] && echo ', timed out'))"; status=1; fi
-  printf '%-22s %-28s %4ss  %s\n' "$name" "$verdict" $((SECONDS - start)) "$(basename "$log")" | tee -a "$summary"
+  # The last result line the step wrote (ctest's count, the sanitizer's summary).
+  local detail
+  detail=$(grep -E 'tests passed|ERROR SUMMARY|RACECHECK SUMMARY' "$log" | tail -n 1 | sed 's/^=* *//')
+  printf '%-20s %-26s %4ss  %-14s %s\n' "$name" "$verdict" $((SECONDS - start)) \
+    "$(basename "$log")" "$detail" | tee -a "$summary"
 }
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >> "$summary" 2>&1
@@ -44,12 +48,13 @@ fi
 
 step ctest_cpu "$out/ctest_cpu.log" 180 ctest --test-dir "$build" -L cpu --output-on-failure -j 8
 step ctest_gpu "$out/ctest_gpu.log" 300 ctest --test-dir "$build" -L gpu -V
+grep -E 'MESSAGE' "$out/ctest_gpu.log" | sed 's/^.*MESSAGE: /  /' | tee -a "$summary"
 
 # Reduced case set under the sanitizers: every kernel, small sizes.
 san_cases='gpu.block.shared*,gpu.block.graph*,gpu.router.num_valid*,gpu.router.packed*,gpu.dispatcher.explicit*,gpu.dispatcher.empty*,gpu.runner.odd_sizes,gpu.runner.swap*,gpu.runner.bad_ids,gpu.graph*'
 for tool in memcheck racecheck initcheck synccheck; do
   step "sanitize_$tool" "$out/sanitize.log" 150 compute-sanitizer --tool "$tool" \
-    --error-exitcode 9 "$build/tests/moe_gpu_tests" -tc="$san_cases" -sce='*e20000*' 
+    --error-exitcode 9 "$build/tests/moe_gpu_tests" -tc="$san_cases" -sce='*e20000*'
 done
 
 echo "--- summary ($([ $status -eq 0 ] && echo all passed || echo FAILURES)) ---"

@@ -307,6 +307,7 @@ TEST_CASE("gpu.runner.fp8_unsupported") {
   // FP8 weights are CPU-only for now: refused clearly at set_weights.
   Model m{"fp8", 4, 1, 0, 2, 128, 128};
   moe_runner_config_t c;
+  c.struct_size = sizeof(c);
   REQUIRE(moe_runner_config_default(&c) == MOE_STATUS_SUCCESS);
   c.num_experts = m.E_loc();
   c.hidden_size = m.H;
