@@ -138,8 +138,46 @@ moe_status_t run_gpu(moe_runner_t r, const Problem& pb, GpuProblem& g, HostTenso
 
 double tolerance(DT dt) { return dt == DT::f32 ? 1e-5 : 1e-2; }
 
+// Median time of 20 runs (after one warm-up) and the weight bandwidth it
+// implies: a baseline for the later speed work, not a pass/fail criterion.
+void report_time(moe_runner_t r, const Problem& pb, GpuProblem& g, const HostTensor& local) {
+  const Model& m = pb.m;
+  DeviceTensor d_y(m.dt, {pb.T, m.H});
+  size_t bytes = 0;
+  MOE_CHECK_OK(moe_runner_workspace_size(r, pb.T, m.k, kDLCUDA, &bytes));
+  void* ws = nullptr;
+  CUDA_OK(cudaMalloc(&ws, std::max<size_t>(bytes, 256)));
+  cudaEvent_t a, b;
+  CUDA_OK(cudaEventCreate(&a));
+  CUDA_OK(cudaEventCreate(&b));
+  std::vector<float> us;
+  for (int rep = 0; rep < 21; ++rep) {
+    CUDA_OK(cudaEventRecord(a, nullptr));
+    MOE_CHECK_OK(moe_runner_run(r, g.x.dl(), g.local.dl(), g.w.dl(), g.offsets.dl(), g.sorted.dl(),
+                                d_y.dl(), ws, bytes, nullptr));
+    CUDA_OK(cudaEventRecord(b, nullptr));
+    CUDA_OK(cudaEventSynchronize(b));
+    float ms = 0;
+    CUDA_OK(cudaEventElapsedTime(&ms, a, b));
+    if (rep > 0) us.push_back(ms * 1000.0f);
+  }
+  std::sort(us.begin(), us.end());
+  std::vector<char> used(size_t(m.E_loc()), 0);
+  for (int64_t i = 0; i < local.numel(); ++i)
+    if (local.as<int32_t>()[i] >= 0) used[size_t(local.as<int32_t>()[i])] = 1;
+  const double experts = double(std::count(used.begin(), used.end(), 1));
+  const double wbytes = experts * (double((m.gated ? 2 : 1) * m.I) * m.H + double(m.H) * m.I) *
+                        double(dt_bytes(m.dt));
+  const double med = us[us.size() / 2];
+  MESSAGE("runner ", std::string(m.name), " ", std::string(dt_name(m.dt)), " T=", pb.T,
+          ": median ", med, " us, ", wbytes / (med * 1e-6) / 1e12, " TB/s of weights");
+  CUDA_OK(cudaEventDestroy(a));
+  CUDA_OK(cudaEventDestroy(b));
+  CUDA_OK(cudaFree(ws));
+}
+
 // GPU vs CPU (and vs float64 when asked); tokens with no local slot are exactly 0.
-void check_model(const Model& m, int64_t T, bool with_ref) {
+void check_model(const Model& m, int64_t T, bool with_ref, bool timed = false) {
   Problem pb(m, T);
   HostTensor y_cpu(m.dt, {T, m.H}), local_cpu(DT::i32, {T, m.k}), y_gpu(m.dt, {T, m.H});
   run_cpu(pb, y_cpu, local_cpu);
@@ -147,6 +185,7 @@ void check_model(const Model& m, int64_t T, bool with_ref) {
   Runner r(m);
   MOE_CHECK_OK(moe_runner_set_weights(r.h, g.w13.dl(), g.w2.dl(), nullptr, nullptr, nullptr, nullptr));
   MOE_CHECK_OK(run_gpu(r.h, pb, g, y_gpu));
+  if (timed) report_time(r.h, pb, g, local_cpu);
   const std::vector<double> gv = values(y_gpu), cv = values(y_cpu);
   INFO("model ", std::string(m.name), " dtype ", std::string(dt_name(m.dt)), " act ", m.activation, " gated ", m.gated,
        " swap ", m.swap, " T ", T);
@@ -240,7 +279,7 @@ TEST_CASE("gpu.runner.model_shapes") {
   };
   for (const Model& m : shapes) {
     SUBCASE(m.name) {
-      for (int64_t T : {int64_t(7), int64_t(64)}) check_model(m, T, false);
+      for (int64_t T : {int64_t(7), int64_t(64)}) check_model(m, T, false, /*timed=*/true);
     }
   }
 }
