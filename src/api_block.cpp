@@ -133,7 +133,14 @@ struct F32View {
 // Backend selection ---------------------------------------------------------
 
 #ifdef MOE_WITH_CUDA
-#define MOE_BLOCK_ON_CUDA(call) return cuda::call
+// The CUDA block's GEMMs: cuBLASLt with -DMOE_BLOCK_CUBLASLT=1, else the
+// SIMT gate kernel and the routed runner's grouped GEMMs.
+#if defined(MOE_BLOCK_CUBLASLT) && MOE_BLOCK_CUBLASLT
+namespace block_gemms = cuda::lt;
+#else
+namespace block_gemms = cuda;
+#endif
+#define MOE_BLOCK_ON_CUDA(call) return block_gemms::call
 #else
 #define MOE_BLOCK_ON_CUDA(call) \
   fail(MOE_STATUS_NOT_AVAILABLE, "libmoe was built without the CUDA backend")
@@ -159,12 +166,22 @@ void run_shared(const Device& d, const SharedPlan& p, const SharedArgs& a,
                 [[maybe_unused]] void* stream) {
   if (d.backend == Backend::cpu) return cpu::shared_run(p, a);
 #ifdef MOE_WITH_CUDA
-  cuda::shared_compute(p, a, stream);
-  cuda::shared_combine(p, a, stream);
+  block_gemms::shared_compute(p, a, stream);
+  block_gemms::shared_combine(p, a, stream);
 #else
   fail(MOE_STATUS_NOT_AVAILABLE, "libmoe was built without the CUDA backend");
 #endif
 }
+
+#ifdef MOE_WITH_CUDA
+// Everything created lazily on the device, made before a graph capture.
+void prepare_cuda(int device) {
+  cuda::prepare_device(device);
+#if defined(MOE_BLOCK_CUBLASLT) && MOE_BLOCK_CUBLASLT
+  cuda::lt::prepare_device(device);
+#endif
+}
+#endif
 
 // Byte layout of the block workspace: logits, the gate's scratch, the shared
 // experts' scratch (disjoint from the rest: it runs on a second stream) and
@@ -372,7 +389,7 @@ MOE_API moe_status_t moe_shared_experts_set_weights(moe_shared_experts_t shared,
     cuda::SideStream* fresh = cuda::side_stream_create(dev.id);
     cuda::side_stream_destroy(shared->side);
     shared->side = fresh;
-    cuda::prepare_device(dev.id);
+    prepare_cuda(dev.id);
   }
 #endif
   shared->plan = p;
@@ -453,7 +470,7 @@ MOE_API moe_status_t moe_block_workspace_size(moe_router_t router, moe_dispatche
           std::to_string(shared->plan.H));
   *bytes = block_layout(dev, *router, H, shared, lb, max_tokens).total;
 #ifdef MOE_WITH_CUDA
-  if (dev.backend == Backend::cuda) cuda::prepare_device(dev.id);
+  if (dev.backend == Backend::cuda) prepare_cuda(dev.id);
 #endif
   MOE_EXIT
 }
@@ -535,12 +552,12 @@ MOE_API moe_status_t moe_block_forward(moe_router_t router, moe_dispatcher_t dis
         }
     }
   } join{shared->side, stream};
-  cuda::shared_compute(shared->plan, sa, side);
+  block_gemms::shared_compute(shared->plan, sa, side);
   run_gate(dev, g, stream);
   layer();
   join.done = true;
   cuda::side_stream_join(shared->side, stream);
-  cuda::shared_combine(shared->plan, sa, stream);
+  block_gemms::shared_combine(shared->plan, sa, stream);
 #endif
   MOE_EXIT
 }

@@ -79,6 +79,17 @@ void side_stream_destroy(SideStream* side) noexcept;
 void* side_stream_fork(SideStream* side, void* stream);
 // Orders `stream` after everything enqueued on the side stream so far.
 void side_stream_join(SideStream* side, void* stream);
+
+// The same GEMM entry points on cuBLASLt (src/cuda/block_cublaslt.cpp),
+// used instead of the ones above when built with MOE_BLOCK_CUBLASLT=1.
+namespace lt {
+size_t gate_workspace_bytes(int64_t T, int H, int E);
+void prepare_device(int device);  // creates the device's cuBLASLt handle
+void gate_logits(const GateArgs& args, void* stream);
+size_t shared_workspace_bytes(const SharedPlan& plan, int64_t T);
+void shared_compute(const SharedPlan& plan, const SharedArgs& args, void* stream);
+void shared_combine(const SharedPlan& plan, const SharedArgs& args, void* stream);
+}  // namespace lt
 }  // namespace cuda
 #endif
 
