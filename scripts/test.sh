@@ -22,4 +22,7 @@ scripts/check_rust_bindings.sh
 MOE_LIB_DIR="$root/$MOE_BUILD_DIR" cargo test --offline --manifest-path bindings/rust/Cargo.toml
 MOE_LIB_DIR="$root/$MOE_BUILD_DIR" scripts/rust_leak_check.sh
 
+echo "== CPU suites again under ASan + UBSan + LeakSanitizer, then a short libFuzzer run"
+scripts/sanitize_check.sh
+
 echo "== all suites passed"

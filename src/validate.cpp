@@ -151,6 +151,11 @@ void ArgChecker::shape(const DLTensor* t, const char* arg, std::initializer_list
   for (int64_t e : expected) {
     if (i++) want += ", ";
     const char* label = nm != names.end() ? *nm++ : "?";
+    // A dim whose label is its own value (e.g. "1") prints once.
+    if (e >= 0 && std::to_string(e) == label) {
+      want += label;
+      continue;
+    }
     want += label;
     if (e >= 0) want += "=" + std::to_string(e);
   }

@@ -146,7 +146,7 @@ double rel_error(const std::vector<double>& a, const std::vector<double>& b) {
 void check_error_mentions(moe_status_t st, moe_status_t expected,
                           std::initializer_list<const char*> words) {
   std::string msg = moe_last_error();
-  INFO("status: ", moe_status_string(st), ", message: ", msg);
+  INFO("status: ", std::string(moe_status_string(st)), ", message: ", msg);
   CHECK(st == expected);
   CHECK(!msg.empty());
   for (const char* w : words) CHECK(msg.find(w) != std::string::npos);

@@ -785,7 +785,7 @@ TEST_CASE("bad_input.router_run.bias_and_valid_count") {
     Alt v(valid.dl());
     v.set_shape({2});
     rejected(fx.run(fx.logits.dl(), nullptr, v.dl()), IA,
-             {"'num_valid_tokens'", "shape [1=1]", "got shape [2]"}, outs);
+             {"'num_valid_tokens'", "shape [1]", "got shape [2]"}, outs);
   }
   SUBCASE("num_valid_tokens on CUDA, logits on the CPU") {
     Alt v(valid.dl());
@@ -1420,7 +1420,7 @@ TEST_CASE("bad_input.runner_set_weights.fp8") {
       Alt s(a2.dl());
       s.set_shape({2});
       rejected(moe_runner_set_weights(r.get(), w13.dl(), w2.dl(), s13.dl(), s2.dl(), a13.dl(), s.dl()),
-               IA, {"'a2_scale'", "shape [1=1]", "got shape [2]"});
+               IA, {"'a2_scale'", "shape [1]", "got shape [2]"});
     }
   }
   SUBCASE("block 128") {
