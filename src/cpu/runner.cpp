@@ -46,17 +46,17 @@ MOE_HOT float hsum(const float* a) {
   return ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
 }
 
-// out = {w0.x0, w0.x1, w1.x0, w1.x1} over n columns. The only dot product of
-// the runner: every (row, token) pair gets the same operation sequence
-// whichever position it takes here, which makes results batch-independent.
 // GCC/Clang generic vector: one AVX register, or two SSE/NEON registers
-// without -march; written out because GCC would vectorize a plain lane loop
+// without -march; written out because GCC vectorizes a plain lane loop
 // across c with shuffles instead.
 typedef float f32x8 __attribute__((vector_size(kLanes * sizeof(float))));
 
+// out = {w0.x0, w0.x1, w1.x0, w1.x1} over n columns. The only dot product of
+// the runner: every (row, token) pair gets the same operation sequence
+// whichever position it takes here, which makes results batch-independent.
 MOE_HOT void dot2x2(const float* __restrict w0, const float* __restrict w1,
-            const float* __restrict x0, const float* __restrict x1, int64_t n,
-            float* __restrict out) {
+                    const float* __restrict x0, const float* __restrict x1, int64_t n,
+                    float* __restrict out) {
   f32x8 a00 = {}, a01 = {}, a10 = {}, a11 = {};
   const int64_t nv = n / kLanes * kLanes;
   for (int64_t c = 0; c < nv; c += kLanes) {
