@@ -12,6 +12,7 @@
 #include "a2a.cuh"
 #include "common.h"
 #include "cuda/cuda_backend.h"
+#include "nccl_api.h"
 #include "moe/moe_nccl.h"
 #include "validate.h"
 
@@ -39,8 +40,8 @@ moe_a2a_config_t a2a_defaults() {
 constexpr size_t kA2aMinSize = offsetof(moe_a2a_config_t, top_k) + sizeof(int32_t);
 
 [[noreturn]] void nccl_fail(const std::string& what, ncclResult_t r, ncclComm_t comm) {
-  std::string detail = ncclGetErrorString(r);
-  const char* last = comm ? ncclGetLastError(comm) : nullptr;
+  std::string detail = nccl::api().GetErrorString(r);
+  const char* last = comm ? nccl::api().GetLastError(comm) : nullptr;
   if (last && *last) detail += std::string(" (") + last + ")";
   fail(MOE_STATUS_NCCL_ERROR, what + ": " + detail);
 }
@@ -58,16 +59,16 @@ void cuda_check(cudaError_t e, const std::string& what) {
 class NcclGroup {
  public:
   explicit NcclGroup(ncclComm_t comm) : comm_(comm) {
-    nccl_check(ncclGroupStart(), "ncclGroupStart", comm_);
+    nccl_check(nccl::api().GroupStart(), "ncclGroupStart", comm_);
   }
   void send(const void* buf, size_t bytes, int peer, cudaStream_t s) {
-    note(ncclSend(buf, bytes, ncclUint8, peer, comm_, s), "ncclSend");
+    note(nccl::api().Send(buf, bytes, ncclUint8, peer, comm_, s), "ncclSend");
   }
   void recv(void* buf, size_t bytes, int peer, cudaStream_t s) {
-    note(ncclRecv(buf, bytes, ncclUint8, peer, comm_, s), "ncclRecv");
+    note(nccl::api().Recv(buf, bytes, ncclUint8, peer, comm_, s), "ncclRecv");
   }
   void end() {
-    ncclResult_t r = ncclGroupEnd();
+    ncclResult_t r = nccl::api().GroupEnd();
     if (first_ != ncclSuccess) nccl_fail(first_what_, first_, comm_);
     nccl_check(r, "ncclGroupEnd", comm_);
   }
@@ -299,7 +300,7 @@ std::vector<int64_t> allgather_fingerprints(ncclComm_t comm, int device, int ran
     cuda_check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
     cuda_check(cudaMemcpyAsync(send, mine, bytes, cudaMemcpyHostToDevice, stream),
                "cudaMemcpyAsync of the config fingerprint");
-    nccl_check(ncclAllGather(send, recv, kFields, ncclInt64, comm, stream),
+    nccl_check(nccl::api().AllGather(send, recv, kFields, ncclInt64, comm, stream),
                "ncclAllGather of the config fingerprint", comm);
     cuda_check(cudaMemcpyAsync(all.data(), recv, bytes * size_t(ranks), cudaMemcpyDeviceToHost,
                                stream),
@@ -398,9 +399,9 @@ MOE_API moe_status_t moe_a2a_create(const moe_a2a_config_t* config, void* nccl_c
   c.not_null(nccl_comm, "nccl_comm");
   auto comm = static_cast<ncclComm_t>(nccl_comm);
   int ranks = 0, comm_rank = 0, device = 0;
-  nccl_check(ncclCommCount(comm, &ranks), "ncclCommCount", comm);
-  nccl_check(ncclCommUserRank(comm, &comm_rank), "ncclCommUserRank", comm);
-  nccl_check(ncclCommCuDevice(comm, &device), "ncclCommCuDevice", comm);
+  nccl_check(nccl::api().CommCount(comm, &ranks), "ncclCommCount", comm);
+  nccl_check(nccl::api().CommUserRank(comm, &comm_rank), "ncclCommUserRank", comm);
+  nccl_check(nccl::api().CommCuDevice(comm, &device), "ncclCommCuDevice", comm);
 
   // Local checks and allocation do not throw before the all-gather: a rank
   // that fails them still joins it (ok = 0), so every rank fails together.
