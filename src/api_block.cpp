@@ -133,13 +133,8 @@ struct F32View {
 // Backend selection ---------------------------------------------------------
 
 #ifdef MOE_WITH_CUDA
-// The CUDA block's GEMMs: cuBLASLt with -DMOE_BLOCK_CUBLASLT=1, else the
-// SIMT gate kernel and the routed runner's grouped GEMMs.
-#if defined(MOE_BLOCK_CUBLASLT) && MOE_BLOCK_CUBLASLT
+// The CUDA block's GEMMs run on cuBLASLt.
 namespace block_gemms = cuda::lt;
-#else
-namespace block_gemms = cuda;
-#endif
 #define MOE_BLOCK_ON_CUDA(call) return block_gemms::call
 #else
 #define MOE_BLOCK_ON_CUDA(call) \
@@ -177,9 +172,7 @@ void run_shared(const Device& d, const SharedPlan& p, const SharedArgs& a,
 // Everything created lazily on the device, made before a graph capture.
 void prepare_cuda(int device) {
   cuda::prepare_device(device);
-#if defined(MOE_BLOCK_CUBLASLT) && MOE_BLOCK_CUBLASLT
   cuda::lt::prepare_device(device);
-#endif
 }
 #endif
 

@@ -61,15 +61,8 @@ void shared_run(const SharedPlan& plan, const SharedArgs& args);
 
 #ifdef MOE_WITH_CUDA
 namespace cuda {
-size_t gate_workspace_bytes(int64_t T, int H, int E);
-// Creates the device's cuBLASLt handle if needed (call before a graph capture).
+// Creates the device's context before a graph capture.
 void prepare_device(int device);
-void gate_logits(const GateArgs& args, void* stream);
-size_t shared_workspace_bytes(const SharedPlan& plan, int64_t T);
-// The shared experts' GEMMs: their f32 sum lands in the workspace.
-void shared_compute(const SharedPlan& plan, const SharedArgs& args, void* stream);
-// The one pass that writes y from that sum (and y itself when accumulating).
-void shared_combine(const SharedPlan& plan, const SharedArgs& args, void* stream);
 
 // A second stream and two events for overlapping the shared experts with
 // the routed ones; fork() returns the side stream, ordered after `stream`.
@@ -80,8 +73,9 @@ void* side_stream_fork(SideStream* side, void* stream);
 // Orders `stream` after everything enqueued on the side stream so far.
 void side_stream_join(SideStream* side, void* stream);
 
-// The same GEMM entry points on cuBLASLt (src/cuda/block_cublaslt.cpp),
-// used instead of the ones above when built with MOE_BLOCK_CUBLASLT=1.
+// The block's GEMMs on cuBLASLt (src/cuda/block_cublaslt.cpp): the gate
+// projection with an f32 output, the shared experts' f32 sum, and the one
+// pass that writes y from it.
 namespace lt {
 size_t gate_workspace_bytes(int64_t T, int H, int E);
 void prepare_device(int device);  // creates the device's cuBLASLt handle

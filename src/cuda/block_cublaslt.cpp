@@ -1,7 +1,4 @@
-// cuBLASLt backend of the MoE block's GEMMs (issue 11 item 4), selected in
-// src/api_block.cpp when libmoe is built with -DMOE_BLOCK_CUBLASLT=1; the
-// default CUDA block (src/cuda/block.cpp) runs the gate as a SIMT kernel and
-// the shared experts through the routed runner.
+// cuBLASLt backend of the MoE block's GEMMs (issue 11 item 4).
 //
 // Gate: one cuBLASLt GEMM with an f32 output (CUBLAS_COMPUTE_32F, no TF32);
 // a mixed-dtype projection widens its 16-bit operand to f32 first. Shared
