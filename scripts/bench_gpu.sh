@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Speed run on the device machine, from the repository root:
+#   scripts/bench_gpu.sh [moe_bench.py arguments...]
+# Builds libmoe (Release, sm_90a, Ninja, staged deps in .deps, NCCL off),
+# runs the GPU test suite (a variant is timed only if it passes), then
+# bench/moe_bench.py with plots. Logs, JSON and PNGs go to $OUT
+# (or build-bench/out). MOE_BENCH_SKIP_TESTS=1 skips ctest.
+set -uo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+build=${MOE_BENCH_BUILD_DIR:-$root/build-bench}
+out=${OUT:-$build/out}
+mkdir -p "$out"
+cd "$root"
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv,noheader | tee "$out/bench.log"
+cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90a \
+  -DMOE_DEPS_DIR="$root/.deps" -DMOE_ENABLE_NCCL=OFF > "$out/build.log" 2>&1 &&
+  cmake --build "$build" -j "$(nproc)" >> "$out/build.log" 2>&1 || { tail -n 40 "$out/build.log"; exit 1; }
+echo "build ok"
+if [ "${MOE_BENCH_SKIP_TESTS:-0}" != 1 ]; then
+  timeout 300 ctest --test-dir "$build" -L gpu -V > "$out/ctest_gpu.log" 2>&1
+  rc=$?
+  grep -E 'tests passed|Failed|\*\*\*' "$out/ctest_gpu.log" | tail -n 15
+  grep -E 'MESSAGE' "$out/ctest_gpu.log" | sed 's/^.*MESSAGE: /  /' | tail -n 12
+  [ $rc -eq 0 ] || { echo "GPU tests failed (rc=$rc): no timing"; exit 1; }
+fi
+PYTHONUNBUFFERED=1 PYTHONPATH="$root/bindings/python" MOE_LIB_PATH="$build" \
+  python3 bench/moe_bench.py --plots --out "$out/moe_bench.json" "$@" 2>&1 | tee -a "$out/bench.log"
+exit "${PIPESTATUS[0]}"
