@@ -24,6 +24,12 @@ void clear_last_error() { t_last_error.clear(); }
 OwnedWorkspace::~OwnedWorkspace() { release(); }
 
 void OwnedWorkspace::release() noexcept {
+#ifdef MOE_WITH_CUDA
+  if (last_use) {
+    cuda::event_destroy(last_use, device.id);
+    last_use = nullptr;
+  }
+#endif
   if (!ptr) return;
   if (device.backend == Backend::cpu) {
     std::free(ptr);
@@ -58,8 +64,31 @@ void* OwnedWorkspace::get(size_t need, const Device& dev) {
   return ptr;
 }
 
+WorkspaceLease::WorkspaceLease(WorkspaceLease&& o) noexcept
+    : ptr(o.ptr), lock(std::move(o.lock)), owned(o.owned), stream(o.stream) {
+  o.owned = nullptr;
+}
+
+WorkspaceLease& WorkspaceLease::operator=(WorkspaceLease&& o) noexcept {
+  if (this != &o) {
+    this->~WorkspaceLease();
+    new (this) WorkspaceLease(std::move(o));
+  }
+  return *this;
+}
+
+WorkspaceLease::~WorkspaceLease() {
+#ifdef MOE_WITH_CUDA
+  if (owned && owned->last_use) {
+    cuda::DeviceGuard guard(owned->device.id);
+    cuda::event_record(owned->last_use, stream);
+  }
+#endif
+}
+
 WorkspaceLease lease_workspace(const ArgChecker& c, OwnedWorkspace& own, void* workspace,
-                               size_t workspace_bytes, size_t need, const Device& dev) {
+                               size_t workspace_bytes, size_t need, const Device& dev,
+                               void* stream) {
   WorkspaceLease lease;
   if (!workspace) {
     if (workspace_bytes != 0)
@@ -69,6 +98,17 @@ WorkspaceLease lease_workspace(const ArgChecker& c, OwnedWorkspace& own, void* w
     if (need == 0) return lease;
     lease.lock = std::unique_lock<std::mutex>(own.mutex);
     lease.ptr = own.get(need, dev);
+#ifdef MOE_WITH_CUDA
+    if (dev.backend == Backend::cuda) {
+      cuda::DeviceGuard guard(dev.id);
+      if (!own.last_use) own.last_use = cuda::event_create(dev.id);
+      else cuda::stream_wait_event(stream, own.last_use);
+      lease.owned = &own;
+      lease.stream = stream;
+    }
+#else
+    (void)stream;
+#endif
     return lease;
   }
   if (workspace_bytes < need)

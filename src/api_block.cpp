@@ -281,7 +281,7 @@ MOE_API moe_status_t moe_router_run_hidden(moe_router_t router, const DLTensor* 
   const size_t logits_bytes = align256(size_t(g.T) * size_t(rp.E) * 4);
   const size_t need = logits_bytes + gate_workspace(dev, g.T, g.H, rp.E);
   WorkspaceLease ws =
-      lease_workspace(c, library_workspace(dev), workspace, workspace_bytes, need, dev);
+      lease_workspace(c, library_workspace(dev), workspace, workspace_bytes, need, dev, stream);
   char* base = static_cast<char*>(ws.ptr);
   g.logits = logits ? static_cast<float*>(tensor_data(logits)) : reinterpret_cast<float*>(base);
   g.workspace = base + logits_bytes;
@@ -435,7 +435,7 @@ MOE_API moe_status_t moe_shared_experts_run(moe_shared_experts_t shared, const D
   a.num_valid = check_num_valid(c, num_valid_tokens, dev);
   const size_t need = shared_workspace(dev, p, a.T);
   WorkspaceLease ws =
-      lease_workspace(c, library_workspace(dev), workspace, workspace_bytes, need, dev);
+      lease_workspace(c, library_workspace(dev), workspace, workspace_bytes, need, dev, stream);
   a.workspace = ws.ptr;
   if (a.T == 0) return MOE_STATUS_SUCCESS;
   run_shared(dev, p, a, stream);
@@ -500,7 +500,7 @@ MOE_API moe_status_t moe_block_forward(moe_router_t router, moe_dispatcher_t dis
   const size_t lb = layer_bytes(c, router, dispatcher, runner, T, dev);
   const BlockLayout l = block_layout(dev, *router, H, shared, lb, T);
   WorkspaceLease ws =
-      lease_workspace(c, library_workspace(dev), workspace, workspace_bytes, l.total, dev);
+      lease_workspace(c, library_workspace(dev), workspace, workspace_bytes, l.total, dev, stream);
   char* base = static_cast<char*>(ws.ptr);
   g.logits = reinterpret_cast<float*>(base + l.logits);
   g.workspace = base + l.gate;

@@ -227,7 +227,7 @@ MOE_API moe_status_t moe_dispatcher_dispatch(moe_dispatcher_t dispatcher, const 
   if (dev.backend == Backend::cpu) check_ids_in_range(c, "topk_ids", a.topk_ids, T, int(K), p.E);
   size_t need = backend_dispatch_workspace(dev, p, T, int(K));
   // Checked even when the backend needs none, so CPU and CUDA accept the same arguments.
-  WorkspaceLease ws = lease_workspace(c, dispatcher->workspace, workspace, workspace_bytes, need, dev);
+  WorkspaceLease ws = lease_workspace(c, dispatcher->workspace, workspace, workspace_bytes, need, dev, stream);
   a.workspace = ws.ptr;
   a.workspace_bytes = need;
   backend_dispatch(dev, p, a, stream);

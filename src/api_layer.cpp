@@ -116,7 +116,7 @@ MOE_API moe_status_t moe_layer_forward(moe_router_t router, moe_dispatcher_t dis
   const int C = router->plan.columns();
   LayerLayout l = layer_layout(*dispatcher, *runner, dev, a.T, C);
   WorkspaceLease ws =
-      lease_workspace(c, runner->workspace, workspace, workspace_bytes, l.total, dev);
+      lease_workspace(c, runner->workspace, workspace, workspace_bytes, l.total, dev, stream);
   if (a.T == 0) return MOE_STATUS_SUCCESS;
   char* base = static_cast<char*>(ws.ptr);
   ra.ids = reinterpret_cast<int32_t*>(base + l.ids);

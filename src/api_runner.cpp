@@ -303,7 +303,7 @@ MOE_API moe_status_t moe_runner_run(moe_runner_t runner, const DLTensor* hidden,
   a.output_scale = p.output_scale;
   if (dev.backend == Backend::cpu) check_metadata(c, a, p.E_loc);
   size_t need = backend_runner_workspace(dev, p, a.T, a.K);
-  WorkspaceLease ws = lease_workspace(c, runner->workspace, workspace, workspace_bytes, need, dev);
+  WorkspaceLease ws = lease_workspace(c, runner->workspace, workspace, workspace_bytes, need, dev, stream);
   a.workspace = ws.ptr;
   a.workspace_bytes = need;
   if (a.T > 0) backend_run(dev, p, a, stream);

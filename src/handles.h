@@ -15,6 +15,7 @@ struct OwnedWorkspace {
   void* ptr = nullptr;
   size_t bytes = 0;
   Device device;
+  void* last_use = nullptr;  // CUDA event recorded after the last call's work
   ~OwnedWorkspace();
   // Returns a buffer of at least `need` bytes on `dev` (reallocating).
   void* get(size_t need, const Device& dev);
@@ -23,12 +24,22 @@ struct OwnedWorkspace {
 
 // The workspace of one call: the caller's (checked for size and alignment)
 // or, when the caller passes NULL/0, the handle's own, locked for the call.
+// On CUDA the handle's own is also ordered across streams: the call's stream
+// waits for the previous user's work, and the lease records this call's work
+// when it ends (after the call enqueued it).
 struct WorkspaceLease {
   void* ptr = nullptr;
   std::unique_lock<std::mutex> lock;
+  OwnedWorkspace* owned = nullptr;  // set when the handle's own is used on CUDA
+  void* stream = nullptr;
+  WorkspaceLease() = default;
+  WorkspaceLease(WorkspaceLease&& o) noexcept;
+  WorkspaceLease& operator=(WorkspaceLease&& o) noexcept;
+  ~WorkspaceLease();
 };
 WorkspaceLease lease_workspace(const ArgChecker& c, OwnedWorkspace& own, void* workspace,
-                               size_t workspace_bytes, size_t need, const Device& dev);
+                               size_t workspace_bytes, size_t need, const Device& dev,
+                               void* stream);
 
 }  // namespace moe
 

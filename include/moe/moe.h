@@ -26,7 +26,9 @@
  * call on the same runner. Any number of threads may call the run/dispatch
  * functions of one handle at once when each call passes its own workspace;
  * calls that pass no workspace use the handle's internal one and are
- * serialized on it by the library.
+ * serialized on it by the library (on CUDA also on the device: a call's
+ * stream waits, through an event, for the previous call's work on that
+ * workspace, whatever stream it ran on).
  */
 #ifndef MOE_MOE_H_
 #define MOE_MOE_H_

@@ -25,6 +25,12 @@ struct DeviceGuard {
   int previous;
 };
 
+// Orders the users of a handle-owned workspace across streams (events.cpp).
+void* event_create(int device_id);
+void event_destroy(void* event, int device_id) noexcept;
+void stream_wait_event(void* stream, void* event);
+void event_record(void* event, void* stream) noexcept;
+
 void route(const RouterPlan& plan, const RouteArgs& args, void* stream);
 void pack_topk(const PackArgs& args, void* stream);
 
