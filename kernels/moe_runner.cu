@@ -10,7 +10,8 @@
 namespace moe::kernels {
 namespace {
 
-// Tile shape shared by both paths, so one tile map serves GEMM1 and GEMM2.
+// Row tile of the f32 path (the tensor-core path picks its own per batch).
+// GEMM1 and GEMM2 of one run share the row tile, so one tile map serves both.
 constexpr int BM = 64;
 constexpr int BN = 64;
 
@@ -70,8 +71,8 @@ __device__ __forceinline__ int32_t clamped_offset(const MoeRunParams& p, int64_t
   return o < 0 ? 0 : (o > n ? int32_t(n) : o);
 }
 
-// tile_start[e] = sum over e' < e of ceil(count[e'] / BM), e in [0, E_loc].
-__global__ void tile_map_kernel(MoeRunParams p, int64_t n, int32_t* tile_start) {
+// tile_start[e] = sum over e' < e of ceil(count[e'] / bm), e in [0, E_loc].
+__global__ void tile_map_kernel(MoeRunParams p, int64_t n, int bm, int32_t* tile_start) {
   const int lane = threadIdx.x;
   int32_t carry = 0;
   for (int base = 0; base <= p.E_loc; base += 32) {
@@ -79,7 +80,7 @@ __global__ void tile_map_kernel(MoeRunParams p, int64_t n, int32_t* tile_start) 
     int32_t tiles = 0;
     if (e < p.E_loc) {
       const int32_t cnt = clamped_offset(p, n, e + 1) - clamped_offset(p, n, e);
-      tiles = cnt > 0 ? (cnt + BM - 1) / BM : 0;
+      tiles = cnt > 0 ? (cnt + bm - 1) / bm : 0;
     }
     int32_t incl = tiles;
 #pragma unroll
@@ -96,9 +97,10 @@ __global__ void tile_map_kernel(MoeRunParams p, int64_t n, int32_t* tile_start) 
 struct TileInfo {
   int e;
   int32_t row_begin;  // first sorted position
-  int rows;           // valid rows, 1..BM
+  int rows;           // valid rows, 1..TM
 };
 
+template <int TM>
 __device__ __forceinline__ bool find_tile(const MoeRunParams& p, const Work& w, int tile,
                                           TileInfo& ti) {
   const int32_t* ts = w.tile_start;
@@ -110,8 +112,8 @@ __device__ __forceinline__ bool find_tile(const MoeRunParams& p, const Work& w, 
   }
   ti.e = lo;
   const int32_t begin = clamped_offset(p, w.n, lo), end = clamped_offset(p, w.n, lo + 1);
-  ti.row_begin = begin + (tile - ts[lo]) * BM;
-  ti.rows = min(BM, end - ti.row_begin);
+  ti.row_begin = begin + (tile - ts[lo]) * TM;
+  ti.rows = min(TM, end - ti.row_begin);
   return ti.rows > 0;
 }
 
@@ -186,11 +188,6 @@ __device__ __forceinline__ const T* b_row(const MoeRunParams& p, int e, int set,
 
 // --- tensor-core path (bf16 / f16) ------------------------------------------------
 
-constexpr int TC_BK = 32;
-constexpr int TC_STAGES = 3;
-constexpr int TC_THREADS = 128;
-constexpr int TC_LD = TC_BK + 8;  // padded row (80 bytes): conflict-free ldmatrix
-
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
   const unsigned addr = unsigned(__cvta_generic_to_shared(smem));
   const int src_size = valid ? 16 : 0;  // 0: zero-fill, nothing read
@@ -207,6 +204,13 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) 
   const unsigned addr = unsigned(__cvta_generic_to_shared(smem));
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+__device__ __forceinline__ void ldmatrix_x2(uint32_t (&r)[2], const void* smem) {
+  const unsigned addr = unsigned(__cvta_generic_to_shared(smem));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n"
+               : "=r"(r[0]), "=r"(r[1])
                : "r"(addr));
 }
 
@@ -228,19 +232,46 @@ __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], 
   }
 }
 
-template <class T, int MODE>
-__global__ void __launch_bounds__(TC_THREADS) gemm_tc_kernel(MoeRunParams p, Work w) {
+// Tile configuration of the tensor-core GEMMs: BM rows (sorted slots) x BN
+// columns per weight set, WM x WN warps, BK-deep k steps, STAGES cp.async
+// stages. Every configuration walks k in the same order with the same
+// m16n8k16 fragments, so an output element gets bitwise the same value
+// whichever configuration (and so whichever batch size) computed it.
+template <int BM_, int BN_, int WM_, int WN_, int BK_, int STAGES_>
+struct TcCfg {
+  static constexpr int BM = BM_, BN = BN_, WM = WM_, WN = WN_, BK = BK_, STAGES = STAGES_;
+  static constexpr int THREADS = WM * WN * 32;
+  static constexpr int LD = BK + 8;  // padded row: conflict-free ldmatrix
+};
+
+template <class Cfg, int NSETS>
+constexpr size_t tc_smem_bytes() {
+  return size_t(Cfg::STAGES) * (Cfg::BM + NSETS * Cfg::BN) * Cfg::LD * 2;
+}
+
+template <class T, int MODE, class Cfg>
+__global__ void __launch_bounds__(Cfg::THREADS) gemm_tc_kernel(MoeRunParams p, Work w) {
+  constexpr int BM = Cfg::BM, BN = Cfg::BN, BK = Cfg::BK, STAGES = Cfg::STAGES, LD = Cfg::LD;
+  constexpr int THREADS = Cfg::THREADS;
   constexpr int NSETS = MODE == kGemm1Gated ? 2 : 1;
-  constexpr int A_CHUNKS = BM * TC_BK / 8 / TC_THREADS;          // 16-byte chunks per thread
-  constexpr int B_CHUNKS = NSETS * BN * TC_BK / 8 / TC_THREADS;
-  __shared__ __align__(128) T As[TC_STAGES][BM][TC_LD];
-  __shared__ __align__(128) T Bs[TC_STAGES][NSETS * BN][TC_LD];
+  constexpr int WTM = BM / Cfg::WM, WTN = BN / Cfg::WN;  // warp tile
+  constexpr int MI = WTM / 16, NI = WTN / 8;
+  static_assert(WTM % 16 == 0 && WTN % 8 == 0 && (NI == 1 || NI % 2 == 0), "warp tile");
+  static_assert(BK % 16 == 0, "k step");
+  constexpr int KC = BK / 8;  // 16-byte chunks per row and stage
+  constexpr int A_TOTAL = BM * KC, B_TOTAL = NSETS * BN * KC;
+  constexpr int A_CHUNKS = (A_TOTAL + THREADS - 1) / THREADS;
+  constexpr int B_CHUNKS = (B_TOTAL + THREADS - 1) / THREADS;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  T (*As)[BM][LD] = reinterpret_cast<T (*)[BM][LD]>(smem_raw);
+  T (*Bs)[NSETS * BN][LD] =
+      reinterpret_cast<T (*)[NSETS * BN][LD]>(smem_raw + size_t(STAGES) * BM * LD * sizeof(T));
 
   TileInfo ti;
-  if (!find_tile(p, w, blockIdx.x, ti)) return;
+  if (!find_tile<BM>(p, w, blockIdx.x, ti)) return;
   const int n0 = blockIdx.y * BN;
   const int Kdim = MODE == kGemm2 ? p.I : p.H;
-  const int KT = (Kdim + TC_BK - 1) / TC_BK;
+  const int KT = (Kdim + BK - 1) / BK;
   const int tid = threadIdx.x;
 
   // Per-thread source rows, resolved once (the gather through sorted_slots).
@@ -248,32 +279,37 @@ __global__ void __launch_bounds__(TC_THREADS) gemm_tc_kernel(MoeRunParams p, Wor
   int a_row_idx[A_CHUNKS], a_kc[A_CHUNKS];
 #pragma unroll
   for (int i = 0; i < A_CHUNKS; ++i) {
-    const int c = tid + i * TC_THREADS;
-    a_row_idx[i] = c / (TC_BK / 8);
-    a_kc[i] = (c % (TC_BK / 8)) * 8;
-    a_src[i] = a_row_idx[i] < ti.rows ? a_row<T, MODE>(p, w, ti.row_begin + a_row_idx[i]) : nullptr;
+    const int c = tid + i * THREADS;
+    a_row_idx[i] = (c / KC) % BM;
+    a_kc[i] = (c % KC) * 8;
+    a_src[i] = (c < A_TOTAL && a_row_idx[i] < ti.rows)
+                   ? a_row<T, MODE>(p, w, ti.row_begin + a_row_idx[i]) : nullptr;
   }
   const T* b_src[B_CHUNKS];
   int b_row_idx[B_CHUNKS], b_kc[B_CHUNKS];
 #pragma unroll
   for (int i = 0; i < B_CHUNKS; ++i) {
-    const int c = tid + i * TC_THREADS;
-    b_row_idx[i] = c / (TC_BK / 8);
-    b_kc[i] = (c % (TC_BK / 8)) * 8;
+    const int c = tid + i * THREADS;
+    b_row_idx[i] = (c / KC) % (NSETS * BN);
+    b_kc[i] = (c % KC) * 8;
     const int set = b_row_idx[i] / BN;
-    b_src[i] = b_row<T, MODE>(p, ti.e, set, n0 + b_row_idx[i] % BN);
+    b_src[i] = c < B_TOTAL ? b_row<T, MODE>(p, ti.e, set, n0 + b_row_idx[i] % BN) : nullptr;
   }
+  const bool a_owner = A_TOTAL % THREADS == 0 || tid + (A_CHUNKS - 1) * THREADS < A_TOTAL;
+  const bool b_owner = B_TOTAL % THREADS == 0 || tid + (B_CHUNKS - 1) * THREADS < B_TOTAL;
 
   auto load_stage = [&](int stage, int kt) {
-    const int k0 = kt * TC_BK;
+    const int k0 = kt * BK;
 #pragma unroll
     for (int i = 0; i < A_CHUNKS; ++i) {
+      if (i == A_CHUNKS - 1 && !a_owner) break;  // chunk past the tile: nobody's
       const int k = k0 + a_kc[i];
       const bool ok = a_src[i] != nullptr && k < Kdim;
       cp_async16(&As[stage][a_row_idx[i]][a_kc[i]], ok ? a_src[i] + k : p.x, ok);
     }
 #pragma unroll
     for (int i = 0; i < B_CHUNKS; ++i) {
+      if (i == B_CHUNKS - 1 && !b_owner) break;
       const int k = k0 + b_kc[i];
       const bool ok = b_src[i] != nullptr && k < Kdim;
       cp_async16(&Bs[stage][b_row_idx[i]][b_kc[i]], ok ? b_src[i] + k : p.x, ok);
@@ -281,46 +317,53 @@ __global__ void __launch_bounds__(TC_THREADS) gemm_tc_kernel(MoeRunParams p, Wor
   };
 
   const int lane = tid & 31, warp = tid >> 5;
-  const int wm = warp >> 1, wn = warp & 1;  // 2 x 2 warps, 32 x 32 each
-  float acc[NSETS][2][4][4];
+  const int wm = warp / Cfg::WN, wn = warp % Cfg::WN;
+  float acc[NSETS][MI][NI][4];
 #pragma unroll
   for (int s = 0; s < NSETS; ++s)
 #pragma unroll
-    for (int mi = 0; mi < 2; ++mi)
+    for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
-      for (int ni = 0; ni < 4; ++ni)
+      for (int ni = 0; ni < NI; ++ni)
 #pragma unroll
         for (int r = 0; r < 4; ++r) acc[s][mi][ni][r] = 0.0f;
 
 #pragma unroll
-  for (int s = 0; s < TC_STAGES - 1; ++s) {
+  for (int s = 0; s < STAGES - 1; ++s) {
     if (s < KT) load_stage(s, s);
     cp_async_commit();
   }
   for (int kt = 0; kt < KT; ++kt) {
-    cp_async_wait<TC_STAGES - 2>();
+    cp_async_wait<STAGES - 2>();
     __syncthreads();
-    const int next = kt + TC_STAGES - 1;
-    if (next < KT) load_stage(next % TC_STAGES, next);
+    const int next = kt + STAGES - 1;
+    if (next < KT) load_stage(next % STAGES, next);
     cp_async_commit();
-    const int st = kt % TC_STAGES;
+    const int st = kt % STAGES;
 #pragma unroll
-    for (int kk = 0; kk < TC_BK; kk += 16) {
-      uint32_t a[2][4];
+    for (int kk = 0; kk < BK; kk += 16) {
+      uint32_t a[MI][4];
 #pragma unroll
-      for (int mi = 0; mi < 2; ++mi)
-        ldmatrix_x4(a[mi], &As[st][wm * 32 + mi * 16 + (lane & 15)][kk + (lane >> 4) * 8]);
+      for (int mi = 0; mi < MI; ++mi)
+        ldmatrix_x4(a[mi], &As[st][wm * WTM + mi * 16 + (lane & 15)][kk + (lane >> 4) * 8]);
 #pragma unroll
       for (int s = 0; s < NSETS; ++s) {
+        if constexpr (NI == 1) {
+          uint32_t b[2];
+          ldmatrix_x2(b, &Bs[st][s * BN + wn * WTN + (lane & 7)][kk + ((lane >> 3) & 1) * 8]);
 #pragma unroll
-        for (int nj = 0; nj < 2; ++nj) {
-          uint32_t b[4];
-          const int nrow = s * BN + wn * 32 + nj * 16 + (lane & 7) + (lane >> 4) * 8;
-          ldmatrix_x4(b, &Bs[st][nrow][kk + ((lane >> 3) & 1) * 8]);
+          for (int mi = 0; mi < MI; ++mi) mma16816<T>(acc[s][mi][0], a[mi], b[0], b[1]);
+        } else {
 #pragma unroll
-          for (int mi = 0; mi < 2; ++mi) {
-            mma16816<T>(acc[s][mi][nj * 2], a[mi], b[0], b[1]);
-            mma16816<T>(acc[s][mi][nj * 2 + 1], a[mi], b[2], b[3]);
+          for (int nj = 0; nj < NI / 2; ++nj) {
+            uint32_t b[4];
+            const int nrow = s * BN + wn * WTN + nj * 16 + (lane & 7) + (lane >> 4) * 8;
+            ldmatrix_x4(b, &Bs[st][nrow][kk + ((lane >> 3) & 1) * 8]);
+#pragma unroll
+            for (int mi = 0; mi < MI; ++mi) {
+              mma16816<T>(acc[s][mi][nj * 2], a[mi], b[0], b[1]);
+              mma16816<T>(acc[s][mi][nj * 2 + 1], a[mi], b[2], b[3]);
+            }
           }
         }
       }
@@ -330,14 +373,14 @@ __global__ void __launch_bounds__(TC_THREADS) gemm_tc_kernel(MoeRunParams p, Wor
 
   const int g = lane >> 2, c2 = (lane & 3) * 2;
 #pragma unroll
-  for (int mi = 0; mi < 2; ++mi)
+  for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-      const int r = wm * 32 + mi * 16 + g + half * 8;
+      const int r = wm * WTM + mi * 16 + g + half * 8;
       if (r >= ti.rows) continue;
 #pragma unroll
-      for (int ni = 0; ni < 4; ++ni) {
-        const int col = n0 + wn * 32 + ni * 8 + c2;
+      for (int ni = 0; ni < NI; ++ni) {
+        const int col = n0 + wn * WTN + ni * 8 + c2;
         const float* a0 = &acc[0][mi][ni][half * 2];
         const float* u0 = &acc[NSETS - 1][mi][ni][half * 2];
         epilogue_pair<T, MODE>(p, w, ti.row_begin + r, col, a0[0], a0[1], u0[0], u0[1]);
@@ -357,7 +400,7 @@ __global__ void __launch_bounds__(F_THREADS) gemm_f32_kernel(MoeRunParams p, Wor
   __shared__ float Bs[F_BK][NSETS * BN + 4];
 
   TileInfo ti;
-  if (!find_tile(p, w, blockIdx.x, ti)) return;
+  if (!find_tile<BM>(p, w, blockIdx.x, ti)) return;
   const int n0 = blockIdx.y * BN;
   const int Kdim = MODE == kGemm2 ? p.I : p.H;
   const int tid = threadIdx.x;
@@ -527,21 +570,73 @@ int grid_limit(int64_t work, int threads) {
   return int(std::min<int64_t>((work + threads - 1) / threads, 8192));
 }
 
+// Tensor-core configurations, by expected rows per expert (see pick_rows).
+// Decode: 16 or 32 rows, 16 columns per weight set and two warps, so that
+// even one expert's weights spread over hundreds of blocks, with 8 stages of
+// 64-deep k in flight (12 for 16 rows, where one expert may be all the
+// work) to keep HBM busy. Middle: 64 x 64, four warps.
+// Prefill: 128 rows, eight warps, 4 stages.
+using CfgDecode16 = TcCfg<16, 16, 1, 2, 64, 12>;
+using CfgDecode32 = TcCfg<32, 16, 1, 2, 64, 8>;
+using CfgMid = TcCfg<64, 64, 2, 2, 32, 4>;
+using CfgWide1 = TcCfg<128, 64, 4, 2, 32, 4>;   // gated GEMM1: 2 x 64 weight rows
+using CfgWide2 = TcCfg<128, 128, 4, 2, 32, 4>;  // plain GEMM1 and GEMM2
+
+template <class T, int MODE, class Cfg>
+void launch_tc(const MoeRunParams& p, const Work& w, unsigned tiles, int N, cudaStream_t stream) {
+  constexpr size_t smem = tc_smem_bytes<Cfg, MODE == kGemm1Gated ? 2 : 1>();
+  auto kernel = gemm_tc_kernel<T, MODE, Cfg>;
+  // Above 48 KB a kernel needs the opt-in; cheap, and legal during graph capture.
+  if (smem > 48 * 1024)
+    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+  const dim3 grid(tiles, unsigned(ceil_div(N, Cfg::BN)));
+  kernel<<<grid, Cfg::THREADS, smem, stream>>>(p, w);
+}
+
+template <class T, class Cfg1, class Cfg2>
+void launch_tc_pair(const MoeRunParams& p, const Work& w, unsigned tiles, cudaStream_t stream) {
+  static_assert(Cfg1::BM == Cfg2::BM, "one tile map serves both GEMMs");
+  if (p.gated)
+    launch_tc<T, kGemm1Gated, Cfg1>(p, w, tiles, p.I, stream);
+  else
+    launch_tc<T, kGemm1Plain, Cfg2>(p, w, tiles, p.I, stream);
+  launch_tc<T, kGemm2, Cfg2>(p, w, tiles, p.H, stream);
+}
+
+// Upper bound on the tiles of bm rows: each expert adds at most one partial tile.
+unsigned max_tiles(const MoeRunParams& p, int64_t n, int bm) {
+  return unsigned(ceil_div(n, bm) + std::min<int64_t>(p.E_loc, n));
+}
+
+// Row tile of the tensor-core path from the slots per local expert, were
+// every slot local (the host knows T * K, not the routing). Only speed
+// depends on it: every configuration gives bitwise the same result.
+int pick_rows(const MoeRunParams& p, int64_t n) {
+  const double per_expert = double(n) / p.E_loc;
+  if (per_expert <= 10) return 16;
+  if (per_expert <= 24) return 32;
+  if (per_expert <= 64) return 64;
+  return 128;
+}
+
 template <class T>
-void launch_gemms_typed(const MoeRunParams& p, const Work& w, dim3 grid1, dim3 grid2,
-                        cudaStream_t stream) {
+void launch_gemms_typed(const MoeRunParams& p, const Work& w, int bm, cudaStream_t stream) {
+  const unsigned tiles = max_tiles(p, w.n, bm);
   if constexpr (std::is_same_v<T, float>) {
+    const dim3 grid1(tiles, unsigned(ceil_div(p.I, BN)));
+    const dim3 grid2(tiles, unsigned(ceil_div(p.H, BN)));
     if (p.gated)
       gemm_f32_kernel<kGemm1Gated><<<grid1, F_THREADS, 0, stream>>>(p, w);
     else
       gemm_f32_kernel<kGemm1Plain><<<grid1, F_THREADS, 0, stream>>>(p, w);
     gemm_f32_kernel<kGemm2><<<grid2, F_THREADS, 0, stream>>>(p, w);
   } else {
-    if (p.gated)
-      gemm_tc_kernel<T, kGemm1Gated><<<grid1, TC_THREADS, 0, stream>>>(p, w);
-    else
-      gemm_tc_kernel<T, kGemm1Plain><<<grid1, TC_THREADS, 0, stream>>>(p, w);
-    gemm_tc_kernel<T, kGemm2><<<grid2, TC_THREADS, 0, stream>>>(p, w);
+    switch (bm) {
+      case 16: launch_tc_pair<T, CfgDecode16, CfgDecode16>(p, w, tiles, stream); break;
+      case 32: launch_tc_pair<T, CfgDecode32, CfgDecode32>(p, w, tiles, stream); break;
+      case 64: launch_tc_pair<T, CfgMid, CfgMid>(p, w, tiles, stream); break;
+      default: launch_tc_pair<T, CfgWide1, CfgWide2>(p, w, tiles, stream); break;
+    }
   }
 }
 
@@ -568,15 +663,12 @@ cudaError_t launch_validate_ids(const MoeRunParams& p, int32_t** bad_slot_dev,
 cudaError_t launch_moe_gemms(const MoeRunParams& p, cudaStream_t stream) {
   if (p.T == 0) return cudaSuccess;
   const Work w = make_work(p);
-  tile_map_kernel<<<1, 32, 0, stream>>>(p, w.n, const_cast<int32_t*>(w.tile_start));
-  // Upper bound on the tiles: each expert adds at most one partial tile.
-  const int64_t max_tiles = ceil_div(w.n, BM) + std::min<int64_t>(p.E_loc, w.n);
-  const dim3 grid1(unsigned(max_tiles), unsigned(ceil_div(p.I, BN)));
-  const dim3 grid2(unsigned(max_tiles), unsigned(ceil_div(p.H, BN)));
+  const int bm = p.dtype == DType::f32 ? BM : pick_rows(p, w.n);
+  tile_map_kernel<<<1, 32, 0, stream>>>(p, w.n, bm, const_cast<int32_t*>(w.tile_start));
   switch (p.dtype) {
-    case DType::bf16: launch_gemms_typed<__nv_bfloat16>(p, w, grid1, grid2, stream); break;
-    case DType::f16: launch_gemms_typed<__half>(p, w, grid1, grid2, stream); break;
-    default: launch_gemms_typed<float>(p, w, grid1, grid2, stream); break;
+    case DType::bf16: launch_gemms_typed<__nv_bfloat16>(p, w, bm, stream); break;
+    case DType::f16: launch_gemms_typed<__half>(p, w, bm, stream); break;
+    default: launch_gemms_typed<float>(p, w, bm, stream); break;
   }
   return launch_status();
 }
