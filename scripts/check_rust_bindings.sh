@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
-# CI check: the committed bindings/rust/moe-sys/src/bindings.rs equals what
-# scripts/gen_rust_bindings.sh generates now; prints the diff and fails if not.
+# CI check: the committed bindings/rust/moe-sys/src/bindings.rs and
+# bindings_nccl.rs equal what scripts/gen_rust_bindings.sh generates now;
+# prints the diff and fails if not.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-committed="$root/bindings/rust/moe-sys/src/bindings.rs"
-fresh="$(mktemp --suffix=.rs)"
-trap 'rm -f "$fresh"' EXIT
+committed="$root/bindings/rust/moe-sys/src"
+fresh="$(mktemp -d)"
+trap 'rm -rf "$fresh"' EXIT
 
 "$root/scripts/gen_rust_bindings.sh" "$fresh" >/dev/null
-if ! diff -u --label committed/bindings.rs --label generated/bindings.rs "$committed" "$fresh"; then
-  echo "error: $committed is stale; run scripts/gen_rust_bindings.sh and commit the result" >&2
-  exit 1
-fi
-echo "rust bindings up to date"
+status=0
+for f in bindings.rs bindings_nccl.rs; do
+  if ! diff -u --label "committed/$f" --label "generated/$f" "$committed/$f" "$fresh/$f"; then
+    echo "error: $committed/$f is stale; run scripts/gen_rust_bindings.sh and commit the result" >&2
+    status=1
+  fi
+done
+[[ $status -eq 0 ]] && echo "rust bindings up to date"
+exit $status

@@ -125,6 +125,21 @@ fn from_repo(tried: &mut Vec<String>) -> Option<PathBuf> {
     others.into_iter().next().map(|(_, dir)| dir)
 }
 
+/// With the `nccl` feature the library must export the a2a functions; say so
+/// here rather than with an undefined-symbol error from the linker.
+fn check_nccl_symbols(dir: &Path) {
+    let lib = dir.join(LIB_FILE);
+    let bytes = std::fs::read(&lib).unwrap_or_else(|e| panic!("moe-sys: cannot read {}: {e}", lib.display()));
+    let needle = b"moe_a2a_create";
+    if !bytes.windows(needle.len()).any(|w| w == needle) {
+        panic!(
+            "moe-sys: the `nccl` feature needs a libmoe built with NCCL (CMake MOE_WITH_NCCL), \
+             but {} has no moe_a2a_create; build with CUDA and NCCL or drop the feature",
+            lib.display()
+        );
+    }
+}
+
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-env-changed=MOE_LIB_DIR");
@@ -142,6 +157,9 @@ fn main() {
             )
         });
     let dir = dir.canonicalize().unwrap_or(dir);
+    if env::var_os("CARGO_FEATURE_NCCL").is_some() {
+        check_nccl_symbols(&dir);
+    }
     let dir = dir.display();
 
     println!("cargo:rerun-if-changed={dir}/{LIB_FILE}");
