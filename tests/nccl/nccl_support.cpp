@@ -19,21 +19,65 @@ void moe_ok(moe_status_t st, const char* what) {
                              moe_last_error());
 }
 
-const std::vector<ncclComm_t>& comms(int n) {
-  static std::vector<ncclComm_t> all;
-  static std::mutex mutex;
-  std::lock_guard<std::mutex> lock(mutex);
-  if (int(all.size()) == n) return all;
+namespace {
+
+// The rank count and, if it cannot be used, why (computed once).
+struct RankChoice {
+  int ranks = 0;
+  std::string problem;
+};
+
+RankChoice choose_ranks() {
+  RankChoice c;
   int devices = 0;
   if (cudaGetDeviceCount(&devices) != cudaSuccess) devices = 0;
-  INFO("these suites need ", n, " CUDA devices in one process");
-  REQUIRE(devices >= n);
+  const char* env = std::getenv("MOE_NCCL_RANKS");
+  if (env && *env) {
+    char* end = nullptr;
+    const long v = std::strtol(env, &end, 10);
+    if (*end != '\0' || v < 2 || v > devices) {
+      c.problem = std::string("MOE_NCCL_RANKS=") + env +
+                  ": need an integer from 2 to the visible CUDA devices (" +
+                  std::to_string(devices) + ")";
+      return c;
+    }
+    c.ranks = int(v);
+  } else {
+    c.ranks = devices < 8 ? devices : 8;
+    if (c.ranks < 2) {
+      c.problem = "these suites need at least 2 CUDA devices in one process, found " +
+                  std::to_string(devices) + ": they cannot run here";
+      return c;
+    }
+  }
+  std::printf("moe_nccl_tests: %d ranks (%s; %d CUDA devices visible)\n", c.ranks,
+              env && *env ? "MOE_NCCL_RANKS" : "all visible GPUs, at most 8", devices);
+  std::fflush(stdout);
+  return c;
+}
+
+}  // namespace
+
+int num_ranks() {
+  static const RankChoice choice = choose_ranks();
+  INFO(choice.problem);
+  REQUIRE(choice.problem.empty());
+  return choice.ranks;
+}
+
+const std::vector<ncclComm_t>& comms() {
+  static std::vector<ncclComm_t> all;
+  static std::mutex mutex;
+  const int n = num_ranks();
+  std::lock_guard<std::mutex> lock(mutex);
+  if (int(all.size()) == n) return all;
   REQUIRE(all.empty());
   all.resize(size_t(n));
   std::vector<int> list(static_cast<size_t>(n));
   for (int i = 0; i < n; ++i) list[size_t(i)] = i;
   const ncclResult_t r = ncclCommInitAll(all.data(), n, list.data());
-  INFO("ncclCommInitAll: ", ncclGetErrorString(r));
+  INFO("ncclCommInitAll over ", n, " GPUs: ", ncclGetErrorString(r));
+  if (r != ncclSuccess) all.clear();
   REQUIRE(r == ncclSuccess);
   return all;
 }

@@ -1,6 +1,7 @@
-// Support for the two-GPU suites: one process drives every GPU, with the
+// Support for the multi-GPU suites: one process drives every GPU, with the
 // communicators from ncclCommInitAll and one host thread per rank (each
 // moe_a2a_* call issues its own NCCL group, so a rank needs its own thread).
+// The rank count comes from the environment at run time (num_ranks()).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -26,9 +27,12 @@ void moe_ok(moe_status_t st, const char* what);
 #define CUDA_OK(x) ::moe_nccl_test::cuda_ok((x), #x)
 #define MOE_OK(x) ::moe_nccl_test::moe_ok((x), #x)
 
-// The process-wide communicators over GPUs 0..n-1 (created on first use;
-// n = 2 for these suites). Fails the calling test if fewer GPUs exist.
-const std::vector<ncclComm_t>& comms(int n);
+// Ranks of these suites: MOE_NCCL_RANKS if set, else every visible GPU
+// (at most 8). Fails the calling test, saying why, unless 2 <= ranks <= GPUs.
+int num_ranks();
+
+// The process-wide communicators over GPUs 0..num_ranks()-1 (created on first use).
+const std::vector<ncclComm_t>& comms();
 
 // Runs fn(rank) on one thread per rank and returns each rank's error ("" if
 // none). A rank left waiting in a collective that a failed peer never joined

@@ -1,11 +1,12 @@
-// The all-to-all dispatcher on two GPUs driven by one process (ncclCommInitAll,
-// one thread per rank): expert-parallel results equal the single-GPU
+// The all-to-all dispatcher on P >= 2 GPUs driven by one process
+// (ncclCommInitAll, one thread per rank; P from MOE_NCCL_RANKS, default every
+// visible GPU up to 8): expert-parallel results equal the single-GPU
 // standard dispatcher + runner on the same global batch; the receive buffers
 // match a host model of the exchange exactly; combine matches a host sum in
 // the documented order bit for bit; padding is sanitized even when the
 // receive buffers start as NaN and garbage ids; the step replays from a CUDA
-// graph; bad input fails on every rank that should fail.
-#include <array>
+// graph; bad input fails on every rank that should fail. Every case holds a
+// fixed number of experts per rank (E = that * P), so it runs at any P.
 #include <cstring>
 #include <memory>
 
@@ -17,23 +18,25 @@ using namespace moe_nccl_test;
 using moe_test::fresh_rng;
 using moe_test::rel_error;
 
-constexpr int kRanks = 2;
-
 double tolerance(DT dt) { return dt == DT::f32 ? 1e-5 : 1e-2; }
 
 // The expert layer shared by both setups: global weights and the mapping.
 struct Model {
   DT dtype = DT::f32;
-  int E = 0, K = 0, H = 0, I = 0, M = 0;
-  bool explicit_mapping = false;  // interleaved: expert e on rank e % 2, local id e / 2
+  int P = 0, E = 0, K = 0, H = 0, I = 0, M = 0;
+  bool explicit_mapping = false;  // interleaved: expert e on rank e % P, local id e / P
   std::vector<int32_t> owner, local;
   std::unique_ptr<HostTensor> w13, w2;  // [E, 2I, H], [E, H, I]
 };
 
-std::unique_ptr<Model> make_model(DT dt, int E, int K, int H, int I, int M, bool explicit_mapping,
-                                  std::mt19937_64& rng) {
+// experts_per_rank experts on each of the num_ranks() ranks: E = experts_per_rank * P.
+std::unique_ptr<Model> make_model(DT dt, int experts_per_rank, int K, int H, int I, int M,
+                                  bool explicit_mapping, std::mt19937_64& rng) {
   auto m = std::make_unique<Model>();
+  const int P = num_ranks();
+  const int E = experts_per_rank * P;
   m->dtype = dt;
+  m->P = P;
   m->E = E;
   m->K = K;
   m->H = H;
@@ -41,8 +44,8 @@ std::unique_ptr<Model> make_model(DT dt, int E, int K, int H, int I, int M, bool
   m->M = M;
   m->explicit_mapping = explicit_mapping;
   for (int e = 0; e < E; ++e) {
-    m->owner.push_back(explicit_mapping ? e % kRanks : e / (E / kRanks));
-    m->local.push_back(explicit_mapping ? e / kRanks : e % (E / kRanks));
+    m->owner.push_back(explicit_mapping ? e % P : e / experts_per_rank);
+    m->local.push_back(explicit_mapping ? e / P : e % experts_per_rank);
   }
   m->w13 = std::make_unique<HostTensor>(dt, std::vector<int64_t>{E, 2 * I, H});
   m->w2 = std::make_unique<HostTensor>(dt, std::vector<int64_t>{E, H, I});
@@ -56,7 +59,7 @@ moe_a2a_config_t a2a_config(const Model& m, int rank) {
   c.struct_size = uint32_t(sizeof(c));
   MOE_OK(moe_a2a_config_default(&c));
   c.num_experts = m.E;
-  c.ep_size = kRanks;
+  c.ep_size = m.P;
   c.ep_rank = rank;
   if (m.explicit_mapping) {
     c.expert_rank = m.owner.data();
@@ -81,7 +84,7 @@ moe_runner_config_t runner_config(const Model& m, int experts) {
 
 enum class Route {
   balanced,  // k distinct experts drawn from all E
-  to_rank0,  // every slot on an expert of rank 0: rank 1 receives nothing
+  to_rank0,  // every slot on an expert of rank 0: the other ranks receive nothing
   gaps,      // like balanced, with -1 slots, out-of-range ids and tokens that go nowhere
 };
 
@@ -126,19 +129,23 @@ void copy_rows(const HostTensor& src, HostTensor& dst, int64_t at, int64_t rows,
                         size_t(rows) * row_bytes);
 }
 
+// One batch per rank.
+using Batches = std::vector<const Batch*>;
+
 // The single-GPU path on GPU 0: standard dispatcher (ep_size 1) + runner
-// holding all E experts, on both ranks' tokens concatenated.
-std::unique_ptr<HostTensor> single_gpu(const Model& m, const Batch* const* batches) {
-  const int64_t T = batches[0]->T + batches[1]->T;
+// holding all E experts, on every rank's tokens concatenated in rank order.
+std::unique_ptr<HostTensor> single_gpu(const Model& m, const Batches& batches) {
+  int64_t T = 0;
+  for (const Batch* b : batches) T += b->T;
   auto out = std::make_unique<HostTensor>(m.dtype, std::vector<int64_t>{T, m.H});
   if (T == 0) return out;
   HostTensor hidden(m.dtype, {T, m.H}), ids(DT::i32, {T, m.K}), w(DT::f32, {T, m.K});
   int64_t at = 0;
-  for (int r = 0; r < kRanks; ++r) {
-    copy_rows(*batches[r]->hidden, hidden, at, batches[r]->T, m.H);
-    copy_rows(*batches[r]->ids, ids, at, batches[r]->T, m.K);
-    copy_rows(*batches[r]->weights, w, at, batches[r]->T, m.K);
-    at += batches[r]->T;
+  for (const Batch* b : batches) {
+    copy_rows(*b->hidden, hidden, at, b->T, m.H);
+    copy_rows(*b->ids, ids, at, b->T, m.K);
+    copy_rows(*b->weights, w, at, b->T, m.K);
+    at += b->T;
   }
   CUDA_OK(cudaSetDevice(0));
   cudaStream_t s = nullptr;
@@ -242,7 +249,7 @@ struct EpRank {
     recv_hidden.reset(m.dtype, {R, m.H}, r);
     recv_ids.reset(DT::i32, {R, m.K}, r);
     recv_w.reset(DT::f32, {R, m.K}, r);
-    recv_counts.reset(DT::i32, {kRanks}, r);
+    recv_counts.reset(DT::i32, {m.P}, r);
     local_ids.reset(DT::i32, {R, m.K}, r);  // the local dispatcher's copy of recv_ids (identity map)
     counts.reset(DT::i32, {E_loc}, r);
     offsets.reset(DT::i32, {E_loc + 1}, r);
@@ -256,7 +263,7 @@ struct EpRank {
     h_recv_hidden = std::make_unique<HostTensor>(m.dtype, std::vector<int64_t>{R, m.H});
     h_recv_ids = std::make_unique<HostTensor>(DT::i32, std::vector<int64_t>{R, m.K});
     h_recv_w = std::make_unique<HostTensor>(DT::f32, std::vector<int64_t>{R, m.K});
-    h_recv_counts = std::make_unique<HostTensor>(DT::i32, std::vector<int64_t>{kRanks});
+    h_recv_counts = std::make_unique<HostTensor>(DT::i32, std::vector<int64_t>{m.P});
     h_expert_out = std::make_unique<HostTensor>(m.dtype, std::vector<int64_t>{R, m.H});
     // Handles upload tables on the legacy stream, which `stream` (non-blocking) does not wait for.
     CUDA_OK(cudaDeviceSynchronize());
@@ -329,16 +336,17 @@ bool finite_all(const HostTensor& h) {
 }
 
 // Every receive buffer of every rank against the host model, exactly.
-void check_dispatch(const Model& m, const Batch* const* b, EpRank* ranks) {
+void check_dispatch(const Model& m, const Batches& b, std::vector<EpRank>& ranks) {
   const size_t row_bytes = size_t(m.H) * moe_test::dt_bytes(m.dtype);
-  for (int d = 0; d < kRanks; ++d) {
-    EpRank& er = ranks[d];
+  for (int d = 0; d < m.P; ++d) {
+    EpRank& er = ranks[size_t(d)];
     CHECK(er.owner == m.owner);
     CHECK(er.local == m.local);
     const int32_t* rid = er.h_recv_ids->as<int32_t>();
     const float* rw = er.h_recv_w->as<float>();
-    for (int s = 0; s < kRanks; ++s) {
-      const std::vector<int64_t> tokens = routed_tokens(m, *b[s], d);
+    for (int s = 0; s < m.P; ++s) {
+      const Batch& src = *b[size_t(s)];
+      const std::vector<int64_t> tokens = routed_tokens(m, src, d);
       INFO("destination rank ", d, ", source rank ", s);
       CHECK(er.h_recv_counts->as<int32_t>()[s] == int32_t(tokens.size()));
       int64_t bad_hidden = 0, bad_ids = 0, bad_weights = 0, bad_padding = 0;
@@ -347,13 +355,13 @@ void check_dispatch(const Model& m, const Batch* const* b, EpRank* ranks) {
         if (i < int64_t(tokens.size())) {
           const int64_t t = tokens[size_t(i)];
           bad_hidden += std::memcmp(er.h_recv_hidden->storage.data() + size_t(row) * row_bytes,
-                                    b[s]->hidden->storage.data() + size_t(t) * row_bytes,
+                                    src.hidden->storage.data() + size_t(t) * row_bytes,
                                     row_bytes) != 0;
           for (int j = 0; j < m.K; ++j) {
-            const int32_t g = b[s]->ids->as<int32_t>()[t * m.K + j];
+            const int32_t g = src.ids->as<int32_t>()[t * m.K + j];
             const bool here = g >= 0 && g < m.E && m.owner[size_t(g)] == d;
             const int32_t want_id = here ? m.local[size_t(g)] : -1;
-            const float want_w = here ? b[s]->weights->as<float>()[t * m.K + j] : 0.0f;
+            const float want_w = here ? src.weights->as<float>()[t * m.K + j] : 0.0f;
             bad_ids += rid[row * m.K + j] != want_id;
             bad_weights += std::memcmp(&rw[row * m.K + j], &want_w, 4) != 0;
           }
@@ -374,50 +382,54 @@ void check_dispatch(const Model& m, const Batch* const* b, EpRank* ranks) {
   }
 }
 
-// Combine against the host sum over ranks 0, 1 in f32, rounded once: bit for bit.
-void check_combine_exact(const Model& m, const Batch* const* b, EpRank* ranks) {
+// Combine against the host sum over ranks 0, 1, ..., P-1 in f32, rounded once: bit for bit.
+void check_combine_exact(const Model& m, const Batches& b, std::vector<EpRank>& ranks) {
   const size_t row_bytes = size_t(m.H) * moe_test::dt_bytes(m.dtype);
-  for (int s = 0; s < kRanks; ++s) {
-    const int64_t T = b[s]->T;
+  for (int s = 0; s < m.P; ++s) {
+    const int64_t T = b[size_t(s)]->T;
+    const EpRank& home = ranks[size_t(s)];
     HostTensor want(m.dtype, {T, m.H});
     std::vector<float> acc(size_t(T) * m.H, 0.0f);
-    for (int d = 0; d < kRanks; ++d) {
-      const std::vector<int64_t> tokens = routed_tokens(m, *b[s], d);
+    for (int d = 0; d < m.P; ++d) {
+      const std::vector<int64_t> tokens = routed_tokens(m, *b[size_t(s)], d);
+      const HostTensor& partial = *ranks[size_t(d)].h_expert_out;
       for (size_t i = 0; i < tokens.size(); ++i) {
         const int64_t row = int64_t(s) * m.M + int64_t(i);
         for (int c = 0; c < m.H; ++c)
-          acc[size_t(tokens[i]) * m.H + c] += float(ranks[d].h_expert_out->get(row * m.H + c));
+          acc[size_t(tokens[i]) * m.H + c] += float(partial.get(row * m.H + c));
       }
     }
     for (int64_t i = 0; i < T * m.H; ++i) want.set(i, double(acc[size_t(i)]));
     INFO("combine output of rank ", s);
-    CHECK(finite_all(*ranks[s].h_out));
+    CHECK(finite_all(*home.h_out));
     int64_t mismatched = 0;
     for (int64_t t = 0; t < T; ++t)
-      mismatched += std::memcmp(ranks[s].h_out->storage.data() + size_t(t) * row_bytes,
+      mismatched += std::memcmp(home.h_out->storage.data() + size_t(t) * row_bytes,
                                 want.storage.data() + size_t(t) * row_bytes, row_bytes) != 0;
     CHECK(mismatched == 0);
   }
 }
 
 // Expert-parallel outputs against the single-GPU layer on the same tokens.
-void check_against_single(const Model& m, const Batch* const* b, EpRank* ranks) {
+void check_against_single(const Model& m, const Batches& b, std::vector<EpRank>& ranks) {
   std::unique_ptr<HostTensor> ref = single_gpu(m, b);
   std::vector<double> got, want;
   int64_t at = 0;
-  for (int r = 0; r < kRanks; ++r) {
-    for (int64_t i = 0; i < b[r]->T * m.H; ++i) {
-      got.push_back(ranks[r].h_out->get(i));
+  for (int r = 0; r < m.P; ++r) {
+    const int64_t T = b[size_t(r)]->T;
+    for (int64_t i = 0; i < T * m.H; ++i) {
+      got.push_back(ranks[size_t(r)].h_out->get(i));
       want.push_back(ref->get(at * m.H + i));
     }
-    at += b[r]->T;
+    at += T;
   }
   const double err = rel_error(got, want);
-  INFO("relative error against the single-GPU layer: ", err, " (", dt_name(m.dtype), ")");
+  INFO("relative error against the single-GPU layer: ", err, " (", dt_name(m.dtype), ", ", m.P,
+       " ranks)");
   CHECK(err < tolerance(m.dtype));
 }
 
-void check_step(const Model& m, const Batch* const* b, EpRank* ranks) {
+void check_step(const Model& m, const Batches& b, std::vector<EpRank>& ranks) {
   check_dispatch(m, b, ranks);
   check_combine_exact(m, b, ranks);
   check_against_single(m, b, ranks);
@@ -430,21 +442,44 @@ void require_no_errors(const std::vector<std::string>& errors) {
   }
 }
 
-// Creates both ranks, runs one step twice on the same tokens (poisoned
+// Tokens per rank: pattern[r % pattern.size()] on rank r.
+std::vector<int64_t> cycled(int P, std::vector<int64_t> pattern) {
+  std::vector<int64_t> T(size_t(P), 0);
+  for (int r = 0; r < P; ++r) T[size_t(r)] = pattern[size_t(r) % pattern.size()];
+  return T;
+}
+
+// One fresh batch per rank, T[r] tokens on rank r.
+struct RankBatches {
+  std::vector<std::unique_ptr<Batch>> owned;
+  Batches view;
+};
+
+RankBatches make_batches(const Model& m, const std::vector<int64_t>& T, Route route,
+                         std::mt19937_64& rng) {
+  RankBatches rb;
+  for (int64_t t : T) {
+    rb.owned.push_back(make_batch(m, t, route, rng));
+    rb.view.push_back(rb.owned.back().get());
+  }
+  return rb;
+}
+
+// Creates every rank, runs one step twice on the same tokens (poisoned
 // buffers each time), checks it and that the two outputs are bit-identical.
-void run_case(const Model& m, std::array<int64_t, kRanks> T, Route route) {
-  const auto& cs = comms(kRanks);
+void run_case(const Model& m, const std::vector<int64_t>& T, Route route) {
+  const auto& cs = comms();
+  REQUIRE(int(T.size()) == m.P);
   auto rng = fresh_rng();
-  std::unique_ptr<Batch> batches[kRanks];
-  for (int r = 0; r < kRanks; ++r) batches[r] = make_batch(m, T[size_t(r)], route, rng);
-  const Batch* b[kRanks] = {batches[0].get(), batches[1].get()};
-  EpRank ranks[kRanks];
-  std::vector<std::vector<unsigned char>> first(kRanks);
-  require_no_errors(run_ranks(kRanks, [&](int r) {
-    EpRank& er = ranks[r];
+  const RankBatches batches = make_batches(m, T, route, rng);
+  const Batches& b = batches.view;
+  std::vector<EpRank> ranks(size_t(m.P));
+  std::vector<std::vector<unsigned char>> first(size_t(m.P));
+  require_no_errors(run_ranks(m.P, [&](int r) {
+    EpRank& er = ranks[size_t(r)];
     er.setup(m, r, cs[size_t(r)]);
     er.set_tokens(m, T[size_t(r)]);
-    er.upload(*b[r]);
+    er.upload(*b[size_t(r)]);
     for (int rep = 0; rep < 2; ++rep) {
       er.poison();
       er.enqueue();
@@ -453,198 +488,207 @@ void run_case(const Model& m, std::array<int64_t, kRanks> T, Route route) {
     }
   }));
   check_step(m, b, ranks);
-  for (int r = 0; r < kRanks; ++r) {
+  for (int r = 0; r < m.P; ++r) {
     INFO("rank ", r, ": a repeated step gives the same bits");
-    CHECK(first[size_t(r)] == ranks[r].h_out->storage);
+    CHECK(first[size_t(r)] == ranks[size_t(r)].h_out->storage);
   }
 }
 
 }  // namespace
 
+// make_model(dtype, experts per rank, k, H, I, M, explicit mapping, rng).
 TEST_CASE("a2a.step.balanced") {
   auto rng = fresh_rng();
-  SUBCASE("f32") { run_case(*make_model(DT::f32, 8, 2, 128, 64, 48, false, rng), {48, 37}, Route::balanced); }
-  SUBCASE("bf16") { run_case(*make_model(DT::bf16, 16, 4, 256, 128, 64, false, rng), {64, 50}, Route::balanced); }
-  SUBCASE("f16") { run_case(*make_model(DT::f16, 8, 3, 128, 64, 40, false, rng), {17, 40}, Route::balanced); }
+  const int P = num_ranks();
+  SUBCASE("f32") { run_case(*make_model(DT::f32, 4, 2, 128, 64, 48, false, rng), cycled(P, {48, 37}), Route::balanced); }
+  SUBCASE("bf16") { run_case(*make_model(DT::bf16, 8, 4, 256, 128, 64, false, rng), cycled(P, {64, 50}), Route::balanced); }
+  SUBCASE("f16") { run_case(*make_model(DT::f16, 4, 3, 128, 64, 40, false, rng), cycled(P, {17, 40}), Route::balanced); }
 }
 
 TEST_CASE("a2a.step.explicit_mapping_and_gaps") {
   auto rng = fresh_rng();
-  SUBCASE("f32") { run_case(*make_model(DT::f32, 16, 4, 128, 64, 64, true, rng), {60, 64}, Route::gaps); }
-  SUBCASE("bf16") { run_case(*make_model(DT::bf16, 16, 4, 128, 64, 64, true, rng), {33, 64}, Route::gaps); }
+  const int P = num_ranks();
+  SUBCASE("f32") { run_case(*make_model(DT::f32, 8, 4, 128, 64, 64, true, rng), cycled(P, {60, 64}), Route::gaps); }
+  SUBCASE("bf16") { run_case(*make_model(DT::bf16, 8, 4, 128, 64, 64, true, rng), cycled(P, {33, 64}), Route::gaps); }
 }
 
 TEST_CASE("a2a.step.skewed_all_to_rank0") {
   auto rng = fresh_rng();
-  SUBCASE("f32") { run_case(*make_model(DT::f32, 8, 2, 128, 64, 32, false, rng), {32, 32}, Route::to_rank0); }
-  SUBCASE("bf16") { run_case(*make_model(DT::bf16, 16, 4, 128, 64, 32, true, rng), {20, 32}, Route::to_rank0); }
+  const int P = num_ranks();
+  SUBCASE("f32") { run_case(*make_model(DT::f32, 4, 2, 128, 64, 32, false, rng), cycled(P, {32}), Route::to_rank0); }
+  SUBCASE("bf16") { run_case(*make_model(DT::bf16, 8, 4, 128, 64, 32, true, rng), cycled(P, {20, 32}), Route::to_rank0); }
 }
 
 TEST_CASE("a2a.step.empty_batches") {
   auto rng = fresh_rng();
-  SUBCASE("rank0_empty") { run_case(*make_model(DT::bf16, 8, 2, 128, 64, 16, false, rng), {0, 16}, Route::balanced); }
-  SUBCASE("rank1_empty") { run_case(*make_model(DT::f32, 8, 2, 128, 64, 16, false, rng), {9, 0}, Route::balanced); }
-  SUBCASE("both_empty") { run_case(*make_model(DT::f32, 8, 2, 128, 64, 16, false, rng), {0, 0}, Route::balanced); }
-  SUBCASE("one_token") { run_case(*make_model(DT::bf16, 8, 2, 128, 64, 1, false, rng), {1, 1}, Route::balanced); }
+  const int P = num_ranks();
+  SUBCASE("rank0_empty") {
+    std::vector<int64_t> T = cycled(P, {16});
+    T[0] = 0;
+    run_case(*make_model(DT::bf16, 4, 2, 128, 64, 16, false, rng), T, Route::balanced);
+  }
+  SUBCASE("odd_ranks_empty") { run_case(*make_model(DT::f32, 4, 2, 128, 64, 16, false, rng), cycled(P, {9, 0}), Route::balanced); }
+  SUBCASE("all_empty") { run_case(*make_model(DT::f32, 4, 2, 128, 64, 16, false, rng), cycled(P, {0}), Route::balanced); }
+  SUBCASE("one_token") { run_case(*make_model(DT::bf16, 4, 2, 128, 64, 1, false, rng), cycled(P, {1}), Route::balanced); }
 }
 
 TEST_CASE("a2a.graph.replay") {
   auto rng = fresh_rng();
   for (DT dt : {DT::f32, DT::bf16}) {
     CAPTURE(dt_name(dt));
-    auto model = make_model(dt, 16, 4, 256, 128, 64, true, rng);
+    auto model = make_model(dt, 8, 4, 256, 128, 64, true, rng);
     const Model& m = *model;
-    const std::array<int64_t, kRanks> T = {64, 41};
-    const auto& cs = comms(kRanks);
-    EpRank ranks[kRanks];
-    cudaGraphExec_t exec[kRanks] = {nullptr, nullptr};
-    cudaGraph_t graph[kRanks] = {nullptr, nullptr};
-    auto warm = make_batch(m, T[0], Route::balanced, rng);
-    auto warm1 = make_batch(m, T[1], Route::balanced, rng);
-    const Batch* wb[kRanks] = {warm.get(), warm1.get()};
-    require_no_errors(run_ranks(kRanks, [&](int r) {
-      EpRank& er = ranks[r];
+    const std::vector<int64_t> T = cycled(m.P, {64, 41});
+    const auto& cs = comms();
+    std::vector<EpRank> ranks(size_t(m.P));
+    std::vector<cudaGraphExec_t> exec(size_t(m.P), nullptr);
+    std::vector<cudaGraph_t> graph(size_t(m.P), nullptr);
+    const RankBatches warm = make_batches(m, T, Route::balanced, rng);
+    require_no_errors(run_ranks(m.P, [&](int r) {
+      EpRank& er = ranks[size_t(r)];
       er.setup(m, r, cs[size_t(r)]);
-        er.set_tokens(m, T[size_t(r)]);
-      er.upload(*wb[r]);
+      er.set_tokens(m, T[size_t(r)]);
+      er.upload(*warm.view[size_t(r)]);
       er.poison();
       er.enqueue();  // eager step first: the runner and NCCL set up outside the capture
       CUDA_OK(cudaStreamSynchronize(er.stream));
       CUDA_OK(cudaStreamBeginCapture(er.stream, cudaStreamCaptureModeThreadLocal));
       er.enqueue();
-      CUDA_OK(cudaStreamEndCapture(er.stream, &graph[r]));
-      CUDA_OK(cudaGraphInstantiate(&exec[r], graph[r], 0));
+      CUDA_OK(cudaStreamEndCapture(er.stream, &graph[size_t(r)]));
+      CUDA_OK(cudaGraphInstantiate(&exec[size_t(r)], graph[size_t(r)], 0));
     }));
     for (int rep = 0; rep < 3; ++rep) {
       CAPTURE(rep);
       // Fresh tokens in the captured input buffers, skewed on the last replay.
       const Route route = rep == 2 ? Route::to_rank0 : Route::balanced;
-      std::unique_ptr<Batch> batches[kRanks];
-      for (int r = 0; r < kRanks; ++r) batches[r] = make_batch(m, T[size_t(r)], route, rng);
-      const Batch* b[kRanks] = {batches[0].get(), batches[1].get()};
-      require_no_errors(run_ranks(kRanks, [&](int r) {
-        EpRank& er = ranks[r];
+      const RankBatches batches = make_batches(m, T, route, rng);
+      const Batches& b = batches.view;
+      require_no_errors(run_ranks(m.P, [&](int r) {
+        EpRank& er = ranks[size_t(r)];
         CUDA_OK(cudaSetDevice(r));
-        er.upload(*b[r]);
+        er.upload(*b[size_t(r)]);
         er.poison();
-        CUDA_OK(cudaGraphLaunch(exec[r], er.stream));
+        CUDA_OK(cudaGraphLaunch(exec[size_t(r)], er.stream));
         er.download();
       }));
       check_step(m, b, ranks);
     }
-    for (int r = 0; r < kRanks; ++r) {
+    for (int r = 0; r < m.P; ++r) {
       cudaSetDevice(r);
-      cudaGraphExecDestroy(exec[r]);
-      cudaGraphDestroy(graph[r]);
+      cudaGraphExecDestroy(exec[size_t(r)]);
+      cudaGraphDestroy(graph[size_t(r)]);
     }
   }
 }
 
 TEST_CASE("a2a.errors.tokens_over_max") {
   auto rng = fresh_rng();
-  auto model = make_model(DT::bf16, 8, 2, 128, 64, 16, false, rng);
+  auto model = make_model(DT::bf16, 4, 2, 128, 64, 16, false, rng);
   const Model& m = *model;
-  const auto& cs = comms(kRanks);
-  EpRank ranks[kRanks];
-  moe_status_t status[kRanks];
-  std::string message[kRanks];
-  auto big0 = make_batch(m, m.M + 1, Route::balanced, rng);
-  auto b0 = make_batch(m, m.M, Route::balanced, rng);
-  auto b1 = make_batch(m, 5, Route::balanced, rng);
-  const Batch* b[kRanks] = {b0.get(), b1.get()};
-  require_no_errors(run_ranks(kRanks, [&](int r) {
-    EpRank& er = ranks[r];
+  const auto& cs = comms();
+  std::vector<EpRank> ranks(size_t(m.P));
+  std::vector<moe_status_t> status(size_t(m.P), MOE_STATUS_SUCCESS);
+  std::vector<std::string> message(size_t(m.P));
+  auto big = make_batch(m, m.M + 1, Route::balanced, rng);
+  const RankBatches valid = make_batches(m, cycled(m.P, {m.M, 5}), Route::balanced, rng);
+  const Batches& b = valid.view;
+  require_no_errors(run_ranks(m.P, [&](int r) {
+    EpRank& er = ranks[size_t(r)];
     er.setup(m, r, cs[size_t(r)]);
-    // Both ranks pass T = M + 1: each fails before sending, so neither waits.
+    // Every rank passes T = M + 1: each fails before sending, so none waits.
     er.set_tokens(m, m.M + 1);
-    er.upload(*big0);
-    status[r] = moe_a2a_dispatch(er.a2a, er.hidden.dl(), er.ids.dl(), er.weights.dl(),
-                                 er.recv_hidden.dl(), er.recv_ids.dl(), er.recv_w.dl(),
-                                 er.recv_counts.dl(), er.stream);
-    message[r] = moe_last_error();
+    er.upload(*big);
+    status[size_t(r)] = moe_a2a_dispatch(er.a2a, er.hidden.dl(), er.ids.dl(), er.weights.dl(),
+                                         er.recv_hidden.dl(), er.recv_ids.dl(), er.recv_w.dl(),
+                                         er.recv_counts.dl(), er.stream);
+    message[size_t(r)] = moe_last_error();
     // The communicator is untouched: a valid step still works.
-    er.set_tokens(m, b[r]->T);
-    er.upload(*b[r]);
+    er.set_tokens(m, b[size_t(r)]->T);
+    er.upload(*b[size_t(r)]);
     er.poison();
     er.enqueue();
     er.download();
   }));
-  for (int r = 0; r < kRanks; ++r) {
-    INFO("rank ", r, ": ", message[r]);
-    CHECK(status[r] == MOE_STATUS_INVALID_ARGUMENT);
-    CHECK(message[r].find("max_tokens_per_rank") != std::string::npos);
-    CHECK(message[r].find("T = 17") != std::string::npos);
+  for (int r = 0; r < m.P; ++r) {
+    INFO("rank ", r, ": ", message[size_t(r)]);
+    CHECK(status[size_t(r)] == MOE_STATUS_INVALID_ARGUMENT);
+    CHECK(message[size_t(r)].find("max_tokens_per_rank") != std::string::npos);
+    CHECK(message[size_t(r)].find("T = 17") != std::string::npos);
   }
   check_step(m, b, ranks);
 }
 
 TEST_CASE("a2a.errors.combine_before_dispatch") {
   auto rng = fresh_rng();
-  auto model = make_model(DT::f32, 8, 2, 128, 64, 8, false, rng);
+  auto model = make_model(DT::f32, 4, 2, 128, 64, 8, false, rng);
   const Model& m = *model;
-  const auto& cs = comms(kRanks);
-  EpRank ranks[kRanks];
-  moe_status_t status[kRanks];
-  std::string message[kRanks];
-  require_no_errors(run_ranks(kRanks, [&](int r) {
-    EpRank& er = ranks[r];
+  const auto& cs = comms();
+  std::vector<EpRank> ranks(size_t(m.P));
+  std::vector<moe_status_t> status(size_t(m.P), MOE_STATUS_SUCCESS);
+  std::vector<std::string> message(size_t(m.P));
+  require_no_errors(run_ranks(m.P, [&](int r) {
+    EpRank& er = ranks[size_t(r)];
     er.setup(m, r, cs[size_t(r)]);
     er.set_tokens(m, 4);
-    status[r] = moe_a2a_combine(er.a2a, er.expert_out.dl(), er.out.dl(), er.stream);
-    message[r] = moe_last_error();
+    status[size_t(r)] = moe_a2a_combine(er.a2a, er.expert_out.dl(), er.out.dl(), er.stream);
+    message[size_t(r)] = moe_last_error();
   }));
-  for (int r = 0; r < kRanks; ++r) {
-    INFO(message[r]);
-    CHECK(status[r] == MOE_STATUS_INVALID_ARGUMENT);
-    CHECK(message[r].find("no dispatch yet") != std::string::npos);
+  for (int r = 0; r < m.P; ++r) {
+    INFO(message[size_t(r)]);
+    CHECK(status[size_t(r)] == MOE_STATUS_INVALID_ARGUMENT);
+    CHECK(message[size_t(r)].find("no dispatch yet") != std::string::npos);
   }
 }
 
 TEST_CASE("a2a.create.config_mismatch") {
   auto rng = fresh_rng();
-  auto model = make_model(DT::bf16, 8, 2, 128, 64, 16, false, rng);
-  auto interleaved = make_model(DT::bf16, 8, 2, 128, 64, 16, true, rng);
-  const auto& cs = comms(kRanks);
-  // change(rank, config) alters rank 1's config; words[r] must appear in rank r's message.
+  auto model = make_model(DT::bf16, 4, 2, 128, 64, 16, false, rng);
+  auto interleaved = make_model(DT::bf16, 4, 2, 128, 64, 16, true, rng);
+  const int P = model->P;
+  const int odd = P - 1;  // the rank whose config differs (rank 1 at P = 2)
+  const auto& cs = comms();
+  const std::string odd_rejected = "rank " + std::to_string(odd) + " rejected";
+  // change(config) alters rank `odd`'s config; the message of rank `odd` must
+  // contain at_odd, every other rank's at_others.
   struct Case {
     const char* name;
     std::function<void(moe_a2a_config_t&)> change;
-    std::array<const char*, kRanks> words;
+    std::string at_others, at_odd;
   };
   const std::vector<Case> cases = {
-      {"hidden_size", [](moe_a2a_config_t& c) { c.hidden_size = 256; },
-       {"hidden_size", "hidden_size"}},
+      {"hidden_size", [](moe_a2a_config_t& c) { c.hidden_size = 256; }, "hidden_size",
+       "hidden_size"},
       {"max_tokens", [](moe_a2a_config_t& c) { c.max_tokens_per_rank = 32; },
-       {"max_tokens_per_rank", "max_tokens_per_rank"}},
+       "max_tokens_per_rank", "max_tokens_per_rank"},
       {"dtype", [](moe_a2a_config_t& c) { c.hidden_dtype = DLDataType{kDLFloat, 32, 1}; },
-       {"hidden_dtype", "hidden_dtype"}},
+       "hidden_dtype", "hidden_dtype"},
       {"mapping",
        [&](moe_a2a_config_t& c) {
          c.expert_rank = interleaved->owner.data();
          c.expert_local_id = interleaved->local.data();
        },
-       {"expert_rank", "expert_rank"}},
-      {"invalid_top_k", [](moe_a2a_config_t& c) { c.top_k = 0; }, {"rank 1 rejected", "top_k"}},
-      {"wrong_ep_rank", [](moe_a2a_config_t& c) { c.ep_rank = 0; }, {"rank 1 rejected", "ep_rank"}},
+       "expert_rank", "expert_rank"},
+      {"invalid_top_k", [](moe_a2a_config_t& c) { c.top_k = 0; }, odd_rejected, "top_k"},
+      {"wrong_ep_rank", [](moe_a2a_config_t& c) { c.ep_rank = 0; }, odd_rejected, "ep_rank"},
   };
   for (const Case& tc : cases) {
     CAPTURE(tc.name);
-    moe_status_t status[kRanks];
-    std::string message[kRanks];
-    moe_a2a_t handle[kRanks] = {nullptr, nullptr};
-    require_no_errors(run_ranks(kRanks, [&](int r) {
+    std::vector<moe_status_t> status(size_t(P), MOE_STATUS_SUCCESS);
+    std::vector<std::string> message(static_cast<size_t>(P));
+    std::vector<moe_a2a_t> handle(size_t(P), nullptr);
+    require_no_errors(run_ranks(P, [&](int r) {
       CUDA_OK(cudaSetDevice(r));
       moe_a2a_config_t cfg = a2a_config(*model, r);
-      if (r == 1) tc.change(cfg);
-      status[r] = moe_a2a_create(&cfg, cs[size_t(r)], &handle[r]);
-      message[r] = moe_last_error();
+      if (r == odd) tc.change(cfg);
+      status[size_t(r)] = moe_a2a_create(&cfg, cs[size_t(r)], &handle[size_t(r)]);
+      message[size_t(r)] = moe_last_error();
     }));
-    for (int r = 0; r < kRanks; ++r) {
-      INFO("rank ", r, ": ", message[r]);
-      CHECK(status[r] == MOE_STATUS_INVALID_ARGUMENT);
-      CHECK(handle[r] == nullptr);
-      CHECK(message[r].find(tc.words[size_t(r)]) != std::string::npos);
-      moe_a2a_destroy(handle[r]);
+    for (int r = 0; r < P; ++r) {
+      INFO("rank ", r, ": ", message[size_t(r)]);
+      CHECK(status[size_t(r)] == MOE_STATUS_INVALID_ARGUMENT);
+      CHECK(handle[size_t(r)] == nullptr);
+      CHECK(message[size_t(r)].find(r == odd ? tc.at_odd : tc.at_others) != std::string::npos);
+      moe_a2a_destroy(handle[size_t(r)]);
     }
   }
 }
