@@ -1,17 +1,18 @@
 /*
- * A two-GPU expert-parallel MoE layer in C: each GPU is one rank of an NCCL
- * communicator and holds half of the experts. Per rank:
+ * An expert-parallel MoE layer in C on RANKS GPUs: each GPU is one rank of an
+ * NCCL communicator and holds 8 of the E = 8 * RANKS experts. Per rank:
  *   route (GPU) -> moe_a2a_dispatch -> local routing metadata
  *   (moe_dispatcher_dispatch) -> moe_runner_run -> moe_a2a_combine
  * then checks every token's output against the CPU backend's one-rank
  * layer on the same tokens, and prints the step time.
  *
- * One process drives both GPUs: ncclCommInitAll makes the two
+ * One process drives every GPU: ncclCommInitAll makes the RANKS
  * communicators and one thread per rank makes the (collective) calls.
  *
- * Build and run (from the repository root, on a machine with 2 GPUs):
+ * Build and run (from the repository root, on a machine with >= 2 GPUs):
  *   cmake -S . -B build -G Ninja && ninja -C build nccl_ep_layer
- *   NCCL_NVLS_ENABLE=0 ./build/tests/nccl/nccl_ep_layer
+ *   NCCL_NVLS_ENABLE=0 ./build/tests/nccl/nccl_ep_layer [RANKS]
+ * RANKS defaults to every visible GPU, at most 8.
  */
 #include <math.h>
 #include <pthread.h>
@@ -25,7 +26,7 @@
 #include "moe/moe.h"
 #include "moe/moe_nccl.h"
 
-enum { RANKS = 2, E = 16, K = 4, H = 256, I = 128, T = 96, ITERS = 20 };
+enum { EXPERTS_PER_RANK = 8, K = 4, H = 256, I = 128, T = 96, ITERS = 20, MAX_DEFAULT_RANKS = 8 };
 
 #define CHECK_MOE(call)                                                             \
   do {                                                                              \
@@ -82,21 +83,33 @@ static void fill(float* x, size_t n, unsigned seed, float scale) {
   }
 }
 
-static float w13[E * 2 * I * H], w2[E * H * I];
-static ncclComm_t comms[RANKS];
+/* Set once in main before any rank thread starts. */
+static int num_ranks, num_experts; /* RANKS and E = EXPERTS_PER_RANK * RANKS */
+static float *w13, *w2;             /* [E, 2I, H], [E, H, I] */
+static ncclComm_t* comms;
 
 struct rank_state {
   int rank;
-  float hidden[T * H], logits[T * E], output[T * H];
+  float hidden[T * H], output[T * H];
+  float* logits; /* [T, E] */
   double step_us;
 };
+
+static void* host_alloc(size_t bytes) {
+  void* p = malloc(bytes ? bytes : 1);
+  if (!p) {
+    fprintf(stderr, "out of host memory (%zu bytes)\n", bytes);
+    exit(1);
+  }
+  return p;
+}
 
 static moe_router_t make_router(void) {
   moe_router_config_t rc;
   moe_router_t router;
   rc.struct_size = (uint32_t)sizeof(rc);
   CHECK_MOE(moe_router_config_default(&rc, MOE_ROUTING_SOFTMAX_TOPK));
-  rc.num_experts = E;
+  rc.num_experts = num_experts;
   rc.top_k = K;
   rc.renormalize = 1;
   CHECK_MOE(moe_router_create(&rc, &router));
@@ -139,8 +152,8 @@ static void* run_rank(void* arg) {
   moe_a2a_t a2a;
   ac.struct_size = (uint32_t)sizeof(ac);
   CHECK_MOE(moe_a2a_config_default(&ac));
-  ac.num_experts = E;
-  ac.ep_size = RANKS;
+  ac.num_experts = num_experts;
+  ac.ep_size = num_ranks;
   ac.ep_rank = r;
   ac.hidden_size = H;
   ac.hidden_dtype = F32;
@@ -162,16 +175,18 @@ static void* run_rank(void* arg) {
   moe_dispatcher_t local = make_dispatcher(e_loc, 1, r);
   moe_router_t router = make_router();
 
-  int64_t th[2] = {T, H}, te[2] = {T, E}, tk[2] = {T, K}, rh[2] = {R, H}, rk[2] = {R, K};
-  int64_t ranks[1] = {RANKS}, el[1] = {e_loc}, el1[1] = {e_loc + 1}, rkn[1] = {R * K};
+  int64_t th[2] = {T, H}, te[2] = {T, num_experts}, tk[2] = {T, K}, rh[2] = {R, H};
+  int64_t rk[2] = {R, K};
+  int64_t ranks[1] = {num_ranks}, el[1] = {e_loc}, el1[1] = {e_loc + 1}, rkn[1] = {R * K};
   DLTensor hidden = tensor(gpu_copy(st->hidden, sizeof st->hidden), 1, r, F32, 2, th);
-  DLTensor logits = tensor(gpu_copy(st->logits, sizeof st->logits), 1, r, F32, 2, te);
+  DLTensor logits =
+      tensor(gpu_copy(st->logits, sizeof(float) * T * num_experts), 1, r, F32, 2, te);
   DLTensor ids = tensor(gpu_alloc(sizeof(int32_t) * T * K), 1, r, I32, 2, tk);
   DLTensor weights = tensor(gpu_alloc(sizeof(float) * T * K), 1, r, F32, 2, tk);
   DLTensor recv_hidden = tensor(gpu_alloc(sizeof(float) * R * H), 1, r, F32, 2, rh);
   DLTensor recv_ids = tensor(gpu_alloc(sizeof(int32_t) * R * K), 1, r, I32, 2, rk);
   DLTensor recv_w = tensor(gpu_alloc(sizeof(float) * R * K), 1, r, F32, 2, rk);
-  DLTensor recv_counts = tensor(gpu_alloc(sizeof(int32_t) * RANKS), 1, r, I32, 1, ranks);
+  DLTensor recv_counts = tensor(gpu_alloc(sizeof(int32_t) * num_ranks), 1, r, I32, 1, ranks);
   DLTensor local_ids = tensor(gpu_alloc(sizeof(int32_t) * R * K), 1, r, I32, 2, rk);
   DLTensor counts = tensor(gpu_alloc(sizeof(int32_t) * e_loc), 1, r, I32, 1, el);
   DLTensor offsets = tensor(gpu_alloc(sizeof(int32_t) * (e_loc + 1)), 1, r, I32, 1, el1);
@@ -225,9 +240,10 @@ static void* run_rank(void* arg) {
 static double cpu_check(const struct rank_state* st) {
   static float ref[T * H];
   moe_router_t router = make_router();
-  moe_dispatcher_t disp = make_dispatcher(E, 0, 0);
-  moe_runner_t runner = make_runner(E);
-  int64_t w13_dims[3] = {E, 2 * I, H}, w2_dims[3] = {E, H, I}, th[2] = {T, H}, te[2] = {T, E};
+  moe_dispatcher_t disp = make_dispatcher(num_experts, 0, 0);
+  moe_runner_t runner = make_runner(num_experts);
+  int64_t w13_dims[3] = {num_experts, 2 * I, H}, w2_dims[3] = {num_experts, H, I};
+  int64_t th[2] = {T, H}, te[2] = {T, num_experts};
   DLTensor tw13 = tensor(w13, 0, 0, F32, 3, w13_dims), tw2 = tensor(w2, 0, 0, F32, 3, w2_dims);
   CHECK_MOE(moe_runner_set_weights(runner, &tw13, &tw2, NULL, NULL, NULL, NULL));
   DLTensor hidden = tensor((void*)st->hidden, 0, 0, F32, 2, th);
@@ -247,39 +263,68 @@ static double cpu_check(const struct rank_state* st) {
   return isnan(num) ? INFINITY : sqrt(num / den);
 }
 
-int main(void) {
+int main(int argc, char** argv) {
   int devices = 0;
-  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices < RANKS) {
-    fprintf(stderr, "nccl_ep_layer needs %d GPUs, found %d\n", RANKS, devices);
+  if (cudaGetDeviceCount(&devices) != cudaSuccess) devices = 0;
+  num_ranks = devices < MAX_DEFAULT_RANKS ? devices : MAX_DEFAULT_RANKS;
+  if (argc > 2) {
+    fprintf(stderr, "usage: %s [RANKS]\n", argv[0]);
+    return 2;
+  }
+  if (argc == 2) {
+    char* end = NULL;
+    long v = strtol(argv[1], &end, 10);
+    num_ranks = *end == '\0' && v > 0 && v <= devices ? (int)v : -1;
+  }
+  if (num_ranks < 2) {
+    fprintf(stderr, "nccl_ep_layer needs 2 <= RANKS <= visible GPUs (%d)%s%s\n", devices,
+            argc == 2 ? "; RANKS = " : "", argc == 2 ? argv[1] : "");
     return 1;
   }
-  int list[RANKS] = {0, 1};
-  ncclResult_t nr = ncclCommInitAll(comms, RANKS, list);
+  num_experts = EXPERTS_PER_RANK * num_ranks;
+  comms = (ncclComm_t*)host_alloc(sizeof(ncclComm_t) * num_ranks);
+  int* list = (int*)host_alloc(sizeof(int) * num_ranks);
+  for (int r = 0; r < num_ranks; ++r) list[r] = r;
+  ncclResult_t nr = ncclCommInitAll(comms, num_ranks, list);
+  free(list);
   if (nr != ncclSuccess) {
-    fprintf(stderr, "ncclCommInitAll: %s\n", ncclGetErrorString(nr));
+    fprintf(stderr, "ncclCommInitAll over %d GPUs: %s\n", num_ranks, ncclGetErrorString(nr));
     return 1;
   }
-  fill(w13, sizeof w13 / sizeof w13[0], 1, 1.0f / sqrtf((float)H));
-  fill(w2, sizeof w2 / sizeof w2[0], 2, 1.0f / sqrtf((float)I));
-  static struct rank_state states[RANKS];
-  pthread_t threads[RANKS];
-  for (int r = 0; r < RANKS; ++r) {
+  const size_t n13 = (size_t)num_experts * 2 * I * H, n2 = (size_t)num_experts * H * I;
+  w13 = (float*)host_alloc(sizeof(float) * n13);
+  w2 = (float*)host_alloc(sizeof(float) * n2);
+  fill(w13, n13, 1, 1.0f / sqrtf((float)H));
+  fill(w2, n2, 2, 1.0f / sqrtf((float)I));
+  struct rank_state* states =
+      (struct rank_state*)host_alloc(sizeof(struct rank_state) * num_ranks);
+  pthread_t* threads = (pthread_t*)host_alloc(sizeof(pthread_t) * num_ranks);
+  for (int r = 0; r < num_ranks; ++r) {
     states[r].rank = r;
+    states[r].logits = (float*)host_alloc(sizeof(float) * T * num_experts);
     fill(states[r].hidden, T * H, 10 + r, 1.0f);
-    fill(states[r].logits, T * E, 20 + r, 2.0f);
-    pthread_create(&threads[r], NULL, run_rank, &states[r]);
+    fill(states[r].logits, (size_t)T * num_experts, 20 + r, 2.0f);
   }
-  for (int r = 0; r < RANKS; ++r) pthread_join(threads[r], NULL);
+  for (int r = 0; r < num_ranks; ++r) pthread_create(&threads[r], NULL, run_rank, &states[r]);
+  for (int r = 0; r < num_ranks; ++r) pthread_join(threads[r], NULL);
 
   int ok = 1;
-  for (int r = 0; r < RANKS; ++r) {
+  for (int r = 0; r < num_ranks; ++r) {
     double err = cpu_check(&states[r]);
-    printf("rank %d: %d tokens, E=%d (8 per rank), k=%d, H=%d, I=%d, f32: step %.1f us, "
-           "relative error vs CPU one-rank layer %.3g\n",
-           r, T, E, K, H, I, states[r].step_us, err);
+    printf("rank %d of %d: %d tokens, E=%d (%d per rank), k=%d, H=%d, I=%d, f32: "
+           "step %.1f us, relative error vs CPU one-rank layer %.3g\n",
+           r, num_ranks, T, num_experts, EXPERTS_PER_RANK, K, H, I, states[r].step_us, err);
     ok &= err < 1e-5;
   }
-  for (int r = 0; r < RANKS; ++r) ncclCommDestroy(comms[r]);
+  for (int r = 0; r < num_ranks; ++r) {
+    ncclCommDestroy(comms[r]);
+    free(states[r].logits);
+  }
+  free(states);
+  free(threads);
+  free(comms);
+  free(w13);
+  free(w2);
   printf(ok ? "OK\n" : "FAILED\n");
   return ok ? 0 : 1;
 }
