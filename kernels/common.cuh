@@ -9,6 +9,7 @@
 
 #include <cstdint>
 
+#include "moe/moe.h"
 #include "plan.h"
 
 namespace moe::kernels {
@@ -68,6 +69,103 @@ __device__ __forceinline__ int warp_sum_int(int v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFullMask, v, o);
   return v;
 }
+
+// --- grouped-GEMM helpers (shared by the runners' kernels) ------------------
+namespace gemm {
+
+// 16-byte async copy to shared memory; valid = false zero-fills (reads nothing).
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+  const unsigned addr = unsigned(__cvta_generic_to_shared(smem));
+  const int src_size = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(addr), "l"(gmem),
+               "r"(src_size));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// Four 8x8 matrices of 16-bit elements (or 8 x 16 bytes of 8-bit ones).
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) {
+  const unsigned addr = unsigned(__cvta_generic_to_shared(smem));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+// moe_activation_t in f32 (GELU in the erf form), as the CPU backend computes it.
+__device__ __forceinline__ float activate(int act, float v) {
+  switch (act) {
+    case MOE_ACTIVATION_SILU: return v / (1.0f + expf(-v));
+    case MOE_ACTIVATION_GELU: return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
+    case MOE_ACTIVATION_GELU_TANH: {
+      const float c = 0.79788456080286536f;  // sqrt(2 / pi)
+      return 0.5f * v * (1.0f + tanhf(c * (v + 0.044715f * v * v * v)));
+    }
+    case MOE_ACTIVATION_RELU2: return v < 0.0f ? 0.0f : v * v;  // NaN propagates
+    default: return v;
+  }
+}
+
+// Dispatcher offset e clamped to [0, n]: a bad one never reads out of bounds.
+__device__ __forceinline__ int32_t clamped_offset(const int32_t* offsets, int64_t n, int e) {
+  const int32_t o = offsets[e];
+  return o < 0 ? 0 : (o > n ? int32_t(n) : o);
+}
+
+// One warp: tile_start[e] = sum over e' < e of ceil(count[e'] / BM), e in [0, E].
+template <int BM>
+__global__ void tile_map_kernel(const int32_t* offsets, int E, int64_t n, int32_t* tile_start) {
+  const int lane = threadIdx.x;
+  int32_t carry = 0;
+  for (int base = 0; base <= E; base += 32) {
+    const int e = base + lane;
+    int32_t tiles = 0;
+    if (e < E) {
+      const int32_t cnt = clamped_offset(offsets, n, e + 1) - clamped_offset(offsets, n, e);
+      tiles = cnt > 0 ? (cnt + BM - 1) / BM : 0;
+    }
+    int32_t incl = tiles;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int32_t v = __shfl_up_sync(kFullMask, incl, o);
+      if (lane >= o) incl += v;
+    }
+    if (e <= E) tile_start[e] = carry + incl - tiles;
+    carry += __shfl_sync(kFullMask, incl, 31);
+  }
+}
+
+// The expert and sorted rows of grouped tile `tile`; false when it has no work.
+struct Tile {
+  int e;
+  int32_t row_begin;  // first sorted position
+  int rows;           // valid rows, 1..BM
+};
+
+template <int BM>
+__device__ __forceinline__ bool find_tile(const int32_t* tile_start, const int32_t* offsets, int E,
+                                          int64_t n, int tile, Tile& t) {
+  if (tile >= tile_start[E]) return false;
+  int lo = 0, hi = E;  // largest e with tile_start[e] <= tile
+  while (hi - lo > 1) {
+    const int mid = (lo + hi) >> 1;
+    if (tile_start[mid] <= tile) lo = mid; else hi = mid;
+  }
+  t.e = lo;
+  const int32_t begin = clamped_offset(offsets, n, lo), end = clamped_offset(offsets, n, lo + 1);
+  t.row_begin = begin + (tile - tile_start[lo]) * BM;
+  t.rows = min(BM, end - t.row_begin);
+  return t.rows > 0;
+}
+
+// Upper bound on the tiles of n sorted rows over E experts (one partial tile each).
+inline int64_t max_tiles(int64_t n, int E, int BM) {
+  return (n + BM - 1) / BM + (E < n ? E : n);
+}
+
+}  // namespace gemm
 
 // Launch status after the kernels a launcher enqueued.
 inline cudaError_t launch_status() { return cudaGetLastError(); }

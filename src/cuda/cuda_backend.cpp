@@ -27,12 +27,9 @@ void check(cudaError_t err, const char* what) {
 
 cudaStream_t as_stream(void* stream) { return static_cast<cudaStream_t>(stream); }
 
-// The runner's device paths: no FP8 yet, one dtype for activations and weights.
+// The runner's device paths: FP8 (fp8_runner.cpp), or one dtype for activations and weights.
 void check_runner_supported(const RunnerPlan& plan) {
-  if (plan.quant_mode != MOE_QUANT_NONE)
-    fail(MOE_STATUS_UNSUPPORTED,
-         "runner: FP8 weights (quant_mode " + std::to_string(plan.quant_mode) +
-             ") are not implemented on the CUDA backend yet (use the CPU backend)");
+  if (plan.quant_mode != MOE_QUANT_NONE) return check_fp8_runner_supported(plan);
   if (!kernels::moe_run_supported(plan.H, plan.I))
     fail(MOE_STATUS_UNSUPPORTED,
          "runner: the CUDA backend needs hidden_size and intermediate_size to be multiples of 8 "
@@ -142,6 +139,7 @@ void dispatch(const DispatchPlan& plan, const DispatchArgs& args, void* stream) 
 }
 
 size_t runner_workspace_bytes(const RunnerPlan& plan, int64_t max_tokens, int K) {
+  if (plan.quant_mode != MOE_QUANT_NONE) return fp8_runner_workspace_bytes(plan, max_tokens, K);
   check_runner_supported(plan);
   // Sized for f32 intermediates, so the answer holds for any activation dtype.
   return kernels::moe_run_workspace_bytes(DType::f32, plan.E_loc, plan.H, plan.I,
@@ -150,7 +148,8 @@ size_t runner_workspace_bytes(const RunnerPlan& plan, int64_t max_tokens, int K)
 
 void run(const RunnerPlan& plan, const RunArgs& args, void* stream) {
   check_runner_supported(plan);
-  if (args.x_dtype != plan.w_dtype)
+  const bool fp8 = plan.quant_mode != MOE_QUANT_NONE;
+  if (!fp8 && args.x_dtype != plan.w_dtype)
     fail(MOE_STATUS_UNSUPPORTED,
          std::string("runner: the CUDA backend needs hidden and weights of one dtype; got hidden ") +
              dtype_name(args.x_dtype) + ", weights " + dtype_name(plan.w_dtype));
@@ -196,6 +195,7 @@ void run(const RunnerPlan& plan, const RunArgs& args, void* stream) {
                ", expected -1 or a local expert in [0, " + std::to_string(plan.E_loc) + ")");
     }
   }
+  if (fp8) return run_fp8(plan, args, stream);  // after the id check, which it shares
   check(kernels::launch_moe_run(p, s), "runner kernel launch");
 }
 

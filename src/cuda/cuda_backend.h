@@ -42,6 +42,12 @@ size_t runner_workspace_bytes(const RunnerPlan& plan, int64_t max_tokens, int K)
 // MOE_STATUS_INVALID_ARGUMENT naming the first bad (token, slot).
 void run(const RunnerPlan& plan, const RunArgs& args, void* stream);
 
+// FP8 runner (src/cuda/fp8_runner.cpp): sizes and device it supports
+// (throws MOE_STATUS_UNSUPPORTED), workspace, and the run after the id check.
+void check_fp8_runner_supported(const RunnerPlan& plan);
+size_t fp8_runner_workspace_bytes(const RunnerPlan& plan, int64_t max_tokens, int K);
+void run_fp8(const RunnerPlan& plan, const RunArgs& args, void* stream);
+
 // Throws MOE_STATUS_UNSUPPORTED naming the first pointer that is not 16-byte
 // aligned (the runner kernels move 16-byte vectors).
 void check_rows_aligned(const char* who,

@@ -1,0 +1,527 @@
+#include "moe_runner_fp8.cuh"
+
+#include <cuda_fp8.h>
+
+#include <algorithm>
+#include <type_traits>
+
+#include "common.cuh"
+#include "moe_runner.cuh"
+
+namespace moe::kernels {
+namespace {
+
+using gemm::Tile;
+
+constexpr int kGroup = 128;     // BLOCK_128: weight block edge and activation group
+constexpr int BM = 64;          // sorted rows per tile
+constexpr int BN = 64;          // output columns per tile (within one 128-row weight block)
+constexpr int BK = 128;         // K bytes per stage: one scale block
+constexpr int STAGES = 3;
+constexpr int THREADS = 128;    // 2 x 2 warps of 32 x 32
+constexpr int LD = BK + 16;     // padded smem row (144 bytes): conflict-free ldmatrix
+constexpr int QUANT_THREADS = 256;
+
+enum Mode : int { kGemm1Gated = 0, kGemm1Plain = 1, kGemm2 = 2 };
+
+size_t align256(size_t b) { return (b + 255) / 256 * 256; }
+
+// Workspace: the bf16 runner's layout first (sized for f32 so that it holds
+// for every activation dtype: the id check and the reduction use it, and
+// GEMM2 writes its per-slot outputs there), then the FP8 buffers.
+struct Layout {
+  size_t tile_start, xq, xs, h, hq, hs, total;
+};
+
+Layout layout(bool block, int E_loc, int H, int I, int64_t T, int K) {
+  const int64_t n = T * K;
+  const size_t gh = block ? size_t(H / kGroup) : 1, gi = block ? size_t(I / kGroup) : 1;
+  Layout l{};
+  size_t off = align256(moe_run_workspace_bytes(DType::f32, E_loc, H, I, n));
+  l.tile_start = off;
+  off += align256(size_t(E_loc + 1) * sizeof(int32_t));
+  l.xq = off;
+  off += align256(size_t(T) * size_t(H));
+  l.xs = off;
+  off += align256(size_t(T) * gh * sizeof(float));
+  l.h = off;
+  off += align256(size_t(n) * size_t(I) * sizeof(float));
+  l.hq = off;
+  off += align256(size_t(n) * size_t(I));
+  l.hs = off;
+  off += align256(size_t(n) * gi * sizeof(float));
+  l.total = off;
+  return l;
+}
+
+struct Work {
+  const int32_t* tile_start;
+  uint8_t* xq;  // [T, H] codes of the token rows
+  float* xs;    // [T, GH] their scales
+  float* h;     // [n, I] f32 h at each sorted position
+  uint8_t* hq;  // [n, I] its codes
+  float* hs;    // [n, GI] its scales
+  float* out2;  // [n, H] per-slot outputs (inside the bf16 runner's layout)
+  int64_t n;
+};
+
+// --- quantization -------------------------------------------------------------
+
+// Rows of f32/f16/bf16 values (times an optional per-row factor) to E4M3
+// codes and one f32 scale per group of `group` columns: the rules of
+// src/cpu/runner.cpp (dynamic: amax / 448 with NaN ignored, 0 or underflow
+// -> 1; static scale 0 gives zeros; v / scale with an IEEE divide, nearest
+// even, saturated to 448).
+struct QuantJob {
+  const void* src;
+  int64_t rows;
+  const int32_t* rows_dev;  // [1] device count of valid rows (clamped to rows), or null
+  int cols, group;
+  const float* row_factor;  // x * w[row * factor_stride] (weight on input), or null
+  int factor_stride;
+  const float* static_scale;  // [1] or null (dynamic)
+  uint8_t* q;                 // [rows, cols]
+  float* scales;              // [rows, cols / group]
+};
+
+template <class T>
+__device__ __forceinline__ float4 load4(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return *reinterpret_cast<const float4*>(p);
+  } else {
+    const uint2 raw = *reinterpret_cast<const uint2*>(p);
+    const T* v = reinterpret_cast<const T*>(&raw);
+    return make_float4(to_f32(v[0]), to_f32(v[1]), to_f32(v[2]), to_f32(v[3]));
+  }
+}
+
+// Four values / s as E4M3 codes in one word (byte i = value i).
+__device__ __forceinline__ uint32_t quant4(float4 v, float s) {
+  const __nv_fp8x2_storage_t lo =
+      __nv_cvt_float2_to_fp8x2(make_float2(__fdiv_rn(v.x, s), __fdiv_rn(v.y, s)), __NV_SATFINITE,
+                               __NV_E4M3);
+  const __nv_fp8x2_storage_t hi =
+      __nv_cvt_float2_to_fp8x2(make_float2(__fdiv_rn(v.z, s), __fdiv_rn(v.w, s)), __NV_SATFINITE,
+                               __NV_E4M3);
+  return uint32_t(lo) | (uint32_t(hi) << 16);
+}
+
+// One warp per (row, group), four columns per lane per step.
+template <class T>
+__global__ void __launch_bounds__(QUANT_THREADS) quantize_kernel(QuantJob j) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warp = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  const int64_t warps = (int64_t(gridDim.x) * blockDim.x) >> 5;
+  const int per_row = j.cols / j.group;
+  int64_t rows = j.rows;
+  if (j.rows_dev) {
+    const int64_t r = *j.rows_dev;
+    rows = r < 0 ? 0 : (r < rows ? r : rows);
+  }
+  const T* src = static_cast<const T*>(j.src);
+  for (int64_t gi = warp; gi < rows * per_row; gi += warps) {
+    const int64_t row = gi / per_row;
+    const int c0 = int(gi % per_row) * j.group;
+    const T* in = src + row * j.cols + c0;
+    const float f = j.row_factor ? j.row_factor[row * j.factor_stride] : 1.0f;
+    auto value4 = [&](int c) {
+      float4 v = load4(in + c);
+      if (j.row_factor) {
+        v.x *= f;
+        v.y *= f;
+        v.z *= f;
+        v.w *= f;
+      }
+      return v;
+    };
+    float s;
+    bool zero = false;
+    if (j.static_scale) {
+      s = *j.static_scale;
+      zero = s == 0.0f;
+    } else {
+      float amax = 0.0f;  // fmaxf drops NaN: a NaN never sets the scale
+      for (int c = lane * 4; c < j.group; c += 128) {
+        const float4 v = value4(c);
+        amax = fmaxf(amax, fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w))));
+      }
+      amax = warp_max(amax);
+      s = __fdiv_rn(amax, 448.0f);
+      if (!(s > 0.0f)) s = 1.0f;
+    }
+    if (lane == 0) j.scales[row * per_row + c0 / j.group] = zero ? 0.0f : s;
+    uint8_t* out = j.q + row * j.cols + c0;
+    for (int c = lane * 4; c < j.group; c += 128)
+      *reinterpret_cast<uint32_t*>(out + c) = zero ? 0u : quant4(value4(c), s);
+  }
+}
+
+template <class T>
+void launch_quantize(const QuantJob& j, cudaStream_t stream) {
+  const int64_t groups = j.rows * (j.cols / j.group);
+  const int64_t blocks = std::min<int64_t>((groups + QUANT_THREADS / 32 - 1) / (QUANT_THREADS / 32),
+                                           16384);
+  quantize_kernel<T><<<unsigned(std::max<int64_t>(blocks, 1)), QUANT_THREADS, 0, stream>>>(j);
+}
+
+void launch_quantize_dtype(DType dt, const QuantJob& j, cudaStream_t stream) {
+  switch (dt) {
+    case DType::bf16: launch_quantize<__nv_bfloat16>(j, stream); break;
+    case DType::f16: launch_quantize<__half>(j, stream); break;
+    default: launch_quantize<float>(j, stream); break;
+  }
+}
+
+// --- FP8 grouped GEMM ------------------------------------------------------------
+
+// d += a (16 x 32, row) * b (32 x 8, col), E4M3 inputs, f32 accumulators.
+__device__ __forceinline__ void mma_e4m3(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                         uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+  __trap();  // the host refuses FP8 below compute capability 8.9
+#endif
+}
+
+// Slot of sorted position pos, or -1 when it is not a valid slot index.
+__device__ __forceinline__ int32_t slot_at(const Fp8RunParams& p, int64_t n, int64_t pos) {
+  const int32_t s = p.sorted_slots[pos];
+  return (s >= 0 && s < n) ? s : -1;
+}
+
+// A row `pos` of the tile (GEMM1: the token's codes; GEMM2: h's codes) and
+// its scale row, or nulls for a slot index out of range.
+template <int MODE>
+__device__ __forceinline__ void a_row(const Fp8RunParams& p, const Work& w, int64_t pos,
+                                      const uint8_t*& codes, const float*& scales) {
+  const int Kdim = MODE == kGemm2 ? p.I : p.H;
+  const int groups = p.block128 ? Kdim / kGroup : 1;
+  int64_t r = pos;
+  if (MODE != kGemm2) {
+    const int32_t slot = slot_at(p, w.n, pos);
+    if (slot < 0) {
+      codes = nullptr;
+      scales = nullptr;
+      return;
+    }
+    r = slot / p.K;
+  }
+  codes = (MODE == kGemm2 ? w.hq : w.xq) + r * Kdim;
+  scales = (MODE == kGemm2 ? w.hs : w.xs) + r * groups;
+}
+
+// First weight row of column c of set `set` (0: gate or the only one, 1: up).
+template <int MODE>
+__device__ __forceinline__ int weight_row(const Fp8RunParams& p, int set, int c) {
+  if (MODE != kGemm1Gated) return c;
+  const bool is_up = set == 1;
+  return c + ((is_up != p.swap_gate_up) ? p.I : 0);
+}
+
+template <int MODE, bool BLOCK>
+__global__ void __launch_bounds__(THREADS) fp8_gemm_kernel(Fp8RunParams p, Work w) {
+  constexpr int NSETS = MODE == kGemm1Gated ? 2 : 1;
+  constexpr int A_CHUNKS = BM * BK / 16 / THREADS;  // 16-byte chunks per thread
+  constexpr int B_CHUNKS = NSETS * BN * BK / 16 / THREADS;
+  extern __shared__ __align__(128) uint8_t smem[];
+  auto As = reinterpret_cast<uint8_t (*)[BM][LD]>(smem);
+  auto Bs = reinterpret_cast<uint8_t (*)[NSETS * BN][LD]>(smem + STAGES * BM * LD);
+
+  Tile ti;
+  if (!gemm::find_tile<BM>(w.tile_start, p.offsets, p.E_loc, w.n, blockIdx.x, ti)) return;
+  const int n0 = blockIdx.y * BN;
+  const int N = MODE == kGemm2 ? p.H : p.I;
+  const int Kdim = MODE == kGemm2 ? p.I : p.H;
+  const int rows_w = MODE == kGemm2 ? p.H : (NSETS * p.I);  // rows of one expert's weight
+  const uint8_t* wmat = (MODE == kGemm2 ? p.w2 : p.w13) + int64_t(ti.e) * rows_w * Kdim;
+  const float* wscale = MODE == kGemm2 ? p.w2_scale : p.w13_scale;
+  const int KT = (Kdim + BK - 1) / BK;
+  const int tid = threadIdx.x;
+
+  // Per-thread copy sources, resolved once (the gather through sorted_slots).
+  // Chunk i of a thread: row tid / 8 + 16 i, bytes kc..kc+15 of the stage.
+  constexpr int ROW_STEP = THREADS / (BK / 16);
+  const int r0 = tid / (BK / 16), kc = (tid % (BK / 16)) * 16;
+  const uint8_t* a_src[A_CHUNKS];
+#pragma unroll
+  for (int i = 0; i < A_CHUNKS; ++i) {
+    const float* unused;
+    a_src[i] = nullptr;
+    if (r0 + i * ROW_STEP < ti.rows) a_row<MODE>(p, w, ti.row_begin + r0 + i * ROW_STEP, a_src[i], unused);
+  }
+  const uint8_t* b_src[B_CHUNKS];
+#pragma unroll
+  for (int i = 0; i < B_CHUNKS; ++i) {
+    const int br = r0 + i * ROW_STEP;
+    const int col = n0 + br % BN;
+    b_src[i] = col < N ? wmat + int64_t(weight_row<MODE>(p, br / BN, col)) * Kdim : nullptr;
+  }
+
+  auto load_stage = [&](int stage, int kt) {
+    const int k = kt * BK + kc;
+    const bool k_ok = k < Kdim;  // Kdim % 16 == 0: whole chunks
+#pragma unroll
+    for (int i = 0; i < A_CHUNKS; ++i) {
+      const bool ok = a_src[i] != nullptr && k_ok;
+      gemm::cp_async16(&As[stage][r0 + i * ROW_STEP][kc], ok ? a_src[i] + k : wmat, ok);
+    }
+#pragma unroll
+    for (int i = 0; i < B_CHUNKS; ++i) {
+      const bool ok = b_src[i] != nullptr && k_ok;
+      gemm::cp_async16(&Bs[stage][r0 + i * ROW_STEP][kc], ok ? b_src[i] + k : wmat, ok);
+    }
+  };
+
+  const int lane = tid & 31, warp = tid >> 5;
+  const int wm = warp >> 1, wn = warp & 1;
+  const int g = lane >> 2, c2 = (lane & 3) * 2;
+
+  // Scale rows of this thread's 4 accumulator rows (wm * 32 + mi * 16 + g + half * 8).
+  const float* srow[2][2];
+#pragma unroll
+  for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int r = wm * 32 + mi * 16 + g + half * 8;
+      const uint8_t* unused;
+      srow[mi][half] = nullptr;
+      if (r < ti.rows) a_row<MODE>(p, w, ti.row_begin + r, unused, srow[mi][half]);
+    }
+  // BLOCK: the weight scale row of each set (the tile lies in one 128-row block).
+  const float* wsrow[NSETS];
+#pragma unroll
+  for (int s = 0; s < NSETS; ++s) {
+    const int rb = weight_row<MODE>(p, s, n0) / kGroup;
+    wsrow[s] = BLOCK ? wscale + (int64_t(ti.e) * (rows_w / kGroup) + rb) * (Kdim / kGroup) : wscale;
+  }
+
+  float acc[NSETS][2][4][4];
+  float part[NSETS][2][4][4];
+#pragma unroll
+  for (int s = 0; s < NSETS; ++s)
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+      for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) acc[s][mi][ni][r] = 0.0f;
+
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < KT) load_stage(s, s);
+    gemm::cp_async_commit();
+  }
+  for (int kt = 0; kt < KT; ++kt) {
+    // Scales of this K block, loaded early: consumed after the MMAs.
+    float sa[2][2], sw[NSETS];
+    if (BLOCK) {
+#pragma unroll
+      for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+        for (int half = 0; half < 2; ++half)
+          sa[mi][half] = srow[mi][half] ? srow[mi][half][kt] : 0.0f;
+#pragma unroll
+      for (int s = 0; s < NSETS; ++s) sw[s] = wsrow[s][kt];
+    }
+    gemm::cp_async_wait<STAGES - 2>();
+    __syncthreads();
+    const int next = kt + STAGES - 1;
+    if (next < KT) load_stage(next % STAGES, next);
+    gemm::cp_async_commit();
+    const int st = kt % STAGES;
+#pragma unroll
+    for (int s = 0; s < NSETS; ++s)
+#pragma unroll
+      for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+          for (int r = 0; r < 4; ++r) part[s][mi][ni][r] = 0.0f;
+#pragma unroll
+    for (int kk = 0; kk < BK; kk += 32) {
+      // 8-bit fragments of m16n8k32 have the byte layout of the 16-bit ones
+      // of m16n8k16, so ldmatrix.b16 addresses them with byte offsets.
+      uint32_t a[2][4];
+#pragma unroll
+      for (int mi = 0; mi < 2; ++mi)
+        gemm::ldmatrix_x4(a[mi], &As[st][wm * 32 + mi * 16 + (lane & 15)][kk + (lane >> 4) * 16]);
+#pragma unroll
+      for (int s = 0; s < NSETS; ++s) {
+#pragma unroll
+        for (int nj = 0; nj < 2; ++nj) {
+          uint32_t b[4];
+          const int nrow = s * BN + wn * 32 + nj * 16 + (lane & 7) + (lane >> 4) * 8;
+          gemm::ldmatrix_x4(b, &Bs[st][nrow][kk + ((lane >> 3) & 1) * 16]);
+#pragma unroll
+          for (int mi = 0; mi < 2; ++mi) {
+            mma_e4m3(part[s][mi][nj * 2], a[mi], b[0], b[1]);
+            mma_e4m3(part[s][mi][nj * 2 + 1], a[mi], b[2], b[3]);
+          }
+        }
+      }
+    }
+    // Promotion to the f32 total every 128 columns of K (with the block scales).
+#pragma unroll
+    for (int s = 0; s < NSETS; ++s)
+#pragma unroll
+      for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+          for (int r = 0; r < 4; ++r) {
+            if (BLOCK)
+              acc[s][mi][ni][r] = fmaf(part[s][mi][ni][r], sa[mi][r >> 1] * sw[s], acc[s][mi][ni][r]);
+            else
+              acc[s][mi][ni][r] += part[s][mi][ni][r];
+          }
+  }
+  gemm::cp_async_wait<0>();
+
+  const float w_tensor = BLOCK ? 1.0f : wscale[ti.e];
+#pragma unroll
+  for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int r = wm * 32 + mi * 16 + g + half * 8;
+      if (r >= ti.rows || !srow[mi][half]) continue;
+      const int64_t pos = ti.row_begin + r;
+      const float f = BLOCK ? 1.0f : srow[mi][half][0] * w_tensor;
+      int32_t slot = -1;
+      if (MODE == kGemm2) {
+        slot = slot_at(p, w.n, pos);
+        if (slot < 0) continue;
+      }
+#pragma unroll
+      for (int ni = 0; ni < 4; ++ni) {
+        const int col = n0 + wn * 32 + ni * 8 + c2;
+        if (col >= N) continue;  // N % 16 == 0: col + 1 < N as well
+        const float a0 = acc[0][mi][ni][half * 2] * f, a1 = acc[0][mi][ni][half * 2 + 1] * f;
+        if (MODE == kGemm2) {
+          *reinterpret_cast<float2*>(w.out2 + int64_t(slot) * p.H + col) = make_float2(a0, a1);
+        } else {
+          float h0 = gemm::activate(p.activation, a0), h1 = gemm::activate(p.activation, a1);
+          if (MODE == kGemm1Gated) {
+            h0 *= acc[NSETS - 1][mi][ni][half * 2] * f;
+            h1 *= acc[NSETS - 1][mi][ni][half * 2 + 1] * f;
+          }
+          *reinterpret_cast<float2*>(w.h + pos * p.I + col) = make_float2(h0, h1);
+        }
+      }
+    }
+}
+
+template <int MODE, bool BLOCK>
+cudaError_t launch_gemm(const Fp8RunParams& p, const Work& w, dim3 grid, cudaStream_t stream) {
+  constexpr int NSETS = MODE == kGemm1Gated ? 2 : 1;
+  constexpr int smem = STAGES * (BM + NSETS * BN) * LD;
+  // Over the 48 KB static limit: raise the dynamic limit (no stream work; capture-safe).
+  cudaError_t err = cudaFuncSetAttribute(fp8_gemm_kernel<MODE, BLOCK>,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return err;
+  fp8_gemm_kernel<MODE, BLOCK><<<grid, THREADS, smem, stream>>>(p, w);
+  return cudaGetLastError();
+}
+
+template <bool BLOCK>
+cudaError_t launch_gemms(const Fp8RunParams& p, const Work& w, dim3 grid1, dim3 grid2,
+                         const QuantJob& hjob, cudaStream_t stream) {
+  cudaError_t err = p.gated ? launch_gemm<kGemm1Gated, BLOCK>(p, w, grid1, stream)
+                            : launch_gemm<kGemm1Plain, BLOCK>(p, w, grid1, stream);
+  if (err != cudaSuccess) return err;
+  launch_quantize<float>(hjob, stream);
+  err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  return launch_gemm<kGemm2, BLOCK>(p, w, grid2, stream);
+}
+
+// The bf16 runner's parameters for its id check and reduction.
+MoeRunParams reduce_params(const Fp8RunParams& p) {
+  MoeRunParams r{};
+  r.dtype = p.dtype;
+  r.E_loc = p.E_loc;
+  r.H = p.H;
+  r.I = p.I;
+  r.activation = p.activation;
+  r.gated = p.gated;
+  r.swap_gate_up = p.swap_gate_up;
+  r.weight_on_input = p.weight_on_input;
+  r.x = p.x;
+  r.T = p.T;
+  r.K = p.K;
+  r.local_ids = p.local_ids;
+  r.weights = p.weights;
+  r.offsets = p.offsets;
+  r.sorted_slots = p.sorted_slots;
+  r.y = p.y;
+  r.output_scale = p.output_scale;
+  r.workspace = p.workspace;
+  return r;
+}
+
+}  // namespace
+
+bool fp8_run_supported(bool block128, int H, int I) {
+  const int m = block128 ? kGroup : 16;
+  return H % m == 0 && I % m == 0;
+}
+
+size_t fp8_run_workspace_bytes(bool block128, int E_loc, int H, int I, int64_t T, int K) {
+  return layout(block128, E_loc, H, I, T, K).total;
+}
+
+cudaError_t launch_fp8_run(const Fp8RunParams& p, cudaStream_t stream) {
+  if (p.T == 0) return cudaSuccess;
+  const int64_t n = p.T * p.K;
+  const Layout l = layout(p.block128, p.E_loc, p.H, p.I, p.T, p.K);
+  char* ws = static_cast<char*>(p.workspace);
+  const MoeRunParams rp = reduce_params(p);
+  Work w{};
+  w.tile_start = reinterpret_cast<int32_t*>(ws + l.tile_start);
+  w.xq = reinterpret_cast<uint8_t*>(ws + l.xq);
+  w.xs = reinterpret_cast<float*>(ws + l.xs);
+  w.h = reinterpret_cast<float*>(ws + l.h);
+  w.hq = reinterpret_cast<uint8_t*>(ws + l.hq);
+  w.hs = reinterpret_cast<float*>(ws + l.hs);
+  w.out2 = moe_run_slot_outputs(rp);
+  w.n = n;
+
+  gemm::tile_map_kernel<BM><<<1, 32, 0, stream>>>(p.offsets, p.E_loc, n,
+                                                  const_cast<int32_t*>(w.tile_start));
+  // Token rows (weight on input: x * w, one slot per token since K = 1).
+  QuantJob xjob{};
+  xjob.src = p.x;
+  xjob.rows = p.T;
+  xjob.cols = p.H;
+  xjob.group = p.block128 ? kGroup : p.H;
+  xjob.row_factor = p.weight_on_input ? p.weights : nullptr;
+  xjob.factor_stride = p.K;
+  xjob.static_scale = p.a13_scale;
+  xjob.q = w.xq;
+  xjob.scales = w.xs;
+  launch_quantize_dtype(p.dtype, xjob, stream);
+  // h rows at the sorted positions that hold a slot: [0, offsets[E_loc]).
+  QuantJob hjob{};
+  hjob.src = w.h;
+  hjob.rows = n;
+  hjob.rows_dev = p.offsets + p.E_loc;
+  hjob.cols = p.I;
+  hjob.group = p.block128 ? kGroup : p.I;
+  hjob.static_scale = p.a2_scale;
+  hjob.q = w.hq;
+  hjob.scales = w.hs;
+
+  const int64_t tiles = gemm::max_tiles(n, p.E_loc, BM);
+  const dim3 grid1(unsigned(tiles), unsigned(ceil_div(p.I, BN)));
+  const dim3 grid2(unsigned(tiles), unsigned(ceil_div(p.H, BN)));
+  cudaError_t err = p.block128 ? launch_gemms<true>(p, w, grid1, grid2, hjob, stream)
+                               : launch_gemms<false>(p, w, grid1, grid2, hjob, stream);
+  if (err != cudaSuccess) return err;
+  return launch_moe_reduce(rp, stream);
+}
+
+}  // namespace moe::kernels
