@@ -3,6 +3,7 @@
 // through the public API with device tensors: activation x gated x dtype,
 // swap, weight-on-input, odd sizes, the three model shapes of BRIEF.md,
 // outputs poisoned before every run; bad ids with and without validation.
+// FP8 weights: tests/gpu/test_gpu_fp8.cpp.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -340,25 +341,6 @@ TEST_CASE("gpu.runner.batch_independent") {
                         size_t(m.H) * dt_bytes(dt)) == 0);
     }
   }
-}
-
-TEST_CASE("gpu.runner.fp8_unsupported") {
-  // FP8 weights are CPU-only for now: refused clearly at set_weights.
-  Model m{"fp8", 4, 1, 0, 2, 128, 128};
-  moe_runner_config_t c;
-  c.struct_size = sizeof(c);
-  REQUIRE(moe_runner_config_default(&c) == MOE_STATUS_SUCCESS);
-  c.num_experts = m.E_loc();
-  c.hidden_size = m.H;
-  c.intermediate_size = m.I;
-  c.quant_mode = MOE_QUANT_FP8_PER_TENSOR;
-  moe_runner_t r = nullptr;
-  MOE_CHECK_OK(moe_runner_create(&c, &r));
-  DeviceTensor w13(DT::e4m3, {4, 256, 128}), w2(DT::e4m3, {4, 128, 128}), s13(DT::f32, {4}),
-      s2(DT::f32, {4});
-  moe_status_t st = moe_runner_set_weights(r, w13.dl(), w2.dl(), s13.dl(), s2.dl(), nullptr, nullptr);
-  check_error_mentions(st, MOE_STATUS_UNSUPPORTED, {"FP8"});
-  moe_runner_destroy(r);
 }
 
 TEST_CASE("gpu.runner.misaligned_rows_unsupported") {
