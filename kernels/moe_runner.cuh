@@ -59,9 +59,6 @@ cudaError_t launch_moe_run(const MoeRunParams& p, cudaStream_t stream);
 // (the shared experts: GEMMs on a side stream, reduction after the join).
 cudaError_t launch_moe_gemms(const MoeRunParams& p, cudaStream_t stream);
 cudaError_t launch_moe_reduce(const MoeRunParams& p, cudaStream_t stream);
-// Where launch_moe_reduce reads the per-slot f32 outputs [T * K, H] in
-// p.workspace (the FP8 runner's GEMMs write them there).
-float* moe_run_slot_outputs(const MoeRunParams& p);
 
 // Routing metadata for dense experts (every valid token uses each of the n
 // experts once): local_ids [T, n], offsets [n + 1] and sorted_slots [T * n]
