@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
-# Two-GPU check of the NCCL all-to-all dispatcher, run on a machine with at
+# Multi-GPU check of the NCCL all-to-all dispatcher, run on a machine with at
 # least 2 GPUs from the repository root:
-#   scripts/nccl_check.sh
+#   bash scripts/nccl_check.sh                       # every visible GPU, at most 8
+#   MOE_NCCL_RANKS=8 bash scripts/nccl_check.sh      # EP=8 (EP=4: MOE_NCCL_RANKS=4)
+#   MOE_NCCL_STEPS="tests example" bash scripts/nccl_check.sh   # a subset of the runs
 # Configures and builds libmoe with NCCL (sm_90a, Ninja, staged header-only
-# deps in .deps), then runs the two-GPU suites (moe_nccl_tests), the
-# expert-parallel layer example (nccl_ep_layer) and the benchmark
-# (moe_a2a_bench, JSON in a2a_bench.json). Logs go to $OUT (the device
-# tool's folder) or build-nccl-check/logs; a summary is printed last.
+# deps in .deps), then runs at MOE_NCCL_RANKS ranks (default: every visible
+# GPU, at most 8) the suites (moe_nccl_tests), the expert-parallel layer
+# example (nccl_ep_layer) and the benchmark (moe_a2a_bench, JSON in
+# a2a_bench.json); on a machine with 8 or more GPUs the benchmark also runs
+# at 8 ranks if MOE_NCCL_RANKS asked for fewer (a2a_bench_ep8.json). Logs go
+# to $OUT (the device tool's folder) or build-nccl-check/logs; a summary is
+# printed last.
 # NVLink multicast stays off (NCCL_NVLS_ENABLE=0): on shared hosts a program
 # that uses it can put the GPUs out of service.
 set -uo pipefail
@@ -37,6 +42,23 @@ step() {
   nvidia-smi topo -m
 } >> "$summary" 2>&1
 
+# Visible GPUs (CUDA_VISIBLE_DEVICES narrows them) and the rank count of every run.
+if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then
+  gpus=$(tr ',' '\n' <<< "$CUDA_VISIBLE_DEVICES" | grep -c .)
+else
+  gpus=$(nvidia-smi --query-gpu=index --format=csv,noheader 2>/dev/null | grep -c .)
+fi
+ranks=${MOE_NCCL_RANKS:-$((gpus < 8 ? gpus : 8))}
+if ! [[ "$ranks" =~ ^[0-9]+$ ]] || [ "$ranks" -lt 2 ] || [ "$ranks" -gt "$gpus" ]; then
+  echo "need 2 <= MOE_NCCL_RANKS <= visible GPUs ($gpus); MOE_NCCL_RANKS=$ranks: stopping" |
+    tee -a "$summary"
+  exit 1
+fi
+export MOE_NCCL_RANKS=$ranks
+steps=${MOE_NCCL_STEPS:-tests example bench}
+echo "ranks $ranks of $gpus visible GPUs; steps: $steps" | tee -a "$summary"
+wants() { [[ " $steps " == *" $1 "* ]]; }
+
 # NCCL from the CUDA toolkit when it has one, else the one PyTorch's wheels ship.
 nccl_args=()
 if [ ! -e /usr/local/cuda/include/nccl.h ] && [ ! -e /usr/include/nccl.h ]; then
@@ -58,15 +80,35 @@ step build "$out/nccl_build.log" 360 cmake --build "$build" -j "$(nproc)" \
 bin="$build/tests/nccl"
 if [ ! -x "$bin/moe_nccl_tests" ]; then
   tail -n 40 "$out/nccl_build.log"
-  echo "no two-GPU test binary; stopping" | tee -a "$summary"
+  echo "no NCCL test binary; stopping" | tee -a "$summary"
   exit 1
 fi
 
-step tests "$out/nccl_tests.log" 180 "$bin/moe_nccl_tests" --duration=true
-step example "$out/nccl_example.log" 60 "$bin/nccl_ep_layer"
-step bench "$out/a2a_bench.log" 150 "$bin/moe_a2a_bench" --json "$out/a2a_bench.json"
+# Time limits grow with the rank count (180 s, 60 s, 150 s at 2 ranks).
+logs=()
+if wants tests; then
+  step tests "$out/nccl_tests.log" $((120 + 30 * ranks)) "$bin/moe_nccl_tests" --duration=true
+  logs+=(nccl_tests.log)
+fi
+if wants example; then
+  step example "$out/nccl_example.log" $((50 + 5 * ranks)) "$bin/nccl_ep_layer" "$ranks"
+  logs+=(nccl_example.log)
+fi
+if wants bench && [ $((256 % ranks)) -ne 0 ]; then
+  printf '%-16s %s\n' bench "SKIPPED: $ranks ranks do not divide the benchmark's E = 256" |
+    tee -a "$summary"
+elif wants bench; then
+  step bench "$out/a2a_bench.log" $((90 + 30 * ranks)) "$bin/moe_a2a_bench" --ranks "$ranks" \
+    --json "$out/a2a_bench.json"
+  logs+=(a2a_bench.log)
+  if [ "$gpus" -ge 8 ] && [ "$ranks" -ne 8 ]; then
+    step bench_ep8 "$out/a2a_bench_ep8.log" 330 "$bin/moe_a2a_bench" --ranks 8 \
+      --json "$out/a2a_bench_ep8.json"
+    logs+=(a2a_bench_ep8.log)
+  fi
+fi
 
-for f in nccl_tests.log nccl_example.log a2a_bench.log; do
+for f in "${logs[@]}"; do
   echo "--- tail of $f"
   tail -n 25 "$out/$f"
 done
