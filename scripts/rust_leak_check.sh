@@ -2,6 +2,7 @@
 # Runs the Rust create/use/destroy tests (bindings/rust/moe/tests/lifecycle.rs)
 # and the error-path tests under valgrind: any leak or memory error fails.
 # Needs libmoe.so where moe-sys/build.rs finds it (MOE_LIB_DIR, pkg-config or build*/).
+# MOE_CARGO_FEATURES=nccl (a libmoe built with NCCL) adds the a2a handle's cycles.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -10,7 +11,7 @@ command -v valgrind >/dev/null || { echo "error: valgrind not found (apt-get ins
 
 status=0
 for test in lifecycle errors; do
-  exe="$(cargo test --offline --manifest-path "$manifest" -p moe --test "$test" --no-run --message-format=json \
+  exe="$(cargo test --offline --manifest-path "$manifest" -p moe ${MOE_CARGO_FEATURES:+--features "$MOE_CARGO_FEATURES"} --test "$test" --no-run --message-format=json \
          | grep -o '"executable":"[^"]*"' | sed 's/"executable":"\(.*\)"/\1/' | tail -n 1)"
   [[ -x "$exe" ]] || { echo "error: no test binary for $test" >&2; exit 2; }
   echo "== valgrind $test ($exe)"

@@ -1,9 +1,13 @@
 //! Safe Rust API for libmoe, a Mixture-of-Experts layer library.
 //!
-//! Three handles own their C objects and destroy them on drop: [`Router`]
-//! (logits -> top-k ids and weights), [`Dispatcher`] (global ids -> local ids
-//! and routing metadata) and [`Runner`] (the fused expert computation), plus
-//! [`Layer`], the one-call route -> dispatch -> run. Tensors cross as borrowed
+//! Handles own their C objects and destroy them on drop: [`Router`]
+//! (logits or hidden states -> top-k ids and weights), [`Dispatcher`] (global
+//! ids -> local ids and routing metadata), [`Runner`] (the fused expert
+//! computation) and [`SharedExperts`] (dense experts every token goes
+//! through), plus [`Layer`], the one-call route -> dispatch -> run, and
+//! [`Block`], the whole MoE block (gate projection, routed and shared
+//! experts) in one call. With the `nccl` feature (a libmoe built with NCCL),
+//! [`A2aDispatcher`] exchanges tokens between expert-parallel ranks. Tensors cross as borrowed
 //! DLPack views ([`Tensor`], [`TensorMut`]); every call returns
 //! `Result<T, Error>` with the library's status and message.
 //!
@@ -30,19 +34,27 @@
 //! # Ok(()) }
 //! ```
 
+#[cfg(feature = "nccl")]
+mod a2a;
+mod block;
 mod dispatcher;
 mod error;
 mod layer;
 mod router;
 mod runner;
+mod shared;
 mod tensor;
 mod version;
 
+#[cfg(feature = "nccl")]
+pub use a2a::{A2aBufferSizes, A2aConfig, A2aDispatcher};
+pub use block::Block;
 pub use dispatcher::{Dispatcher, DispatcherConfig};
 pub use error::{Error, Result, Status};
 pub use layer::Layer;
 pub use router::{pack_topk, Router, RouterConfig, RoutingMethod};
 pub use runner::{ActScaleMode, Activation, QuantMode, Runner, RunnerConfig};
+pub use shared::{SharedExperts, SharedExpertsConfig};
 pub use tensor::{
     DType, Device, HalfType, HostWorkspace, Stream, Tensor, TensorMut, Workspace, MAX_NDIM, WORKSPACE_ALIGN,
 };

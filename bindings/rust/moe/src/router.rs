@@ -5,7 +5,7 @@ use std::ptr::{self, NonNull};
 use moe_sys as sys;
 
 use crate::error::{check, Error, Result};
-use crate::tensor::{opt_dl, opt_ptr, Stream, Tensor, TensorMut};
+use crate::tensor::{opt_dl, opt_dl_mut, opt_ptr, opt_ptr_mut, Device, Stream, Tensor, TensorMut, Workspace};
 use crate::version::check_version;
 
 /// A `moe_routing_method_t` (append-only in C, so a newtype: any i32 may be passed on).
@@ -191,6 +191,55 @@ impl Router {
             Stream::DEFAULT,
         )?;
         Ok((ids, weights))
+    }
+
+    /// Workspace bytes of `route_hidden` for up to `max_tokens` tokens of hidden size `hidden_size`.
+    pub fn hidden_workspace_size(&self, hidden_size: i32, max_tokens: i64, device: Device) -> Result<usize> {
+        let mut bytes = 0usize;
+        // SAFETY: a live handle and a valid out pointer.
+        check(unsafe {
+            sys::moe_router_hidden_workspace_size(self.as_raw(), hidden_size, max_tokens, device.dl_type(), &mut bytes)
+        })?;
+        Ok(bytes)
+    }
+
+    /// Route from hidden states (`moe_router_run_hidden`): logits = hidden [T, H] .
+    /// gate_weight [E, H]^T computed in f32 (f32/f16/bf16 in any mix), then as
+    /// `route`. `logits`: None, or [T, E] f32 that receives the logits.
+    #[allow(clippy::too_many_arguments)]
+    pub fn route_hidden(
+        &self,
+        hidden: &Tensor<'_>,
+        gate_weight: &Tensor<'_>,
+        correction_bias: Option<&Tensor<'_>>,
+        num_valid_tokens: Option<&Tensor<'_>>,
+        topk_ids: &mut TensorMut<'_>,
+        topk_weights: &mut TensorMut<'_>,
+        logits: Option<&mut TensorMut<'_>>,
+        workspace: Workspace<'_>,
+        stream: Stream,
+    ) -> Result<()> {
+        let (x, wg) = (hidden.dl(), gate_weight.dl());
+        let (bias, valid) = (opt_dl(correction_bias), opt_dl(num_valid_tokens));
+        let (mut ids, mut weights, mut z) = (topk_ids.dl(), topk_weights.dl(), opt_dl_mut(logits));
+        let (ws, ws_bytes) = workspace.raw();
+        // SAFETY: live borrows of the described extent (outputs exclusively
+        // borrowed); the library validates everything before touching them.
+        check(unsafe {
+            sys::moe_router_run_hidden(
+                self.as_raw(),
+                &x,
+                &wg,
+                opt_ptr(&bias),
+                opt_ptr(&valid),
+                &mut ids,
+                &mut weights,
+                opt_ptr_mut(&mut z),
+                ws,
+                ws_bytes,
+                stream.as_raw(),
+            )
+        })
     }
 
     pub fn as_raw(&self) -> sys::moe_router_t {

@@ -50,7 +50,7 @@ impl DType {
         }
     }
 
-    fn dl(self) -> sys::DLDataType {
+    pub(crate) fn dl(self) -> sys::DLDataType {
         let (code, bits) = match self {
             DType::F32 => (sys::DLDataTypeCode_kDLFloat, 32),
             DType::F16 => (sys::DLDataTypeCode_kDLFloat, 16),
@@ -320,6 +320,13 @@ pub(crate) fn opt_dl(t: Option<&Tensor<'_>>) -> Option<sys::DLTensor> {
 }
 pub(crate) fn opt_ptr(t: &Option<sys::DLTensor>) -> *const sys::DLTensor {
     t.as_ref().map_or(ptr::null(), |t| t as *const sys::DLTensor)
+}
+/// The same for an optional output.
+pub(crate) fn opt_dl_mut(t: Option<&mut TensorMut<'_>>) -> Option<sys::DLTensor> {
+    t.map(|t| t.dl())
+}
+pub(crate) fn opt_ptr_mut(t: &mut Option<sys::DLTensor>) -> *mut sys::DLTensor {
+    t.as_mut().map_or(ptr::null_mut(), |t| t as *mut sys::DLTensor)
 }
 
 /// A CUDA stream (`cudaStream_t`) passed through to the library; ignored by the CPU backend.

@@ -3,8 +3,8 @@
 //! scripts/rust_leak_check.sh: Drop must release everything.
 
 use moe::{
-    Device, DispatcherConfig, HostWorkspace, Layer, RouterConfig, RoutingMethod, RunnerConfig, Stream,
-    Tensor, TensorMut, Workspace,
+    Block, Device, DispatcherConfig, HostWorkspace, Layer, RouterConfig, RoutingMethod, RunnerConfig,
+    SharedExpertsConfig, Stream, Tensor, TensorMut, Workspace,
 };
 
 const CYCLES: usize = 25;
@@ -158,4 +158,111 @@ fn handles_moved_across_threads() {
     .join()
     .unwrap();
     drop(router);
+}
+
+#[test]
+fn shared_experts_and_blocks_dropped_with_internal_workspaces() {
+    let (e, h, i, t) = (4usize, 8usize, 6usize, 5usize);
+    let w13: Vec<f32> = (0..e * 2 * i * h).map(|n| ((n % 13) as f32 - 6.0) / 20.0).collect();
+    let w2: Vec<f32> = (0..e * h * i).map(|n| ((n % 11) as f32 - 5.0) / 20.0).collect();
+    let wg: Vec<f32> = (0..e * h).map(|n| ((n % 5) as f32 - 2.0) / 8.0).collect();
+    let sg: Vec<f32> = (0..h).map(|n| (n as f32 - 4.0) / 16.0).collect();
+    let x: Vec<f32> = (0..t * h).map(|n| ((n % 7) as f32 - 3.0) / 3.0).collect();
+    for n in 0..CYCLES {
+        let mut runner = RunnerConfig::new(e as i32, h as i32, i as i32).unwrap().build().unwrap();
+        runner
+            .set_weights(
+                &Tensor::f32(&w13, &[e as i64, 2 * i as i64, h as i64]).unwrap(),
+                &Tensor::f32(&w2, &[e as i64, h as i64, i as i64]).unwrap(),
+            )
+            .unwrap();
+        // One shared expert with weights [1, 2I, H] / [1, H, I]: the first expert's.
+        let mut shared = SharedExpertsConfig::new(1, h as i32, i as i32).unwrap().build().unwrap();
+        let gate = Tensor::f32(&sg, &[1, h as i64]).unwrap();
+        shared
+            .set_weights(
+                &Tensor::f32(&w13[..2 * i * h], &[1, 2 * i as i64, h as i64]).unwrap(),
+                &Tensor::f32(&w2[..h * i], &[1, h as i64, i as i64]).unwrap(),
+                if n % 2 == 0 { Some(&gate) } else { None },
+            )
+            .unwrap();
+        let mut y = vec![f32::NAN; t * h];
+        shared
+            .run(
+                &Tensor::f32(&x, &[t as i64, h as i64]).unwrap(),
+                None,
+                &mut TensorMut::f32(&mut y, &[t as i64, h as i64]).unwrap(),
+                false,
+                Workspace::internal(),
+                Stream::DEFAULT,
+            )
+            .unwrap();
+        assert!(y.iter().all(|v| v.is_finite()));
+        let block = Block::new(
+            RouterConfig::new(RoutingMethod::SIGMOID_TOPK, e as i32, 2).unwrap().build().unwrap(),
+            DispatcherConfig::new(e as i32).unwrap().build().unwrap(),
+            runner,
+            if n % 3 == 2 { None } else { Some(shared) },
+        );
+        let out = block.forward_f32(&x, &wg, None).unwrap();
+        let mut ws = HostWorkspace::new(block.workspace_size(t as i64, Device::Cpu).unwrap()).unwrap();
+        let mut out2 = vec![f32::NAN; t * h];
+        block
+            .forward(
+                &Tensor::f32(&x, &[t as i64, h as i64]).unwrap(),
+                &Tensor::f32(&wg, &[e as i64, h as i64]).unwrap(),
+                None,
+                None,
+                &mut TensorMut::f32(&mut out2, &[t as i64, h as i64]).unwrap(),
+                Workspace::host(&mut ws),
+                Stream::DEFAULT,
+            )
+            .unwrap();
+        assert_eq!(out, out2);
+        // The gate projection alone, with the router's internal workspace.
+        let (mut ids, mut w) = (vec![0i32; t * 2], vec![0f32; t * 2]);
+        block
+            .router
+            .route_hidden(
+                &Tensor::f32(&x, &[t as i64, h as i64]).unwrap(),
+                &Tensor::f32(&wg, &[e as i64, h as i64]).unwrap(),
+                None,
+                None,
+                &mut TensorMut::i32(&mut ids, &[t as i64, 2]).unwrap(),
+                &mut TensorMut::f32(&mut w, &[t as i64, 2]).unwrap(),
+                None,
+                Workspace::internal(),
+                Stream::DEFAULT,
+            )
+            .unwrap();
+    }
+}
+
+#[test]
+fn failed_shared_experts_and_block_calls_leak_nothing() {
+    for _ in 0..CYCLES {
+        assert!(SharedExpertsConfig::new(0, 8, 4).unwrap().build().is_err());
+        let bad = vec![0f32; 3];
+        let mut shared = SharedExpertsConfig::new(1, 8, 4).unwrap().build().unwrap();
+        assert!(shared
+            .set_weights(&Tensor::f32(&bad, &[1, 3, 1]).unwrap(), &Tensor::f32(&bad, &[3]).unwrap(), None)
+            .is_err());
+        let block = Block::new(
+            RouterConfig::new(RoutingMethod::SOFTMAX_TOPK, 4, 2).unwrap().build().unwrap(),
+            DispatcherConfig::new(4).unwrap().build().unwrap(),
+            RunnerConfig::new(4, 8, 4).unwrap().build().unwrap(),
+            Some(shared),
+        );
+        assert!(block.forward_f32(&[0.0; 16], &[0.0; 32], None).is_err());
+    }
+}
+
+#[cfg(feature = "nccl")]
+#[test]
+fn failed_a2a_creations_leak_nothing() {
+    for _ in 0..CYCLES {
+        let config = moe::A2aConfig::new(8, 16, 4, 2).unwrap();
+        // SAFETY: a NULL communicator is rejected before anything is used.
+        assert!(unsafe { moe::A2aDispatcher::new(&config, std::ptr::null_mut()) }.is_err());
+    }
 }
