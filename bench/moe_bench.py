@@ -150,7 +150,28 @@ def peer_grouped_mm(x, ids, w, w13t, w2t, I, E_loc, y):
     return y
 
 
-def bench_shape(name, cfg, tokens, ceilings, reps, check_rows, skip_loop_above):
+def time_grouped_mm(name, T, xs, local, wts, w13t, w2t, I, E_loc, reps, rows, ref):
+    """(median us, rel error, how it was timed) of the torch._grouped_mm peer."""
+    y_gm = torch.empty(T, xs[0].shape[1], device=xs[0].device, dtype=xs[0].dtype)
+    gm = lambda: [peer_grouped_mm(xs[r], local[r], wts[r], w13t, w2t, I, E_loc, y_gm)  # noqa: E731
+                  for r in range(NROT)]
+    try:
+        try:
+            mode = "graph"
+            t = events_median(graph_of(gm).replay, reps, NROT) * 1e3
+        except RuntimeError as exc:  # not capturable: time it eagerly, and say so
+            print(f"  torch._grouped_mm not capturable at {name} T={T} ({exc}); eager", file=sys.stderr)
+            torch.cuda.synchronize()
+            mode = "eager"
+            t = events_median(gm, reps, NROT) * 1e3
+        peer_grouped_mm(xs[0], local[0], wts[0], w13t, w2t, I, E_loc, y_gm)
+        return t, rel_err(y_gm[rows], ref), mode
+    except Exception as exc:  # a peer that cannot run this case is reported, not fatal
+        print(f"  torch._grouped_mm failed at {name} T={T}: {exc}", file=sys.stderr)
+        return float("nan"), float("nan"), "failed"
+
+
+def bench_shape(name, cfg, tokens, ceilings, reps, check_rows, skip_loop_above, peers=True):
     copy_gbs, peak = ceilings
     E, E_loc, k, H, I = cfg["E"], cfg["E_loc"], cfg["k"], cfg["H"], cfg["I"]
     dev = torch.device("cuda")
@@ -216,27 +237,12 @@ def bench_shape(name, cfg, tokens, ceilings, reps, check_rows, skip_loop_above):
         ref = torch_reference(xs[0], local[0], wts[0], w13, w2, I, rows)
         err_ours = rel_err(ys[0][rows], ref)
 
-        y_gm = torch.empty(T, H, device=dev, dtype=bf16)
-        gm = lambda: [peer_grouped_mm(xs[r], local[r], wts[r], w13t, w2t, I, E_loc, y_gm)  # noqa: E731
-                      for r in range(NROT)]
-        gm_mode = "graph"
-        try:
-            try:
-                g_gm = graph_of(gm)
-                t_gm = events_median(g_gm.replay, reps, NROT) * 1e3
-            except RuntimeError as exc:  # not capturable: time it eagerly, and say so
-                print(f"  torch._grouped_mm not capturable at {name} T={T} ({exc}); eager", file=sys.stderr)
-                torch.cuda.synchronize()
-                gm_mode = "eager"
-                t_gm = events_median(gm, reps, NROT) * 1e3
-            peer_grouped_mm(xs[0], local[0], wts[0], w13t, w2t, I, E_loc, y_gm)
-            err_gm = rel_err(y_gm[rows], ref)
-        except Exception as exc:  # a peer that cannot run this case is reported, not fatal
-            print(f"  torch._grouped_mm failed at {name} T={T}: {exc}", file=sys.stderr)
-            t_gm, err_gm, gm_mode = float("nan"), float("nan"), "failed"
-
-        t_loop = err_loop = float("nan")
-        if T <= skip_loop_above:
+        t_gm = err_gm = t_loop = err_loop = float("nan")
+        gm_mode = "skipped"
+        if peers:
+            t_gm, err_gm, gm_mode = time_grouped_mm(name, T, xs, local, wts, w13t, w2t, I, E_loc, reps,
+                                                     rows, ref)
+        if peers and T <= skip_loop_above:
             y_loop = torch.empty(T, H, device=dev, dtype=bf16)
             t_loop = events_median(lambda: [peer_loop(xs[r], local[r], wts[r], w13, w2, I, y_loop)
                                             for r in range(NROT)], max(3, reps // 4), NROT) * 1e3
@@ -314,6 +320,7 @@ def main():
                     help="skip the per-expert loop peer above this T")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "moe_bench.json"))
     ap.add_argument("--plots", action="store_true")
+    ap.add_argument("--no-peers", action="store_true", help="time libmoe only (sweeps)")
     args = ap.parse_args()
     torch.manual_seed(0)
     ceilings = measure_ceilings()
@@ -323,11 +330,12 @@ def main():
     results = []
     for name in args.shapes.split(","):
         results += bench_shape(name, SHAPES[name], tokens, ceilings, args.reps, args.check_rows,
-                               args.loop_max_tokens)
+                               args.loop_max_tokens, peers=not args.no_peers)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                 libmoe=libmoe.version_string(), copy_gbs=ceilings[0], matmul_tflops=ceilings[1],
-                date=time.strftime("%Y-%m-%d"), command=" ".join(sys.argv))
+                date=time.strftime("%Y-%m-%d"), command=" ".join(sys.argv),
+                env={k: v for k, v in os.environ.items() if k.startswith("MOE_RUNNER_")})
     with open(args.out, "w") as f:
         json.dump(dict(meta=meta, results=results), f, indent=1)
     if args.plots:

@@ -1,6 +1,7 @@
 // Standard dispatch on the device: global -> local ids, per-expert counts and
 // offsets, and the slot permutation grouped by local expert, stable in (t, j)
-// order. Three launches (tile histogram, one-block scan, stable scatter); no
+// order. Three launches (tile histogram, one-block scan, stable scatter), or
+// one block for up to 8 tiles of 256 slots; no
 // host synchronisation and no allocation.
 #pragma once
 

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <climits>
+#include <cstdlib>
 #include <type_traits>
 
 #include "common.cuh"
@@ -28,7 +29,7 @@ Layout layout(DType dtype, int E_loc, int H, int I, int64_t n) {
   size_t off = 0;
   l.tile_start = off;
   off += align256(size_t(E_loc + 1) * sizeof(int32_t));
-  l.bad = off;
+  l.bad = off;  // the id check's first bad slot; the chosen row tile at +128
   off += 256;
   l.h = off;
   off += align256(size_t(n) * size_t(I) * (dtype == DType::f32 ? 4 : 2));
@@ -40,6 +41,7 @@ Layout layout(DType dtype, int E_loc, int H, int I, int64_t n) {
 
 struct Work {
   const int32_t* tile_start;
+  const int32_t* rows;  // the row tile the tile map chose; GEMM blocks of other tiles exit
   void* h;
   float* out2;
   int64_t n;  // T * K
@@ -71,9 +73,16 @@ __device__ __forceinline__ int32_t clamped_offset(const MoeRunParams& p, int64_t
   return o < 0 ? 0 : (o > n ? int32_t(n) : o);
 }
 
-// tile_start[e] = sum over e' < e of ceil(count[e'] / bm), e in [0, E_loc].
-__global__ void tile_map_kernel(MoeRunParams p, int64_t n, int bm, int32_t* tile_start) {
+// Row tile: bm_small when the local slots per expert (known only here, not
+// on the host: under expert parallelism most slots may be -1) are at most
+// small_max_avg, else bm_large. Then tile_start[e] = sum over e' < e of
+// ceil(count[e'] / bm), e in [0, E_loc].
+__global__ void tile_map_kernel(MoeRunParams p, int64_t n, int bm_small, int bm_large,
+                                int small_max_avg, int32_t* tile_start, int32_t* rows) {
   const int lane = threadIdx.x;
+  const int64_t valid = clamped_offset(p, n, p.E_loc) - clamped_offset(p, n, 0);
+  const int bm = valid <= int64_t(small_max_avg) * p.E_loc ? bm_small : bm_large;
+  if (lane == 0) *rows = bm;
   int32_t carry = 0;
   for (int base = 0; base <= p.E_loc; base += 32) {
     const int e = base + lane;
@@ -103,6 +112,7 @@ struct TileInfo {
 template <int TM>
 __device__ __forceinline__ bool find_tile(const MoeRunParams& p, const Work& w, int tile,
                                           TileInfo& ti) {
+  if (*w.rows != TM) return false;
   const int32_t* ts = w.tile_start;
   if (tile >= ts[p.E_loc]) return false;
   int lo = 0, hi = p.E_loc;  // largest e with ts[e] <= tile: ts[lo] <= tile < ts[hi]
@@ -562,7 +572,8 @@ Work make_work(const MoeRunParams& p) {
   const int64_t n = p.T * p.K;
   const Layout l = layout(p.dtype, p.E_loc, p.H, p.I, n);
   char* ws = static_cast<char*>(p.workspace);
-  return Work{reinterpret_cast<int32_t*>(ws + l.tile_start), ws + l.h,
+  return Work{reinterpret_cast<int32_t*>(ws + l.tile_start),
+              reinterpret_cast<int32_t*>(ws + l.bad + 128), ws + l.h,
               reinterpret_cast<float*>(ws + l.out2), n};
 }
 
@@ -571,16 +582,17 @@ int grid_limit(int64_t work, int threads) {
 }
 
 // Tensor-core configurations, by expected rows per expert (see pick_rows).
-// Decode: 16 or 32 rows, 16 columns per weight set and two warps, so that
-// even one expert's weights spread over hundreds of blocks, with 8 stages of
-// 64-deep k in flight (12 for 16 rows, where one expert may be all the
-// work) to keep HBM busy. Middle: 64 x 64, four warps.
-// Prefill: 128 rows, eight warps, 4 stages.
+// Decode: 16 rows, 16 columns per weight set and two warps, so that even
+// one expert's weights spread over hundreds of blocks, 12 stages of 64-deep
+// k in flight to keep HBM busy; 32 rows with 32 columns (half the re-reads
+// of the gathered rows per weight byte), 8 stages. Middle: 64 x 64, four warps
+// (only when forced). Prefill: 128 rows, eight warps, 64-deep k, 3 stages
+// (run 8: 13-29% faster than 32-deep k with 4 stages at T >= 1024).
 using CfgDecode16 = TcCfg<16, 16, 1, 2, 64, 12>;
-using CfgDecode32 = TcCfg<32, 16, 1, 2, 64, 8>;
+using CfgDecode32 = TcCfg<32, 32, 1, 4, 64, 8>;
 using CfgMid = TcCfg<64, 64, 2, 2, 32, 4>;
-using CfgWide1 = TcCfg<128, 64, 4, 2, 32, 4>;   // gated GEMM1: 2 x 64 weight rows
-using CfgWide2 = TcCfg<128, 128, 4, 2, 32, 4>;  // plain GEMM1 and GEMM2
+using CfgWide1 = TcCfg<128, 64, 4, 2, 64, 3>;   // gated GEMM1: 2 x 64 weight rows
+using CfgWide2 = TcCfg<128, 128, 4, 2, 64, 3>;  // plain GEMM1 and GEMM2
 
 template <class T, int MODE, class Cfg>
 void launch_tc(const MoeRunParams& p, const Work& w, unsigned tiles, int N, cudaStream_t stream) {
@@ -593,14 +605,17 @@ void launch_tc(const MoeRunParams& p, const Work& w, unsigned tiles, int N, cuda
   kernel<<<grid, Cfg::THREADS, smem, stream>>>(p, w);
 }
 
+// GEMM1 (second = false) or GEMM2 of one configuration pair.
 template <class T, class Cfg1, class Cfg2>
-void launch_tc_pair(const MoeRunParams& p, const Work& w, unsigned tiles, cudaStream_t stream) {
+void launch_tc_stage(const MoeRunParams& p, const Work& w, unsigned tiles, bool second,
+                     cudaStream_t stream) {
   static_assert(Cfg1::BM == Cfg2::BM, "one tile map serves both GEMMs");
-  if (p.gated)
+  if (second)
+    launch_tc<T, kGemm2, Cfg2>(p, w, tiles, p.H, stream);
+  else if (p.gated)
     launch_tc<T, kGemm1Gated, Cfg1>(p, w, tiles, p.I, stream);
   else
     launch_tc<T, kGemm1Plain, Cfg2>(p, w, tiles, p.I, stream);
-  launch_tc<T, kGemm2, Cfg2>(p, w, tiles, p.H, stream);
 }
 
 // Upper bound on the tiles of bm rows: each expert adds at most one partial tile.
@@ -608,21 +623,48 @@ unsigned max_tiles(const MoeRunParams& p, int64_t n, int bm) {
   return unsigned(ceil_div(n, bm) + std::min<int64_t>(p.E_loc, n));
 }
 
-// Row tile of the tensor-core path from the slots per local expert, were
-// every slot local (the host knows T * K, not the routing). Only speed
-// depends on it: every configuration gives bitwise the same result.
-int pick_rows(const MoeRunParams& p, int64_t n) {
+// Row tiles of the tensor-core path, from the slots per local expert were
+// every slot local (the host knows T * K, not the routing): {small, large}
+// candidates, the tile map picks one on the device from the real local
+// count. Only speed depends on it: every configuration gives bitwise the
+// same result.
+struct RowChoice {
+  int small, large, small_max_avg;
+};
+
+RowChoice pick_rows(const MoeRunParams& p, int64_t n) {
+  // MOE_RUNNER_TILE_ROWS=16|32|64|128 forces a row tile (benchmark sweeps).
+  static const int forced = [] {
+    const char* v = std::getenv("MOE_RUNNER_TILE_ROWS");
+    const int r = v ? std::atoi(v) : 0;
+    return (r == 16 || r == 32 || r == 64 || r == 128) ? r : 0;
+  }();
+  if (forced) return {forced, forced, 0};
   const double per_expert = double(n) / p.E_loc;
-  if (per_expert <= 10) return 16;
-  if (per_expert <= 24) return 32;
-  if (per_expert <= 64) return 64;
-  return 128;
+  if (per_expert <= 10) return {16, 16, 0};
+  if (per_expert <= 24) return {32, 32, 0};
+  // Run 8 at T = 256: 32-row tiles won with ~8-16 local rows per expert
+  // (DeepSeek slice 0.89 vs 0.61), 128-row tiles with 64 (Mixtral 0.60 vs 0.44).
+  if (per_expert <= 512) return {32, 128, 40};
+  return {128, 128, 0};
 }
 
 template <class T>
-void launch_gemms_typed(const MoeRunParams& p, const Work& w, int bm, cudaStream_t stream) {
+void launch_tc_rows(const MoeRunParams& p, const Work& w, int bm, bool second, cudaStream_t stream) {
   const unsigned tiles = max_tiles(p, w.n, bm);
+  switch (bm) {
+    case 16: launch_tc_stage<T, CfgDecode16, CfgDecode16>(p, w, tiles, second, stream); break;
+    case 32: launch_tc_stage<T, CfgDecode32, CfgDecode32>(p, w, tiles, second, stream); break;
+    case 64: launch_tc_stage<T, CfgMid, CfgMid>(p, w, tiles, second, stream); break;
+    default: launch_tc_stage<T, CfgWide1, CfgWide2>(p, w, tiles, second, stream); break;
+  }
+}
+
+template <class T>
+void launch_gemms_typed(const MoeRunParams& p, const Work& w, const RowChoice& rc,
+                        cudaStream_t stream) {
   if constexpr (std::is_same_v<T, float>) {
+    const unsigned tiles = max_tiles(p, w.n, BM);
     const dim3 grid1(tiles, unsigned(ceil_div(p.I, BN)));
     const dim3 grid2(tiles, unsigned(ceil_div(p.H, BN)));
     if (p.gated)
@@ -631,11 +673,10 @@ void launch_gemms_typed(const MoeRunParams& p, const Work& w, int bm, cudaStream
       gemm_f32_kernel<kGemm1Plain><<<grid1, F_THREADS, 0, stream>>>(p, w);
     gemm_f32_kernel<kGemm2><<<grid2, F_THREADS, 0, stream>>>(p, w);
   } else {
-    switch (bm) {
-      case 16: launch_tc_pair<T, CfgDecode16, CfgDecode16>(p, w, tiles, stream); break;
-      case 32: launch_tc_pair<T, CfgDecode32, CfgDecode32>(p, w, tiles, stream); break;
-      case 64: launch_tc_pair<T, CfgMid, CfgMid>(p, w, tiles, stream); break;
-      default: launch_tc_pair<T, CfgWide1, CfgWide2>(p, w, tiles, stream); break;
+    // Both candidates are launched; blocks of the one not chosen exit at once.
+    for (const bool second : {false, true}) {
+      launch_tc_rows<T>(p, w, rc.small, second, stream);
+      if (rc.large != rc.small) launch_tc_rows<T>(p, w, rc.large, second, stream);
     }
   }
 }
@@ -663,12 +704,14 @@ cudaError_t launch_validate_ids(const MoeRunParams& p, int32_t** bad_slot_dev,
 cudaError_t launch_moe_gemms(const MoeRunParams& p, cudaStream_t stream) {
   if (p.T == 0) return cudaSuccess;
   const Work w = make_work(p);
-  const int bm = p.dtype == DType::f32 ? BM : pick_rows(p, w.n);
-  tile_map_kernel<<<1, 32, 0, stream>>>(p, w.n, bm, const_cast<int32_t*>(w.tile_start));
+  const RowChoice rc = p.dtype == DType::f32 ? RowChoice{BM, BM, 0} : pick_rows(p, w.n);
+  tile_map_kernel<<<1, 32, 0, stream>>>(p, w.n, rc.small, rc.large, rc.small_max_avg,
+                                        const_cast<int32_t*>(w.tile_start),
+                                        const_cast<int32_t*>(w.rows));
   switch (p.dtype) {
-    case DType::bf16: launch_gemms_typed<__nv_bfloat16>(p, w, bm, stream); break;
-    case DType::f16: launch_gemms_typed<__half>(p, w, bm, stream); break;
-    default: launch_gemms_typed<float>(p, w, bm, stream); break;
+    case DType::bf16: launch_gemms_typed<__nv_bfloat16>(p, w, rc, stream); break;
+    case DType::f16: launch_gemms_typed<__half>(p, w, rc, stream); break;
+    default: launch_gemms_typed<float>(p, w, rc, stream); break;
   }
   return launch_status();
 }

@@ -23,6 +23,13 @@ if [ "${MOE_BENCH_SKIP_TESTS:-0}" != 1 ]; then
   grep -E 'MESSAGE' "$out/ctest_gpu.log" | sed 's/^.*MESSAGE: /  /' | tail -n 12
   [ $rc -eq 0 ] || { echo "GPU tests failed (rc=$rc): no timing"; exit 1; }
 fi
-PYTHONUNBUFFERED=1 PYTHONPATH="$root/bindings/python" MOE_LIB_PATH="$build" \
-  python3 bench/moe_bench.py --plots --out "$out/moe_bench.json" "$@" 2>&1 | tee -a "$out/bench.log"
-exit "${PIPESTATUS[0]}"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$root/bindings/python" MOE_LIB_PATH="$build"
+python3 bench/moe_bench.py --plots --out "$out/moe_bench.json" "$@" 2>&1 | tee -a "$out/bench.log"
+rc=${PIPESTATUS[0]}
+# Optional sweep, libmoe only: MOE_BENCH_SWEEP="ENV=VALUE:tokens ..." (one run per entry).
+for entry in ${MOE_BENCH_SWEEP:-}; do
+  echo "--- sweep $entry" | tee -a "$out/sweep.log"
+  env "${entry%%:*}" python3 bench/moe_bench.py --no-peers --reps 10 --tokens "${entry#*:}" \
+    --out /tmp/sweep.json 2>&1 | grep -E '^(mixtral|qwen3|deepseek)' | cut -c1-120 | tee -a "$out/sweep.log"
+done
+exit "$rc"
