@@ -235,7 +235,8 @@ int main(int argc, char** argv) {
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--json") && i + 1 < argc) json_path = argv[++i];
     else if (!std::strcmp(argv[i], "--iters") && i + 1 < argc) iters = std::atoi(argv[++i]);
-    else if (!std::strcmp(argv[i], "--ranks") && i + 1 < argc) ranks = std::max(-1, std::atoi(argv[++i]));
+    else if (!std::strcmp(argv[i], "--ranks") && i + 1 < argc)
+      ranks = std::max(-1, std::atoi(argv[++i]));
     else if (!std::strcmp(argv[i], "--tokens") && i + 1 < argc) tokens = parse_tokens(argv[++i]);
     else {
       std::fprintf(stderr, "usage: %s [--ranks P] [--tokens T1,T2,...] [--json PATH] [--iters N]\n",
