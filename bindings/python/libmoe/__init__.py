@@ -3,6 +3,9 @@
     import libmoe
     with libmoe.Layer.create(w13, w2, method="softmax_topk", num_experts=E, top_k=2) as layer:
         y = layer(hidden, logits)
+    with libmoe.Block.create(w13, w2, method="deepseek_v3", num_experts=E, top_k=8,
+                             shared_w13=s13, shared_w2=s2, router_options=...) as block:
+        y = block(hidden, gate_weight, correction_bias)
 
 Tensors are NumPy arrays, torch tensors, or anything with __dlpack__ or
 __cuda_array_interface__; outputs come back in the inputs' framework. The
@@ -17,8 +20,12 @@ from ._lib import (
     LibraryVersionError,
 )
 from ._core import (
+    A2aBufferSizes,
+    A2aDispatcher,
+    A2aDispatchResult,
     ActScaleMode,
     Activation,
+    Block,
     Dispatcher,
     DispatchResult,
     Layer,
@@ -28,9 +35,12 @@ from ._core import (
     Router,
     RoutingMethod,
     Runner,
+    SharedExperts,
     Status,
     empty_workspace,
     has_cuda,
+    has_nccl,
+    HiddenRouteResult,
     library_path,
     pack_topk,
     status_string,
@@ -43,8 +53,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "MOE_EXPECTED_VERSION_MAJOR", "LibraryLoadError", "LibraryVersionError",
-    "ActScaleMode", "Activation", "Dispatcher", "DispatchResult", "Layer", "MoeError",
-    "QuantMode", "RouteResult", "Router", "RoutingMethod", "Runner", "Status",
-    "empty_workspace", "has_cuda", "library_path", "pack_topk", "status_string", "version", "version_string",
+    "A2aBufferSizes", "A2aDispatcher", "A2aDispatchResult",
+    "ActScaleMode", "Activation", "Block", "Dispatcher", "DispatchResult", "HiddenRouteResult", "Layer",
+    "MoeError", "QuantMode", "RouteResult", "Router", "RoutingMethod", "Runner", "SharedExperts", "Status",
+    "empty_workspace", "has_cuda", "has_nccl", "library_path", "pack_topk", "status_string", "version", "version_string",
     "DLDataType", "DLDevice", "DLTensor",
 ]

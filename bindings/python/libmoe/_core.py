@@ -1,4 +1,5 @@
-"""Router, Dispatcher, Runner and Layer: Python objects over the C handles."""
+"""Router, Dispatcher, Runner, Layer, SharedExperts, Block and A2aDispatcher:
+Python objects over the C handles."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import numpy as np
 
 from . import _dlpack
 from ._dlpack import Tensor, as_tensor, current_stream, empty_like_framework, stream_handle
-from ._lib import DispatcherConfig, RouterConfig, RunnerConfig, load
+from ._lib import (A2aConfig, DispatcherConfig, RouterConfig, RunnerConfig, SharedExpertsConfig, has_a2a,
+                   load)
 
 lib = load()
 
@@ -118,6 +120,11 @@ def status_string(status: int) -> str:
 
 def library_path() -> str:
     return lib._name
+
+
+def has_nccl() -> bool:
+    """Whether the loaded library has the NCCL all-to-all dispatcher (moe_a2a_*)."""
+    return has_a2a(lib)
 
 
 # ---------------------------------------------------------------------------
@@ -259,9 +266,19 @@ def _set_fields(config: ctypes.Structure, **fields: Any) -> None:
             setattr(config, name, value)
 
 
+def _flag(v: Optional[bool]) -> Optional[int]:
+    return None if v is None else int(bool(v))
+
+
 class RouteResult(NamedTuple):
     topk_ids: Any
     topk_weights: Any
+
+
+class HiddenRouteResult(NamedTuple):
+    topk_ids: Any
+    topk_weights: Any
+    logits: Any  # None unless requested
 
 
 class Router(_Handle):
@@ -319,6 +336,38 @@ class Router(_Handle):
         return RouteResult(ids.obj, w.obj)
 
     __call__ = route
+
+    def hidden_workspace_size(self, hidden_size: int, max_tokens: int, device: Any = "cpu") -> int:
+        """Workspace bytes of route_hidden for up to max_tokens tokens."""
+        b = ctypes.c_size_t()
+        _check(lib.moe_router_hidden_workspace_size(self.handle, hidden_size, max_tokens,
+                                                    _device(device)[0], ctypes.byref(b)),
+               "moe_router_hidden_workspace_size")
+        return b.value
+
+    def route_hidden(self, hidden: Any, gate_weight: Any, correction_bias: Any = None,
+                     num_valid_tokens: Any = None, *, topk_ids: Any = None, topk_weights: Any = None,
+                     logits: Any = None, return_logits: bool = False, workspace: Any = None,
+                     stream: Any = None, dtype: Optional[str] = None) -> "HiddenRouteResult":
+        """Route from hidden states (moe_router_run_hidden): logits = hidden [T, H] .
+        gate_weight [E, H]^T in f32, then route. The f32 logits come back when
+        `logits` (a [T, E] f32 array) is given or return_logits is true; else None."""
+        c = _Call(dtype, stream)
+        x = c.tensor(hidden, "hidden")
+        wg = c.tensor(gate_weight, "gate_weight")
+        shape = (_rows(x), self.columns)
+        ids = c.output(topk_ids, "topk_ids", x, shape, "int32")
+        w = c.output(topk_weights, "topk_weights", x, shape, "float32")
+        z = None
+        if logits is not None or return_logits:
+            z = c.output(logits, "logits", x, (_rows(x), self.num_experts), "float32")
+        ws, ws_bytes = c.workspace(workspace)
+        st = lib.moe_router_run_hidden(self.handle, x.ptr, wg.ptr,
+                                       _ptr(c.tensor(correction_bias, "correction_bias")),
+                                       _ptr(c.count(num_valid_tokens, "num_valid_tokens", x)),
+                                       ids.ptr, w.ptr, _ptr(z), ws, ws_bytes, c.stream(x))
+        _check(st, "moe_router_run_hidden")
+        return HiddenRouteResult(ids.obj, w.obj, z.obj if z is not None else None)
 
 
 def pack_topk(topk_ids: Any, topk_weights: Any, packed: Any = None, *, stream: Any = None) -> Any:
@@ -484,6 +533,43 @@ class Runner(_Handle):
     __call__ = run
 
 
+def _close_all(*handles: Any) -> None:
+    for h in handles:
+        if h is not None:
+            h.close()
+
+
+def _make_routed(w13: Any, w2: Any, method: Union[str, int], num_experts: int, top_k: int,
+                 dtype: Optional[str], router_options: Optional[dict],
+                 runner_options: Optional[dict]) -> Tuple["Router", "Dispatcher", "Runner"]:
+    """A single-rank router, dispatcher and runner (weights set); H and I from
+    w2 [E_loc, H, I], the device from w13. Closes what it made on failure."""
+    router_options = dict(router_options or {})
+    runner_options = dict(runner_options or {})
+    t13 = as_tensor(w13, "w13", dtype)
+    t2 = as_tensor(w2, "w2", dtype)
+    if len(t2.shape) != 3:
+        raise ValueError("libmoe: w2 must be [E, H, I], got shape %s" % (t2.shape,))
+    e_loc, hidden, inter = t2.shape
+    if _enum(RoutingMethod, method, "method") == RoutingMethod.LLAMA4:
+        # Llama4's router weight scales the token's input (the library checks the pair).
+        runner_options.setdefault("apply_router_weight_on_input", True)
+    gated = runner_options.get("gated")
+    if gated is None:
+        gated = t13.shape[1] == 2 * inter if len(t13.shape) == 3 else True
+        runner_options["gated"] = gated
+    router = dispatcher = runner = None
+    try:
+        router = Router(method, num_experts, top_k, **router_options)
+        dispatcher = Dispatcher(e_loc, device=(t13.device_type, t13.device_id))
+        runner = Runner(e_loc, hidden, inter, **runner_options)
+        runner.set_weights(t13, t2, dtype=dtype)
+    except BaseException:
+        _close_all(runner, dispatcher, router)
+        raise
+    return router, dispatcher, runner
+
+
 class Layer:
     """The one-call MoE layer (moe_layer_forward): route -> dispatch -> run.
 
@@ -501,31 +587,8 @@ class Layer:
                runner_options: Optional[dict] = None) -> "Layer":
         """A single-rank layer owning its three handles. H and I come from
         w2 [E_loc, H, I]; the device from w13."""
-        router_options = dict(router_options or {})
-        runner_options = dict(runner_options or {})
-        t13 = as_tensor(w13, "w13", dtype)
-        t2 = as_tensor(w2, "w2", dtype)
-        if len(t2.shape) != 3:
-            raise ValueError("libmoe: w2 must be [E, H, I], got shape %s" % (t2.shape,))
-        e_loc, hidden, inter = t2.shape
-        if _enum(RoutingMethod, method, "method") == RoutingMethod.LLAMA4:
-            # Llama4's router weight scales the token's input (the library checks the pair).
-            runner_options.setdefault("apply_router_weight_on_input", True)
-        gated = runner_options.get("gated")
-        if gated is None:
-            gated = t13.shape[1] == 2 * inter if len(t13.shape) == 3 else True
-            runner_options["gated"] = gated
-        router = dispatcher = runner = None
-        try:
-            router = Router(method, num_experts, top_k, **router_options)
-            dispatcher = Dispatcher(e_loc, device=(t13.device_type, t13.device_id))
-            runner = Runner(e_loc, hidden, inter, **runner_options)
-            runner.set_weights(t13, t2, dtype=dtype)
-        except BaseException:
-            for h in (runner, dispatcher, router):
-                if h is not None:
-                    h.close()
-            raise
+        router, dispatcher, runner = _make_routed(w13, w2, method, num_experts, top_k, dtype,
+                                                  router_options, runner_options)
         return cls(router, dispatcher, runner, owns=True)
 
     def workspace_size(self, max_tokens: int, device: Any = "cpu") -> int:
@@ -582,3 +645,290 @@ class Layer:
             self.close()
         except Exception:
             pass
+
+
+# ---------------------------------------------------------------------------
+# moe/moe_block.h: shared experts and the one-call block
+# ---------------------------------------------------------------------------
+
+
+class SharedExperts(_Handle):
+    """n_shared dense experts every token goes through:
+    shared(x) = g(x) * sum_s W2_s . act(W13_s . x), g(x) = sigmoid(x . gate_weight)
+    with a gate weight (Qwen2-MoE), else 1. The weights are borrowed: this
+    object keeps a reference to the arrays given to set_weights()."""
+
+    _destroy = "moe_shared_experts_destroy"
+
+    def __init__(self, num_shared_experts: int, hidden_size: int, intermediate_size: int, *,
+                 activation: Union[str, int, None] = None, gated: Optional[bool] = None,
+                 swap_gate_up: Optional[bool] = None):
+        super().__init__()
+        cfg = SharedExpertsConfig()
+        _check(lib.moe_shared_experts_config_default(ctypes.byref(cfg)), "moe_shared_experts_config_default")
+        _set_fields(cfg, num_shared_experts=num_shared_experts, hidden_size=hidden_size,
+                    intermediate_size=intermediate_size,
+                    activation=None if activation is None else _enum(Activation, activation, "activation"),
+                    gated=_flag(gated), swap_gate_up=_flag(swap_gate_up))
+        self._create("moe_shared_experts_create", cfg)
+        self.config = cfg
+        self._weights: List[Tensor] = []
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    def set_weights(self, w13: Any, w2: Any, gate_weight: Any = None, *, dtype: Optional[str] = None) -> None:
+        """Borrow w13 [n, 2I or I, H], w2 [n, H, I] and the optional gate [1, H]."""
+        c = _Call(dtype)
+        ts = [c.tensor(w13, "w13"), c.tensor(w2, "w2"), c.tensor(gate_weight, "gate_weight")]
+        _check(lib.moe_shared_experts_set_weights(self.handle, *[_ptr(t) for t in ts]),
+               "moe_shared_experts_set_weights")
+        self._weights = c.tensors
+
+    def workspace_size(self, max_tokens: int, device: Any = "cpu") -> int:
+        b = ctypes.c_size_t()
+        _check(lib.moe_shared_experts_workspace_size(self.handle, max_tokens, _device(device)[0],
+                                                     ctypes.byref(b)), "moe_shared_experts_workspace_size")
+        return b.value
+
+    def run(self, hidden: Any, num_valid_tokens: Any = None, *, output: Any = None,
+            accumulate: bool = False, workspace: Any = None, stream: Any = None,
+            dtype: Optional[str] = None) -> Any:
+        """output = shared(hidden), or output += shared(hidden) with accumulate=True
+        (then `output` must be given)."""
+        if accumulate and output is None:
+            raise ValueError("libmoe: accumulate=True needs the output array to add to")
+        c = _Call(dtype, stream)
+        x = c.tensor(hidden, "hidden")
+        valid = c.count(num_valid_tokens, "num_valid_tokens", x)
+        y = c.output(output, "output", x, x.shape, "same")
+        ws, ws_bytes = c.workspace(workspace)
+        st = lib.moe_shared_experts_run(self.handle, x.ptr, _ptr(valid), y.ptr, int(bool(accumulate)),
+                                        ws, ws_bytes, c.stream(x))
+        _check(st, "moe_shared_experts_run")
+        return y.obj
+
+    __call__ = run
+
+
+class Block:
+    """The complete MoE block (moe_block_forward): gate projection -> route ->
+    dispatch -> routed experts -> shared experts -> sum.
+
+    Borrows a Router, a Dispatcher, a Runner and optionally SharedExperts; with
+    owns=True (as from Block.create) close() closes them too. A context manager."""
+
+    def __init__(self, router: Router, dispatcher: Dispatcher, runner: Runner,
+                 shared: Optional[SharedExperts] = None, *, owns: bool = False):
+        self.router, self.dispatcher, self.runner, self.shared = router, dispatcher, runner, shared
+        self._owns = owns
+        self._closed = False
+
+    @classmethod
+    def create(cls, w13: Any, w2: Any, *, method: Union[str, int], num_experts: int, top_k: int,
+               shared_w13: Any = None, shared_w2: Any = None, shared_gate_weight: Any = None,
+               dtype: Optional[str] = None, router_options: Optional[dict] = None,
+               runner_options: Optional[dict] = None, shared_options: Optional[dict] = None) -> "Block":
+        """A single-rank block owning its handles. Routed experts as in
+        Layer.create; shared experts from shared_w13 [n, 2I_s or I_s, H] and
+        shared_w2 [n, H, I_s] (none when omitted), with an optional sigmoid
+        gate shared_gate_weight [1, H]."""
+        if (shared_w13 is None) != (shared_w2 is None):
+            raise ValueError("libmoe: give both shared_w13 and shared_w2, or neither")
+        router, dispatcher, runner = _make_routed(w13, w2, method, num_experts, top_k, dtype,
+                                                  router_options, runner_options)
+        shared = None
+        if shared_w13 is not None:
+            try:
+                s13 = as_tensor(shared_w13, "shared_w13", dtype)
+                s2 = as_tensor(shared_w2, "shared_w2", dtype)
+                if len(s2.shape) != 3:
+                    raise ValueError("libmoe: shared_w2 must be [n, H, I], got shape %s" % (s2.shape,))
+                n, hidden, inter = s2.shape
+                options = dict(shared_options or {})
+                if options.get("gated") is None:
+                    options["gated"] = s13.shape[1] == 2 * inter if len(s13.shape) == 3 else True
+                shared = SharedExperts(n, hidden, inter, **options)
+                shared.set_weights(s13, s2, shared_gate_weight, dtype=dtype)
+            except BaseException:
+                _close_all(shared, runner, dispatcher, router)
+                raise
+        return cls(router, dispatcher, runner, shared, owns=True)
+
+    def _shared_handle(self) -> Optional[int]:
+        return self.shared.handle if self.shared is not None else None
+
+    def workspace_size(self, max_tokens: int, device: Any = "cpu") -> int:
+        self._check_open()
+        b = ctypes.c_size_t()
+        _check(lib.moe_block_workspace_size(self.router.handle, self.dispatcher.handle, self.runner.handle,
+                                            self._shared_handle(), max_tokens, _device(device)[0],
+                                            ctypes.byref(b)), "moe_block_workspace_size")
+        return b.value
+
+    def forward(self, hidden: Any, gate_weight: Any, correction_bias: Any = None,
+                num_valid_tokens: Any = None, *, output: Any = None, workspace: Any = None,
+                stream: Any = None, dtype: Optional[str] = None) -> Any:
+        """output [T, H] = block(hidden [T, H]) with the gate gate_weight [E, H];
+        hidden's dtype and framework. Rows at or past num_valid_tokens are 0."""
+        self._check_open()
+        c = _Call(dtype, stream)
+        x = c.tensor(hidden, "hidden")
+        wg = c.tensor(gate_weight, "gate_weight")
+        bias = c.tensor(correction_bias, "correction_bias")
+        valid = c.count(num_valid_tokens, "num_valid_tokens", x)
+        y = c.output(output, "output", x, x.shape, "same")
+        ws, ws_bytes = c.workspace(workspace)
+        st = lib.moe_block_forward(self.router.handle, self.dispatcher.handle, self.runner.handle,
+                                   self._shared_handle(), x.ptr, wg.ptr, _ptr(bias), _ptr(valid), y.ptr,
+                                   ws, ws_bytes, c.stream(x))
+        _check(st, "moe_block_forward")
+        return y.obj
+
+    __call__ = forward
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError("libmoe: this Block is closed")
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._owns:
+            _close_all(self.shared, self.runner, self.dispatcher, self.router)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+# ---------------------------------------------------------------------------
+# moe/moe_nccl.h: the all-to-all dispatcher (a libmoe built with NCCL only)
+# ---------------------------------------------------------------------------
+
+_HIDDEN_DTYPES = {
+    "f32": (_dlpack.kDLFloat, 32), "float32": (_dlpack.kDLFloat, 32),
+    "f16": (_dlpack.kDLFloat, 16), "float16": (_dlpack.kDLFloat, 16),
+    "bf16": (_dlpack.kDLBfloat, 16), "bfloat16": (_dlpack.kDLBfloat, 16),
+}
+
+
+class A2aBufferSizes(NamedTuple):
+    recv_rows: int          # R = ep_size * max_tokens_per_rank
+    num_local_experts: int  # E_loc of this rank (the runner's num_experts)
+    device_bytes: int       # device memory the handle holds
+
+
+class A2aDispatchResult(NamedTuple):
+    recv_hidden: Any     # [R, H]
+    recv_local_ids: Any  # [R, k] int32, -1 where the expert lives elsewhere
+    recv_weights: Any    # [R, k] f32
+    recv_counts: Any     # [ep_size] int32
+
+
+class A2aDispatcher(_Handle):
+    """Expert parallelism over NCCL (moe_a2a_*): dispatch sends each token to
+    the ranks holding its experts, combine brings the expert outputs back.
+
+    `comm` is the integer address of this rank's ncclComm_t (a blocking
+    communicator on the device the handle uses). The caller creates it and
+    keeps it alive until close(): torch.distributed does not expose its NCCL
+    communicator, so create one with NCCL directly (e.g. through cupy.cuda.nccl
+    or a small extension) and pass its raw pointer. Creation, dispatch and
+    combine are collective over the communicator. Raises MoeError with status
+    NOT_AVAILABLE when the loaded libmoe was built without NCCL."""
+
+    _destroy = "moe_a2a_destroy"
+
+    def __init__(self, num_experts: int, hidden_size: int, max_tokens_per_rank: int, top_k: int,
+                 comm: Optional[int], *, ep_rank: int = 0, ep_size: int = 1,
+                 hidden_dtype: str = "bf16", expert_rank: Optional[Sequence[int]] = None,
+                 expert_local_id: Optional[Sequence[int]] = None):
+        super().__init__()
+        if not has_a2a(lib):
+            raise MoeError(Status.NOT_AVAILABLE,
+                           "moe_a2a_create: the libmoe at %s was built without NCCL (no moe_a2a_* "
+                           "functions); build it with CUDA and NCCL (CMake MOE_WITH_NCCL)" % lib._name,
+                           "moe_a2a_create")
+        if hidden_dtype not in _HIDDEN_DTYPES:
+            raise ValueError("libmoe: hidden_dtype=%r: expected one of %s"
+                             % (hidden_dtype, sorted(_HIDDEN_DTYPES)))
+        cfg = A2aConfig()
+        _check(lib.moe_a2a_config_default(ctypes.byref(cfg)), "moe_a2a_config_default")
+        code, bits = _HIDDEN_DTYPES[hidden_dtype]
+        _set_fields(cfg, num_experts=num_experts, hidden_size=hidden_size,
+                    max_tokens_per_rank=max_tokens_per_rank, top_k=top_k, ep_rank=ep_rank, ep_size=ep_size)
+        cfg.hidden_dtype = _dlpack.DLDataType(code, bits, 1)
+        # Copied by moe_a2a_create; these arrays only need to live until it returns.
+        i32p = ctypes.POINTER(ctypes.c_int32)
+        maps = [None if m is None else np.ascontiguousarray(np.asarray(m), dtype=np.int32)
+                for m in (expert_rank, expert_local_id)]
+        if maps[0] is not None:
+            cfg.expert_rank = maps[0].ctypes.data_as(i32p)
+        if maps[1] is not None:
+            cfg.expert_local_id = maps[1].ctypes.data_as(i32p)
+        h = ctypes.c_void_p()
+        _check(lib.moe_a2a_create(ctypes.byref(cfg), None if comm is None else ctypes.c_void_p(int(comm)),
+                                  ctypes.byref(h)), "moe_a2a_create")
+        self._h = h.value
+        cfg.expert_rank = cfg.expert_local_id = None
+        del maps
+        self.config = cfg
+        rows, n_loc, nbytes = ctypes.c_int64(), ctypes.c_int32(), ctypes.c_size_t()
+        _check(lib.moe_a2a_buffer_sizes(self.handle, ctypes.byref(rows), ctypes.byref(n_loc),
+                                        ctypes.byref(nbytes)), "moe_a2a_buffer_sizes")
+        self.buffer_sizes = A2aBufferSizes(rows.value, n_loc.value, nbytes.value)
+        self._tokens: Optional[int] = None
+
+    def mapping(self) -> Tuple[np.ndarray, np.ndarray]:
+        """(expert_rank, expert_local_id), both int32 [num_experts]."""
+        n = self.config.num_experts
+        rank, local = np.empty(n, np.int32), np.empty(n, np.int32)
+        i32p = ctypes.POINTER(ctypes.c_int32)
+        _check(lib.moe_a2a_get_mapping(self.handle, rank.ctypes.data_as(i32p), local.ctypes.data_as(i32p), n),
+               "moe_a2a_get_mapping")
+        return rank, local
+
+    def dispatch(self, hidden: Any, topk_ids: Any, topk_weights: Any, *, recv_hidden: Any = None,
+                 recv_local_ids: Any = None, recv_weights: Any = None, recv_counts: Any = None,
+                 stream: Any = None) -> A2aDispatchResult:
+        """Collective. hidden [T, H], topk_ids [T, k] int32 global, topk_weights [T, k] f32;
+        the receive buffers are allocated next to hidden unless given."""
+        c = _Call(None, stream)
+        x = c.tensor(hidden, "hidden")
+        ids = c.tensor(topk_ids, "topk_ids")
+        w = c.tensor(topk_weights, "topk_weights")
+        R, k = self.buffer_sizes.recv_rows, self.config.top_k
+        rx = c.output(recv_hidden, "recv_hidden", x, (R, self.config.hidden_size), "same")
+        rids = c.output(recv_local_ids, "recv_local_ids", x, (R, k), "int32")
+        rw = c.output(recv_weights, "recv_weights", x, (R, k), "float32")
+        rc = c.output(recv_counts, "recv_counts", x, (self.config.ep_size,), "int32")
+        st = lib.moe_a2a_dispatch(self.handle, x.ptr, ids.ptr, w.ptr, rx.ptr, rids.ptr, rw.ptr, rc.ptr,
+                                  c.stream(x))
+        _check(st, "moe_a2a_dispatch")
+        self._tokens = _rows(x)
+        return A2aDispatchResult(rx.obj, rids.obj, rw.obj, rc.obj)
+
+    def combine(self, expert_output: Any, *, output: Any = None, stream: Any = None) -> Any:
+        """Collective. expert_output [R, H] -> output [T, H], T of the last dispatch."""
+        c = _Call(None, stream)
+        x = c.tensor(expert_output, "expert_output")
+        if output is None and self._tokens is None:
+            raise ValueError("libmoe: combine before any dispatch on this A2aDispatcher")
+        y = c.output(output, "output", x, (self._tokens or 0, self.config.hidden_size), "same")
+        _check(lib.moe_a2a_combine(self.handle, x.ptr, y.ptr, c.stream(x)), "moe_a2a_combine")
+        return y.obj

@@ -1,7 +1,9 @@
 """Loading libmoe.so and declaring its C functions (ctypes).
 
 Every exported function is declared once below, with its C prototype from
-include/moe/moe.h as a comment over its argtypes/restype.
+include/moe/moe.h, moe/moe_block.h or moe/moe_nccl.h as a comment over its
+argtypes/restype. The moe_a2a_* functions (moe_nccl.h) exist only in a libmoe
+built with NCCL: they are declared when the library has them (has_a2a()).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import os
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from ._dlpack import DLTensor
+from ._dlpack import DLDataType, DLTensor
 
 # The library major this package speaks to (moe_version() / 10000 must match).
 MOE_EXPECTED_VERSION_MAJOR = 0
@@ -87,6 +89,37 @@ class RunnerConfig(_Config):
         ("output_scale", ctypes.c_float),
         ("deterministic", ctypes.c_int32),
         ("validate_ids", ctypes.c_int32),
+    ]
+
+
+class SharedExpertsConfig(_Config):
+    """moe_shared_experts_config_t (moe/moe_block.h)."""
+
+    _fields_ = [
+        ("struct_size", ctypes.c_uint32),
+        ("num_shared_experts", ctypes.c_int32),
+        ("hidden_size", ctypes.c_int32),
+        ("intermediate_size", ctypes.c_int32),
+        ("activation", ctypes.c_int32),
+        ("gated", ctypes.c_int32),
+        ("swap_gate_up", ctypes.c_int32),
+    ]
+
+
+class A2aConfig(_Config):
+    """moe_a2a_config_t (moe/moe_nccl.h)."""
+
+    _fields_ = [
+        ("struct_size", ctypes.c_uint32),
+        ("num_experts", ctypes.c_int32),
+        ("ep_size", ctypes.c_int32),
+        ("ep_rank", ctypes.c_int32),
+        ("expert_rank", ctypes.POINTER(ctypes.c_int32)),
+        ("expert_local_id", ctypes.POINTER(ctypes.c_int32)),
+        ("hidden_size", ctypes.c_int32),
+        ("hidden_dtype", DLDataType),
+        ("max_tokens_per_rank", ctypes.c_int32),
+        ("top_k", ctypes.c_int32),
     ]
 
 
@@ -186,6 +219,7 @@ _handle_p = ctypes.POINTER(ctypes.c_void_p)
 _tensor_p = ctypes.POINTER(DLTensor)
 _i32_p = ctypes.POINTER(ctypes.c_int32)
 _size_p = ctypes.POINTER(ctypes.c_size_t)
+_i64_p = ctypes.POINTER(ctypes.c_int64)
 
 
 def _declare(lib: ctypes.CDLL, name: str, argtypes: Sequence, restype) -> None:
@@ -276,7 +310,78 @@ def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     #     void* workspace, size_t workspace_bytes, void* stream);
     d("moe_layer_forward", [_handle, _handle, _handle, _tensor_p, _tensor_p, _tensor_p, _tensor_p,
                             _tensor_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p])
+
+    # --- moe/moe_block.h ---
+    # moe_status_t moe_router_hidden_workspace_size(moe_router_t router, int32_t hidden_size,
+    #     int64_t max_tokens, int32_t device_type, size_t* bytes);
+    d("moe_router_hidden_workspace_size", [_handle, ctypes.c_int32, ctypes.c_int64, ctypes.c_int32, _size_p])
+    # moe_status_t moe_router_run_hidden(moe_router_t router, const DLTensor* hidden,
+    #     const DLTensor* gate_weight, const DLTensor* correction_bias,
+    #     const DLTensor* num_valid_tokens, DLTensor* topk_ids, DLTensor* topk_weights,
+    #     DLTensor* logits, void* workspace, size_t workspace_bytes, void* stream);
+    d("moe_router_run_hidden", [_handle, _tensor_p, _tensor_p, _tensor_p, _tensor_p, _tensor_p, _tensor_p,
+                                _tensor_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p])
+    # moe_status_t moe_shared_experts_config_default(moe_shared_experts_config_t* config);
+    d("moe_shared_experts_config_default", [ctypes.POINTER(SharedExpertsConfig)])
+    # moe_status_t moe_shared_experts_create(const moe_shared_experts_config_t* config,
+    #     moe_shared_experts_t* shared);
+    d("moe_shared_experts_create", [ctypes.POINTER(SharedExpertsConfig), _handle_p])
+    # moe_status_t moe_shared_experts_destroy(moe_shared_experts_t shared);
+    d("moe_shared_experts_destroy", [_handle])
+    # moe_status_t moe_shared_experts_set_weights(moe_shared_experts_t shared,
+    #     const DLTensor* w13, const DLTensor* w2, const DLTensor* gate_weight);
+    d("moe_shared_experts_set_weights", [_handle, _tensor_p, _tensor_p, _tensor_p])
+    # moe_status_t moe_shared_experts_workspace_size(moe_shared_experts_t shared,
+    #     int64_t max_tokens, int32_t device_type, size_t* bytes);
+    d("moe_shared_experts_workspace_size", [_handle, ctypes.c_int64, ctypes.c_int32, _size_p])
+    # moe_status_t moe_shared_experts_run(moe_shared_experts_t shared, const DLTensor* hidden,
+    #     const DLTensor* num_valid_tokens, DLTensor* output, int32_t accumulate,
+    #     void* workspace, size_t workspace_bytes, void* stream);
+    d("moe_shared_experts_run", [_handle, _tensor_p, _tensor_p, _tensor_p, ctypes.c_int32,
+                                 ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p])
+    # moe_status_t moe_block_workspace_size(moe_router_t router, moe_dispatcher_t dispatcher,
+    #     moe_runner_t runner, moe_shared_experts_t shared, int64_t max_tokens,
+    #     int32_t device_type, size_t* bytes);
+    d("moe_block_workspace_size", [_handle, _handle, _handle, _handle, ctypes.c_int64, ctypes.c_int32,
+                                   _size_p])
+    # moe_status_t moe_block_forward(moe_router_t router, moe_dispatcher_t dispatcher,
+    #     moe_runner_t runner, moe_shared_experts_t shared, const DLTensor* hidden,
+    #     const DLTensor* gate_weight, const DLTensor* correction_bias,
+    #     const DLTensor* num_valid_tokens, DLTensor* output, void* workspace,
+    #     size_t workspace_bytes, void* stream);
+    d("moe_block_forward", [_handle, _handle, _handle, _handle, _tensor_p, _tensor_p, _tensor_p,
+                            _tensor_p, _tensor_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p])
+
+    # --- moe/moe_nccl.h: only in a libmoe built with NCCL ---
+    if has_a2a(lib):
+        # moe_status_t moe_a2a_config_default(moe_a2a_config_t* config);
+        d("moe_a2a_config_default", [ctypes.POINTER(A2aConfig)])
+        # moe_status_t moe_a2a_create(const moe_a2a_config_t* config, void* nccl_comm,
+        #     moe_a2a_t* a2a);
+        d("moe_a2a_create", [ctypes.POINTER(A2aConfig), ctypes.c_void_p, _handle_p])
+        # moe_status_t moe_a2a_destroy(moe_a2a_t a2a);
+        d("moe_a2a_destroy", [_handle])
+        # moe_status_t moe_a2a_buffer_sizes(moe_a2a_t a2a, int64_t* recv_rows,
+        #     int32_t* num_local_experts, size_t* device_bytes);
+        d("moe_a2a_buffer_sizes", [_handle, _i64_p, _i32_p, _size_p])
+        # moe_status_t moe_a2a_get_mapping(moe_a2a_t a2a, int32_t* expert_rank,
+        #     int32_t* expert_local_id, int64_t len);
+        d("moe_a2a_get_mapping", [_handle, _i32_p, _i32_p, ctypes.c_int64])
+        # moe_status_t moe_a2a_dispatch(moe_a2a_t a2a, const DLTensor* hidden,
+        #     const DLTensor* topk_ids, const DLTensor* topk_weights, DLTensor* recv_hidden,
+        #     DLTensor* recv_local_ids, DLTensor* recv_weights, DLTensor* recv_counts,
+        #     void* stream);
+        d("moe_a2a_dispatch", [_handle, _tensor_p, _tensor_p, _tensor_p, _tensor_p, _tensor_p, _tensor_p,
+                               _tensor_p, ctypes.c_void_p])
+        # moe_status_t moe_a2a_combine(moe_a2a_t a2a, const DLTensor* expert_output,
+        #     DLTensor* output, void* stream);
+        d("moe_a2a_combine", [_handle, _tensor_p, _tensor_p, ctypes.c_void_p])
     return lib
+
+
+def has_a2a(lib: ctypes.CDLL) -> bool:
+    """Whether `lib` was built with NCCL (exports the moe_a2a_* functions)."""
+    return hasattr(lib, "moe_a2a_create")
 
 
 def check_version(lib, expected_major: Optional[int] = None) -> int:

@@ -239,3 +239,22 @@ def experts(hidden: np.ndarray, local_ids: np.ndarray, weights: np.ndarray, w13:
             a = activation(h, act)
         np.add.at(y, tok, (a @ w2[e].T) * (1.0 if weight_on_input else wt))
     return output_scale * y
+
+
+# ---------------------------------------------------------------------------
+# Shared experts (moe/moe_block.h)
+# ---------------------------------------------------------------------------
+
+
+def shared_experts(hidden: np.ndarray, w13: np.ndarray, w2: np.ndarray,
+                   gate_weight: Optional[np.ndarray] = None, *, act: int = SILU, gated: bool = True,
+                   swap_gate_up: bool = False) -> np.ndarray:
+    """g(x) * sum_s W2_s . act(W13_s . x) in float64: every token through every
+    shared expert at weight 1; g = sigmoid(x . gate_weight) with a gate, else 1."""
+    x = np.asarray(hidden, dtype=np.float64)
+    n = np.asarray(w13).shape[0]
+    ids = np.tile(np.arange(n, dtype=np.int32), (x.shape[0], 1))
+    y = experts(x, ids, np.ones(ids.shape), w13, w2, act=act, gated=gated, swap_gate_up=swap_gate_up)
+    if gate_weight is not None:
+        y *= _sigmoid(x @ np.asarray(gate_weight, dtype=np.float64).reshape(-1))[:, None]
+    return y

@@ -11,7 +11,9 @@ import pytest
 import libmoe
 from libmoe import _lib
 
-HEADER = Path(__file__).resolve().parents[3] / "include" / "moe" / "moe.h"
+INCLUDE = Path(__file__).resolve().parents[3] / "include" / "moe"
+# Every public header: moe.h, moe_block.h, moe_nccl.h (a2a: NCCL builds only).
+HEADERS = [INCLUDE / "moe.h", INCLUDE / "moe_block.h", INCLUDE / "moe_nccl.h"]
 
 
 class FakeLib:
@@ -80,16 +82,22 @@ def test_search_order_without_override(monkeypatch, tmp_path):
 
 
 def _exported_functions():
-    text = HEADER.read_text()
+    text = "".join(h.read_text() for h in HEADERS)
     return sorted(set(re.findall(r"MOE_API\s+[\w\s\*]+?\b(moe_\w+)\s*\(", text)))
 
 
-@pytest.mark.skipif(not HEADER.is_file(), reason="not in a libmoe checkout")
+@pytest.mark.skipif(not all(h.is_file() for h in HEADERS), reason="not in a libmoe checkout")
 def test_every_header_function_is_declared():
     names = _exported_functions()
-    assert len(names) > 20
+    assert len(names) > 40
+    assert {"moe_block_forward", "moe_shared_experts_run", "moe_a2a_create"} <= set(names)
+    lib = libmoe._core.lib
     for name in names:
-        fn = getattr(libmoe._core.lib, name)
+        if name.startswith("moe_a2a_") and not _lib.has_a2a(lib):
+            # A libmoe without NCCL lacks these; the declaration is still checked below.
+            assert not hasattr(lib, name), "%s exported but has_a2a() is false" % name
+            continue
+        fn = getattr(lib, name)
         assert fn.argtypes is not None, "%s has no argtypes" % name
     src = Path(_lib.__file__).read_text()
     for name in names:
@@ -102,6 +110,10 @@ def test_every_header_function_is_declared():
     (_lib.RouterConfig, lambda c: libmoe._core.lib.moe_router_config_default(ctypes.byref(c), 0)),
     (_lib.DispatcherConfig, lambda c: libmoe._core.lib.moe_dispatcher_config_default(ctypes.byref(c))),
     (_lib.RunnerConfig, lambda c: libmoe._core.lib.moe_runner_config_default(ctypes.byref(c))),
+    (_lib.SharedExpertsConfig,
+     lambda c: libmoe._core.lib.moe_shared_experts_config_default(ctypes.byref(c))),
+    pytest.param(_lib.A2aConfig, lambda c: libmoe._core.lib.moe_a2a_config_default(ctypes.byref(c)),
+                 marks=pytest.mark.skipif(not libmoe.has_nccl(), reason="needs a libmoe built with NCCL")),
 ])
 def test_config_mirrors_have_the_library_size(struct, default):
     c = struct()
