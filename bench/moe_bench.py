@@ -19,6 +19,7 @@ not time the L2 cache. Writes bench/results/moe_bench.json (or --out) and, with
 --plots, PNG plots next to it.
 
   PYTHONPATH=bindings/python MOE_LIB_PATH=build python3 bench/moe_bench.py --plots
+  python3 bench/moe_bench.py --table bench/results/moe_bench.json   # markdown table
 """
 import argparse
 import json
@@ -28,9 +29,12 @@ import statistics
 import sys
 import time
 
-import torch
+try:
+    import torch
 
-import libmoe
+    import libmoe
+except ImportError:  # --table needs neither
+    torch = libmoe = None
 
 SHAPES = {
     # name: (E global, E local, k, H, I, ep_size, routing method, router options)
@@ -310,7 +314,31 @@ def plots(results, out_dir):
     fig.savefig(os.path.join(out_dir, "roofline_fraction.png"), dpi=110)
 
 
+def fmt(v, spec):
+    return "n/a" if v is None or v != v else format(v, spec)
+
+
+def table(path):
+    """Markdown table of a results JSON (the README's performance table)."""
+    with open(path) as f:
+        data = json.load(f)
+    m = data["meta"]
+    print(f"{m['device']}, copy {m['copy_gbs']:.0f} GB/s (read+write), bf16 matmul {m['matmul_tflops']:.0f} "
+          f"TFLOP/s (measured in the run), torch {m['torch']}, {m['date']}\n")
+    print("| shape | T | ours us | floor us | fraction | TFLOP/s | GB/s | grouped_mm us | loop us | "
+          "speedup vs grouped_mm | speedup vs loop | router us | dispatch us |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in data["results"]:
+        print(f"| {r['shape']} | {r['T']} | {r['layer_us']:.1f} | {r['floor_us']:.1f} | "
+              f"{r['layer_floor_frac']:.2f} | {r['layer_tflops']:.1f} | {r['layer_weight_gbs']:.0f} | "
+              f"{fmt(r['grouped_mm_us'], '.1f')} | {fmt(r['loop_us'], '.1f')} | "
+              f"{fmt(r['speedup_vs_grouped_mm'], '.2f')} | {fmt(r['speedup_vs_loop'], '.2f')} | "
+              f"{r['router_us']:.1f} | {r['dispatch_us']:.1f} |")
+
+
 def main():
+    if len(sys.argv) == 3 and sys.argv[1] == "--table":
+        return table(sys.argv[2])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="mixtral,qwen3,deepseek")
     ap.add_argument("--tokens", default=",".join(map(str, TOKENS)))

@@ -193,7 +193,7 @@ __global__ void dispatch_scatter_kernel(DispatchParams p, int nt, int32_t* hist)
 // one warp per tile, the histogram in shared memory. Same positions as the
 // three launches; one launch instead of three.
 constexpr int kFusedMaxTiles = 32;  // warps of the block
-// Run 8: at 32 tiles one SM doing every tile's histogram and scatter took
+// Run 10: at 32 tiles one SM doing every tile's histogram and scatter took
 // 30 us where three launches took 15 (Qwen3, T=1024): fused up to 8 tiles.
 constexpr int kFusedTiles = 8;
 constexpr size_t kFusedSmem = 48 * 1024;
@@ -204,7 +204,7 @@ __global__ void __launch_bounds__(32 * kFusedMaxTiles) dispatch_fused_kernel(Dis
   extern __shared__ int32_t smem[];
   int32_t* hist = smem;                           // [E_loc][nt]
   int32_t* totals = smem + size_t(p.E_loc) * nt;  // [E_loc]
-  // Warp b < nt owns tile b; all 32 warps share the scan (run 8: a block of
+  // Warp b < nt owns tile b; all 32 warps share the scan (run 10: a block of
   // nt warps alone took 30-57 us for 128 experts, the scan walking rows serially).
   const int lane = threadIdx.x & 31, b = threadIdx.x >> 5;
   const bool owner = b < nt;

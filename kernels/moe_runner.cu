@@ -587,7 +587,7 @@ int grid_limit(int64_t work, int threads) {
 // k in flight to keep HBM busy; 32 rows with 32 columns (half the re-reads
 // of the gathered rows per weight byte), 8 stages. Middle: 64 x 64, four warps
 // (only when forced). Prefill: 128 rows, eight warps, 64-deep k, 3 stages
-// (run 8: 13-29% faster than 32-deep k with 4 stages at T >= 1024).
+// (run 10: 13-29% faster than 32-deep k with 4 stages at T >= 1024).
 using CfgDecode16 = TcCfg<16, 16, 1, 2, 64, 12>;
 using CfgDecode32 = TcCfg<32, 32, 1, 4, 64, 8>;
 using CfgMid = TcCfg<64, 64, 2, 2, 32, 4>;
@@ -643,7 +643,7 @@ RowChoice pick_rows(const MoeRunParams& p, int64_t n) {
   const double per_expert = double(n) / p.E_loc;
   if (per_expert <= 10) return {16, 16, 0};
   if (per_expert <= 24) return {32, 32, 0};
-  // Run 8 at T = 256: 32-row tiles won with ~8-16 local rows per expert
+  // Run 10 at T = 256: 32-row tiles won with ~8-16 local rows per expert
   // (DeepSeek slice 0.89 vs 0.61), 128-row tiles with 64 (Mixtral 0.60 vs 0.44).
   if (per_expert <= 512) return {32, 128, 40};
   return {128, 128, 0};
