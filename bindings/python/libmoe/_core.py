@@ -847,8 +847,8 @@ class A2aDispatcher(_Handle):
     `comm` is the integer address of this rank's ncclComm_t (a blocking
     communicator on the device the handle uses). The caller creates it and
     keeps it alive until close(): torch.distributed does not expose its NCCL
-    communicator, so create one with NCCL directly (e.g. through cupy.cuda.nccl
-    or a small extension) and pass its raw pointer. Creation, dispatch and
+    communicator, so create one with NCCL directly (ncclCommInitRank, e.g.
+    through ctypes on libnccl.so.2; see README.md) and pass its raw pointer. Creation, dispatch and
     combine are collective over the communicator. Raises MoeError with status
     NOT_AVAILABLE when the loaded libmoe was built without NCCL."""
 
