@@ -54,7 +54,10 @@ fn config_structs_have_the_library_size() {
         assert_eq!(n.struct_size as usize, std::mem::size_of::<moe_runner_config_t>());
         let mut s: moe_shared_experts_config_t = sized();
         assert_eq!(moe_shared_experts_config_default(&mut s), 0);
-        assert_eq!(s.struct_size as usize, std::mem::size_of::<moe_shared_experts_config_t>());
+        assert_eq!(
+            s.struct_size as usize,
+            std::mem::size_of::<moe_shared_experts_config_t>()
+        );
         assert_eq!((s.num_shared_experts, s.gated), (1, 1));
     }
 }

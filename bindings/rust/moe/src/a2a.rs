@@ -161,7 +161,9 @@ impl A2aDispatcher {
         let e = self.num_experts.max(0) as usize;
         let (mut rank, mut local) = (vec![0i32; e], vec![0i32; e]);
         // SAFETY: both buffers hold E values.
-        check(unsafe { sys::moe_a2a_get_mapping(self.as_raw(), rank.as_mut_ptr(), local.as_mut_ptr(), e as i64) })?;
+        check(unsafe {
+            sys::moe_a2a_get_mapping(self.as_raw(), rank.as_mut_ptr(), local.as_mut_ptr(), e as i64)
+        })?;
         Ok((rank, local))
     }
 
@@ -180,8 +182,12 @@ impl A2aDispatcher {
         stream: Stream,
     ) -> Result<()> {
         let (x, ids, w) = (hidden.dl(), topk_ids.dl(), topk_weights.dl());
-        let (mut rx, mut rids, mut rw, mut rc) =
-            (recv_hidden.dl(), recv_local_ids.dl(), recv_weights.dl(), recv_counts.dl());
+        let (mut rx, mut rids, mut rw, mut rc) = (
+            recv_hidden.dl(),
+            recv_local_ids.dl(),
+            recv_weights.dl(),
+            recv_counts.dl(),
+        );
         // SAFETY: views of live memory (the raw constructors' contract); the
         // library validates shapes, dtypes and devices before enqueueing.
         check(unsafe {
@@ -200,7 +206,12 @@ impl A2aDispatcher {
     }
 
     /// Collective. expert_output [R, H] -> output [T, H] (T of the last dispatch).
-    pub fn combine(&mut self, expert_output: &Tensor<'_>, output: &mut TensorMut<'_>, stream: Stream) -> Result<()> {
+    pub fn combine(
+        &mut self,
+        expert_output: &Tensor<'_>,
+        output: &mut TensorMut<'_>,
+        stream: Stream,
+    ) -> Result<()> {
         let (x, mut y) = (expert_output.dl(), output.dl());
         // SAFETY: as in dispatch.
         check(unsafe { sys::moe_a2a_combine(self.as_raw(), &x, &mut y, stream.as_raw()) })

@@ -22,7 +22,12 @@ pub struct Block<'w> {
 }
 
 impl<'w> Block<'w> {
-    pub fn new(router: Router, dispatcher: Dispatcher, runner: Runner<'w>, shared: Option<SharedExperts<'w>>) -> Self {
+    pub fn new(
+        router: Router,
+        dispatcher: Dispatcher,
+        runner: Runner<'w>,
+        shared: Option<SharedExperts<'w>>,
+    ) -> Self {
         Block {
             router,
             dispatcher,
@@ -90,7 +95,12 @@ impl<'w> Block<'w> {
     }
 
     /// Convenience for host f32 data: hidden [T, H], gate_weight [E, H] row-major; returns [T, H].
-    pub fn forward_f32(&self, hidden: &[f32], gate_weight: &[f32], correction_bias: Option<&[f32]>) -> Result<Vec<f32>> {
+    pub fn forward_f32(
+        &self,
+        hidden: &[f32],
+        gate_weight: &[f32],
+        correction_bias: Option<&[f32]>,
+    ) -> Result<Vec<f32>> {
         let h = self.runner.config().hidden_size.max(0) as usize;
         let e = self.router.num_experts().max(0) as usize;
         if h == 0 || hidden.len() % h != 0 {
@@ -104,7 +114,8 @@ impl<'w> Block<'w> {
         let mut out = vec![f32::NAN; t * h];
         self.forward(
             &Tensor::f32(hidden, &[t as i64, h as i64])?,
-            &Tensor::f32(gate_weight, &[e as i64, h as i64]).map_err(|err| Error::invalid(format!("gate_weight: {}", err.message)))?,
+            &Tensor::f32(gate_weight, &[e as i64, h as i64])
+                .map_err(|err| Error::invalid(format!("gate_weight: {}", err.message)))?,
             bias.as_ref(),
             None,
             &mut TensorMut::f32(&mut out, &[t as i64, h as i64])?,

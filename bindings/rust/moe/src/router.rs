@@ -198,7 +198,13 @@ impl Router {
         let mut bytes = 0usize;
         // SAFETY: a live handle and a valid out pointer.
         check(unsafe {
-            sys::moe_router_hidden_workspace_size(self.as_raw(), hidden_size, max_tokens, device.dl_type(), &mut bytes)
+            sys::moe_router_hidden_workspace_size(
+                self.as_raw(),
+                hidden_size,
+                max_tokens,
+                device.dl_type(),
+                &mut bytes,
+            )
         })?;
         Ok(bytes)
     }

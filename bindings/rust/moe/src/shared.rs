@@ -80,7 +80,10 @@ impl<'w> SharedExperts<'w> {
         // SAFETY: the config is a complete struct whose struct_size is its own size.
         check(unsafe { sys::moe_shared_experts_create(&config.raw, &mut handle) })?;
         let handle = NonNull::new(handle).ok_or_else(|| {
-            Error::new(crate::Status::INTERNAL_ERROR, "moe_shared_experts_create returned NULL")
+            Error::new(
+                crate::Status::INTERNAL_ERROR,
+                "moe_shared_experts_create returned NULL",
+            )
         })?;
         Ok(SharedExperts {
             handle,
@@ -96,7 +99,12 @@ impl<'w> SharedExperts<'w> {
 
     /// Borrow w13 [n, 2I or I, H], w2 [n, H, I] and the optional sigmoid gate [1, H]
     /// (Qwen2-MoE's shared_expert_gate).
-    pub fn set_weights(&mut self, w13: &Tensor<'w>, w2: &Tensor<'w>, gate_weight: Option<&Tensor<'w>>) -> Result<()> {
+    pub fn set_weights(
+        &mut self,
+        w13: &Tensor<'w>,
+        w2: &Tensor<'w>,
+        gate_weight: Option<&Tensor<'w>>,
+    ) -> Result<()> {
         let (w13, w2, gate) = (w13.dl(), w2.dl(), opt_dl(gate_weight));
         // SAFETY: the data outlives the handle ('w) and is read-only while borrowed.
         check(unsafe { sys::moe_shared_experts_set_weights(self.as_raw(), &w13, &w2, opt_ptr(&gate)) })

@@ -7,7 +7,10 @@ use moe::{A2aConfig, A2aDispatcher, DType, Status};
 
 #[test]
 fn create_with_a_null_communicator_fails_with_the_library_message() {
-    let config = A2aConfig::new(16, 64, 8, 2).unwrap().ranks(0, 1).hidden_dtype(DType::F32);
+    let config = A2aConfig::new(16, 64, 8, 2)
+        .unwrap()
+        .ranks(0, 1)
+        .hidden_dtype(DType::F32);
     // SAFETY: a NULL communicator is rejected before anything is used.
     let err = unsafe { A2aDispatcher::new(&config, std::ptr::null_mut()) }.unwrap_err();
     assert_eq!(err.status, Status::INVALID_ARGUMENT, "{err}");

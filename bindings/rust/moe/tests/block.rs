@@ -39,7 +39,9 @@ fn routing_margin(spec: &RouteSpec, z: &[f64], bias: Option<&[f64]>) -> f64 {
     let e = spec.e;
     let sigmoid = |v: f64| 1.0 / (1.0 + (-v).exp());
     let keys: Vec<f64> = match spec.method {
-        DEEPSEEK_V3 | SIGMOID_TOPK => (0..e).map(|i| sigmoid(z[i]) + bias.map_or(0.0, |b| b[i])).collect(),
+        DEEPSEEK_V3 | SIGMOID_TOPK => (0..e)
+            .map(|i| sigmoid(z[i]) + bias.map_or(0.0, |b| b[i]))
+            .collect(),
         _ => z.to_vec(), // softmax is monotonic in the logits
     };
     let gap = |mut v: Vec<f64>, n: usize| -> f64 {
@@ -177,7 +179,13 @@ fn check_block(case: &BlockCase, fp: Fp, t: usize, valid: Option<usize>) {
     );
     let n_valid = valid.unwrap_or(t);
     let reference: Vec<f64> = (0..t * h)
-        .map(|n| if n / h < n_valid { routed[n] + shared_ref[n] } else { 0.0 })
+        .map(|n| {
+            if n / h < n_valid {
+                routed[n] + shared_ref[n]
+            } else {
+                0.0
+            }
+        })
         .collect();
 
     // Library, with the internal workspace and with a caller one.
@@ -220,11 +228,27 @@ fn check_block(case: &BlockCase, fp: Fp, t: usize, valid: Option<usize>) {
     let rows: Vec<usize> = (0..t)
         .filter(|&r| r >= n_valid || routing_margin(&case.route, &z[r * e..(r + 1) * e], bias) > 1e-4)
         .collect();
-    assert!(rows.len() * 4 >= t * 3, "only {} of {t} rows have a clear routing", rows.len());
-    let pick = |v: &[f64]| -> Vec<f64> { rows.iter().flat_map(|&r| v[r * h..(r + 1) * h].to_vec()).collect() };
-    assert_close(&format!("block {fp:?} T={t}"), &pick(&got), &pick(&reference), tolerance(fp));
+    assert!(
+        rows.len() * 4 >= t * 3,
+        "only {} of {t} rows have a clear routing",
+        rows.len()
+    );
+    let pick = |v: &[f64]| -> Vec<f64> {
+        rows.iter()
+            .flat_map(|&r| v[r * h..(r + 1) * h].to_vec())
+            .collect()
+    };
+    assert_close(
+        &format!("block {fp:?} T={t}"),
+        &pick(&got),
+        &pick(&reference),
+        tolerance(fp),
+    );
     for r in n_valid..t {
-        assert!(got[r * h..(r + 1) * h].iter().all(|&v| v == 0.0), "padded row {r} is not zero");
+        assert!(
+            got[r * h..(r + 1) * h].iter().all(|&v| v == 0.0),
+            "padded row {r} is not zero"
+        );
     }
 }
 
@@ -261,7 +285,12 @@ fn route_hidden_returns_f32_logits_and_routes_them() {
         let bias: Vec<f32> = dyadic(&mut rng, e, 8, 64.0).iter().map(|&v| v as f32).collect();
         let router = case.route.config().build().unwrap();
         let (mut ids, mut w, mut z) = (vec![-7i32; t * c], vec![f32::NAN; t * c], vec![f32::NAN; t * e]);
-        let mut ws = HostWorkspace::new(router.hidden_workspace_size(h as i32, t as i64, Device::Cpu).unwrap()).unwrap();
+        let mut ws = HostWorkspace::new(
+            router
+                .hidden_workspace_size(h as i32, t as i64, Device::Cpu)
+                .unwrap(),
+        )
+        .unwrap();
         router
             .route_hidden(
                 &x.tensor(&[t as i64, h as i64]),
@@ -277,7 +306,10 @@ fn route_hidden_returns_f32_logits_and_routes_them() {
             .unwrap();
         // Exact: the inputs are dyadic, so f32 accumulation loses nothing.
         let zref = logits_reference(&x.exact, &wg.exact, h, e);
-        assert!(z.iter().zip(&zref).all(|(&a, &b)| a as f64 == b), "{fp:?}: logits differ");
+        assert!(
+            z.iter().zip(&zref).all(|(&a, &b)| a as f64 == b),
+            "{fp:?}: logits differ"
+        );
         // The same as routing those logits (without a logits output, internal workspace).
         let (mut ids2, mut w2) = (vec![-7i32; t * c], vec![f32::NAN; t * c]);
         router
@@ -291,7 +323,10 @@ fn route_hidden_returns_f32_logits_and_routes_them() {
             )
             .unwrap();
         assert_eq!(ids, ids2, "{fp:?}");
-        assert!(w.iter().zip(&w2).all(|(a, b)| a.to_bits() == b.to_bits()), "{fp:?}");
+        assert!(
+            w.iter().zip(&w2).all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{fp:?}"
+        );
     }
 }
 
@@ -317,9 +352,21 @@ fn shared_experts_run_and_accumulate() {
         let shape = [t as i64, h as i64];
         let mut out = FpOut::poisoned(fp, t * h);
         shared
-            .run(&x.tensor(&shape), None, &mut out.tensor(&shape), false, Workspace::internal(), Stream::DEFAULT)
+            .run(
+                &x.tensor(&shape),
+                None,
+                &mut out.tensor(&shape),
+                false,
+                Workspace::internal(),
+                Stream::DEFAULT,
+            )
             .unwrap();
-        assert_close(&format!("shared {fp:?}"), &out.values(), &reference, tolerance(fp));
+        assert_close(
+            &format!("shared {fp:?}"),
+            &out.values(),
+            &reference,
+            tolerance(fp),
+        );
 
         // accumulate: output (= base) + shared(x), with a caller workspace.
         let base = FpData::new(fp, &rng.normals(t * h, 1.0));
@@ -328,10 +375,22 @@ fn shared_experts_run_and_accumulate() {
         acc.u16.clone_from(&base.u16);
         let mut ws = HostWorkspace::new(shared.workspace_size(t as i64, Device::Cpu).unwrap()).unwrap();
         shared
-            .run(&x.tensor(&shape), None, &mut acc.tensor(&shape), true, Workspace::host(&mut ws), Stream::DEFAULT)
+            .run(
+                &x.tensor(&shape),
+                None,
+                &mut acc.tensor(&shape),
+                true,
+                Workspace::host(&mut ws),
+                Stream::DEFAULT,
+            )
             .unwrap();
         let want: Vec<f64> = reference.iter().zip(&base.exact).map(|(a, b)| a + b).collect();
-        assert_close(&format!("shared accumulate {fp:?}"), &acc.values(), &want, tolerance(fp));
+        assert_close(
+            &format!("shared accumulate {fp:?}"),
+            &acc.values(),
+            &want,
+            tolerance(fp),
+        );
     }
 }
 
@@ -341,7 +400,11 @@ fn small_block() -> Block<'static> {
     let runner = RunnerConfig4::runner();
     let mut shared = SharedExpertsConfig::new(1, 8, 4).unwrap().build().unwrap();
     shared
-        .set_weights(&Tensor::f32(&S13, &[1, 8, 8]).unwrap(), &Tensor::f32(&S2, &[1, 8, 4]).unwrap(), None)
+        .set_weights(
+            &Tensor::f32(&S13, &[1, 8, 8]).unwrap(),
+            &Tensor::f32(&S2, &[1, 8, 4]).unwrap(),
+            None,
+        )
         .unwrap();
     Block::new(
         moe::RouterConfig::new(moe::RoutingMethod::SOFTMAX_TOPK, 4, 2)
@@ -373,7 +436,11 @@ impl RunnerConfig4 {
 fn assert_invalid_naming(r: moe::Result<()>, arg: &str) {
     let err = r.expect_err("expected an error");
     assert_eq!(err.status, Status::INVALID_ARGUMENT, "{err}");
-    assert!(err.message.contains(arg), "message does not name {arg}: {}", err.message);
+    assert!(
+        err.message.contains(arg),
+        "message does not name {arg}: {}",
+        err.message
+    );
 }
 
 #[test]
@@ -428,7 +495,10 @@ fn block_errors_name_the_argument() {
     );
     // Shared experts without weights are named as such.
     let unset = Block::new(
-        moe::RouterConfig::new(moe::RoutingMethod::SOFTMAX_TOPK, 4, 2).unwrap().build().unwrap(),
+        moe::RouterConfig::new(moe::RoutingMethod::SOFTMAX_TOPK, 4, 2)
+            .unwrap()
+            .build()
+            .unwrap(),
         DispatcherConfig::new(4).unwrap().build().unwrap(),
         RunnerConfig4::runner(),
         Some(SharedExpertsConfig::new(1, 8, 4).unwrap().build().unwrap()),

@@ -163,13 +163,18 @@ fn handles_moved_across_threads() {
 #[test]
 fn shared_experts_and_blocks_dropped_with_internal_workspaces() {
     let (e, h, i, t) = (4usize, 8usize, 6usize, 5usize);
-    let w13: Vec<f32> = (0..e * 2 * i * h).map(|n| ((n % 13) as f32 - 6.0) / 20.0).collect();
+    let w13: Vec<f32> = (0..e * 2 * i * h)
+        .map(|n| ((n % 13) as f32 - 6.0) / 20.0)
+        .collect();
     let w2: Vec<f32> = (0..e * h * i).map(|n| ((n % 11) as f32 - 5.0) / 20.0).collect();
     let wg: Vec<f32> = (0..e * h).map(|n| ((n % 5) as f32 - 2.0) / 8.0).collect();
     let sg: Vec<f32> = (0..h).map(|n| (n as f32 - 4.0) / 16.0).collect();
     let x: Vec<f32> = (0..t * h).map(|n| ((n % 7) as f32 - 3.0) / 3.0).collect();
     for n in 0..CYCLES {
-        let mut runner = RunnerConfig::new(e as i32, h as i32, i as i32).unwrap().build().unwrap();
+        let mut runner = RunnerConfig::new(e as i32, h as i32, i as i32)
+            .unwrap()
+            .build()
+            .unwrap();
         runner
             .set_weights(
                 &Tensor::f32(&w13, &[e as i64, 2 * i as i64, h as i64]).unwrap(),
@@ -177,7 +182,10 @@ fn shared_experts_and_blocks_dropped_with_internal_workspaces() {
             )
             .unwrap();
         // One shared expert with weights [1, 2I, H] / [1, H, I]: the first expert's.
-        let mut shared = SharedExpertsConfig::new(1, h as i32, i as i32).unwrap().build().unwrap();
+        let mut shared = SharedExpertsConfig::new(1, h as i32, i as i32)
+            .unwrap()
+            .build()
+            .unwrap();
         let gate = Tensor::f32(&sg, &[1, h as i64]).unwrap();
         shared
             .set_weights(
@@ -199,7 +207,10 @@ fn shared_experts_and_blocks_dropped_with_internal_workspaces() {
             .unwrap();
         assert!(y.iter().all(|v| v.is_finite()));
         let block = Block::new(
-            RouterConfig::new(RoutingMethod::SIGMOID_TOPK, e as i32, 2).unwrap().build().unwrap(),
+            RouterConfig::new(RoutingMethod::SIGMOID_TOPK, e as i32, 2)
+                .unwrap()
+                .build()
+                .unwrap(),
             DispatcherConfig::new(e as i32).unwrap().build().unwrap(),
             runner,
             if n % 3 == 2 { None } else { Some(shared) },
@@ -245,10 +256,17 @@ fn failed_shared_experts_and_block_calls_leak_nothing() {
         let bad = vec![0f32; 3];
         let mut shared = SharedExpertsConfig::new(1, 8, 4).unwrap().build().unwrap();
         assert!(shared
-            .set_weights(&Tensor::f32(&bad, &[1, 3, 1]).unwrap(), &Tensor::f32(&bad, &[3]).unwrap(), None)
+            .set_weights(
+                &Tensor::f32(&bad, &[1, 3, 1]).unwrap(),
+                &Tensor::f32(&bad, &[3]).unwrap(),
+                None
+            )
             .is_err());
         let block = Block::new(
-            RouterConfig::new(RoutingMethod::SOFTMAX_TOPK, 4, 2).unwrap().build().unwrap(),
+            RouterConfig::new(RoutingMethod::SOFTMAX_TOPK, 4, 2)
+                .unwrap()
+                .build()
+                .unwrap(),
             DispatcherConfig::new(4).unwrap().build().unwrap(),
             RunnerConfig::new(4, 8, 4).unwrap().build().unwrap(),
             Some(shared),
