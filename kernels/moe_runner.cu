@@ -644,8 +644,10 @@ RowChoice pick_rows(const MoeRunParams& p, int64_t n) {
   if (per_expert <= 10) return {16, 16, 0};
   if (per_expert <= 24) return {32, 32, 0};
   // Run 10 at T = 256: 32-row tiles won with ~8-16 local rows per expert
-  // (DeepSeek slice 0.89 vs 0.61), 128-row tiles with 64 (Mixtral 0.60 vs 0.44).
-  if (per_expert <= 512) return {32, 128, 40};
+  // (DeepSeek slice 0.89 vs 0.61), 128-row tiles with 64 (Mixtral 0.60 vs 0.44);
+  // at T = 1024 the DeepSeek slice (~32 per expert) got 0.75 with 128-row tiles
+  // against 0.52 when the switch sat at 40: it now sits at 24.
+  if (per_expert <= 512) return {32, 128, 24};
   return {128, 128, 0};
 }
 

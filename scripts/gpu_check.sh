@@ -51,7 +51,7 @@ step ctest_gpu "$out/ctest_gpu.log" 300 ctest --test-dir "$build" -L gpu -V
 grep -E 'MESSAGE' "$out/ctest_gpu.log" | sed 's/^.*MESSAGE: /  /' | tee -a "$summary"
 
 # Reduced case set under the sanitizers: every kernel, small sizes.
-san_cases='block_gpu.shared_experts*,block_gpu.graph*,gpu.router.num_valid*,gpu.router.packed*,gpu.dispatcher.explicit*,gpu.dispatcher.empty*,gpu.runner.odd_sizes,gpu.runner.swap*,gpu.runner.bad_ids,gpu.graph*'
+san_cases='gpu.fp8.options,gpu.fp8.degenerate_scales,gpu.fp8.nan_confined,gpu.fp8.graph_capture,gpu.threads*,block_gpu.shared_experts*,block_gpu.graph*,gpu.router.num_valid*,gpu.router.packed*,gpu.dispatcher.explicit*,gpu.dispatcher.empty*,gpu.runner.odd_sizes,gpu.runner.swap*,gpu.runner.bad_ids,gpu.graph*'
 for tool in memcheck racecheck initcheck synccheck; do
   step "sanitize_$tool" "$out/sanitize.log" 150 compute-sanitizer --tool "$tool" \
     --error-exitcode 9 "$build/tests/moe_gpu_tests" -tc="$san_cases" -sce='*e20000*'

@@ -19,7 +19,13 @@ MOE_LIB_PATH="$root/$MOE_BUILD_DIR" ${PYTHON:-python3} -m pytest -q bindings/pyt
 
 echo "== Rust (cargo test --offline)"
 scripts/check_rust_bindings.sh
-MOE_LIB_DIR="$root/$MOE_BUILD_DIR" cargo test --offline --manifest-path bindings/rust/Cargo.toml
+# The all-to-all bindings are a cargo feature, on when the library has them.
+features=()
+if nm -D "$MOE_BUILD_DIR/libmoe.so" | grep -q ' moe_a2a_create'; then
+  features=(--features moe/nccl)
+  export MOE_CARGO_FEATURES=nccl
+fi
+MOE_LIB_DIR="$root/$MOE_BUILD_DIR" cargo test --offline --manifest-path bindings/rust/Cargo.toml "${features[@]}"
 MOE_LIB_DIR="$root/$MOE_BUILD_DIR" scripts/rust_leak_check.sh
 
 echo "== CPU suites again under ASan + UBSan + LeakSanitizer, then a short libFuzzer run"
