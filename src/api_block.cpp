@@ -51,10 +51,6 @@ moe_shared_experts_config_t shared_defaults() {
   return c;
 }
 
-void check_flag(const ArgChecker& c, const char* arg, int32_t v) {
-  if (v != 0 && v != 1) c.bad(arg, "0 or 1", std::to_string(v));
-}
-
 // Calls that pass no workspace share one library-owned workspace per
 // device. Leaked on purpose: freeing device memory from a static destructor
 // can run after the CUDA runtime has shut down.
@@ -325,8 +321,8 @@ MOE_API moe_status_t moe_shared_experts_create(const moe_shared_experts_config_t
     c.bad("config->activation", "a moe_activation_t in [0, " +
                                     std::to_string(MOE_ACTIVATION_NUM_ACTIVATIONS) + ")",
           std::to_string(cfg.activation));
-  check_flag(c, "config->gated", cfg.gated);
-  check_flag(c, "config->swap_gate_up", cfg.swap_gate_up);
+  c.flag("config->gated", cfg.gated);
+  c.flag("config->swap_gate_up", cfg.swap_gate_up);
   if (cfg.swap_gate_up && !cfg.gated)
     c.bad("config->swap_gate_up", "0 when gated is 0 (there is no gate/up pair)",
           std::to_string(cfg.swap_gate_up));
@@ -430,7 +426,7 @@ MOE_API moe_status_t moe_shared_experts_run(moe_shared_experts_t shared, const D
   c.shape(output, "output", {a.T, p.H}, {"T", "H"});
   c.same_device(dev, output, "output");
   a.y = tensor_data(output);
-  check_flag(c, "accumulate", accumulate);
+  c.flag("accumulate", accumulate);
   a.accumulate = accumulate != 0;
   a.num_valid = check_num_valid(c, num_valid_tokens, dev);
   const size_t need = shared_workspace(dev, p, a.T);

@@ -34,10 +34,6 @@ moe_router_config_t router_defaults(int32_t method) {
   return c;
 }
 
-void check_flag(const ArgChecker& c, const char* arg, int32_t v) {
-  if (v != 0 && v != 1) c.bad(arg, "0 or 1", std::to_string(v));
-}
-
 }  // namespace
 
 Device check_route_inputs(const ArgChecker& c, const moe_router_s& router, const DLTensor* logits,
@@ -124,8 +120,8 @@ MOE_API moe_status_t moe_router_create(const moe_router_config_t* config, moe_ro
       c.bad("config->topk_group", "1 for an ungrouped routing method",
             std::to_string(cfg.topk_group));
   }
-  check_flag(c, "config->renormalize", cfg.renormalize);
-  check_flag(c, "config->scaling_on_output", cfg.scaling_on_output);
+  c.flag("config->renormalize", cfg.renormalize);
+  c.flag("config->scaling_on_output", cfg.scaling_on_output);
   if (!(std::isfinite(cfg.routed_scaling_factor) && cfg.routed_scaling_factor > 0.0f))
     c.bad("config->routed_scaling_factor", "a finite value > 0",
           std::to_string(cfg.routed_scaling_factor));

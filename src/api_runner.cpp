@@ -32,10 +32,6 @@ moe_runner_config_t runner_defaults() {
   return c;
 }
 
-void check_flag(const ArgChecker& c, const char* arg, int32_t v) {
-  if (v != 0 && v != 1) c.bad(arg, "0 or 1", std::to_string(v));
-}
-
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // A scale tensor: f32, the given shape, on the weights' device.
@@ -138,11 +134,11 @@ MOE_API moe_status_t moe_runner_create(const moe_runner_config_t* config, moe_ru
     c.bad("config->activation", "a moe_activation_t in [0, " +
                                     std::to_string(MOE_ACTIVATION_NUM_ACTIVATIONS) + ")",
           std::to_string(cfg.activation));
-  check_flag(c, "config->gated", cfg.gated);
-  check_flag(c, "config->swap_gate_up", cfg.swap_gate_up);
-  check_flag(c, "config->apply_router_weight_on_input", cfg.apply_router_weight_on_input);
-  check_flag(c, "config->deterministic", cfg.deterministic);
-  check_flag(c, "config->validate_ids", cfg.validate_ids);
+  c.flag("config->gated", cfg.gated);
+  c.flag("config->swap_gate_up", cfg.swap_gate_up);
+  c.flag("config->apply_router_weight_on_input", cfg.apply_router_weight_on_input);
+  c.flag("config->deterministic", cfg.deterministic);
+  c.flag("config->validate_ids", cfg.validate_ids);
   if (cfg.swap_gate_up && !cfg.gated)
     c.bad("config->swap_gate_up", "0 when gated is 0 (there is no gate/up pair)",
           std::to_string(cfg.swap_gate_up));

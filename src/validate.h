@@ -35,6 +35,11 @@ class ArgChecker {
                         const std::string& got,
                         moe_status_t status = MOE_STATUS_INVALID_ARGUMENT) const;
 
+  // An int32 flag field: 0 or 1.
+  void flag(const char* arg, int32_t v) const {
+    if (v != 0 && v != 1) bad(arg, "0 or 1", std::to_string(v));
+  }
+
   template <class T>
   void not_null(const T* p, const char* arg) const {
     if (!p) bad(arg, "a non-NULL pointer", "NULL");

@@ -8,17 +8,10 @@
 
 #include "../block_plan.h"
 #include "../common.h"
+#include "check.h"
 #include "cuda_backend.h"
 
 namespace moe::cuda {
-namespace {
-
-void check(cudaError_t err, const std::string& what) {
-  if (err != cudaSuccess)
-    fail(MOE_STATUS_CUDA_ERROR, what + ": " + cudaGetErrorString(err));
-}
-
-}  // namespace
 
 struct SideStream {
   int device = 0;

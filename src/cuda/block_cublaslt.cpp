@@ -16,6 +16,7 @@
 #include "../common.h"
 #include "block_kernels.cuh"
 #include "block_lt.h"
+#include "check.h"
 #include "cuda_backend.h"
 
 namespace moe::cuda::lt {
@@ -25,10 +26,6 @@ size_t align_up(size_t n) { return (n + 255) & ~size_t(255); }
 
 cudaStream_t as_stream(void* s) { return static_cast<cudaStream_t>(s); }
 
-void check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess)
-    fail(MOE_STATUS_CUDA_ERROR, std::string(what) + ": " + cudaGetErrorString(err));
-}
 
 // Shared-experts workspace regions for T tokens (h sized for f32, so the
 // answer holds for any dtype).

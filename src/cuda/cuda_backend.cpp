@@ -10,6 +10,7 @@
 #include <utility>
 
 #include "../common.h"
+#include "check.h"
 #include "dispatch.cuh"
 #include "moe_runner.cuh"
 #include "router.cuh"
@@ -21,9 +22,6 @@ namespace {
   fail(MOE_STATUS_CUDA_ERROR, what + ": " + cudaGetErrorString(err));
 }
 
-void check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) cuda_fail(what, err);
-}
 
 cudaStream_t as_stream(void* stream) { return static_cast<cudaStream_t>(stream); }
 
@@ -37,6 +35,10 @@ void check_runner_supported(const RunnerPlan& plan) {
 }
 
 }  // namespace
+
+void check(cudaError_t err, const std::string& what) {
+  if (err != cudaSuccess) cuda_fail(what, err);
+}
 
 void check_rows_aligned(const char* who, std::initializer_list<std::pair<const char*, const void*>> ptrs) {
   for (const auto& [name, ptr] : ptrs)

@@ -6,7 +6,7 @@
 
 #include <string>
 
-#include "../common.h"
+#include "check.h"
 #include "cuda_backend.h"
 
 namespace moe::cuda {
@@ -24,9 +24,7 @@ bool capturing(cudaStream_t s) {
 void* event_create(int device_id) {
   DeviceGuard guard(device_id);
   cudaEvent_t ev = nullptr;
-  cudaError_t err = cudaEventCreateWithFlags(&ev, cudaEventDisableTiming);
-  if (err != cudaSuccess)
-    fail(MOE_STATUS_CUDA_ERROR, std::string("cudaEventCreateWithFlags: ") + cudaGetErrorString(err));
+  check(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming), "cudaEventCreateWithFlags");
   return ev;
 }
 
@@ -42,9 +40,7 @@ void event_destroy(void* event, int device_id) noexcept {
 void stream_wait_event(void* stream, void* event) {
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   if (capturing(s)) return;
-  cudaError_t err = cudaStreamWaitEvent(s, static_cast<cudaEvent_t>(event), 0);
-  if (err != cudaSuccess)
-    fail(MOE_STATUS_CUDA_ERROR, std::string("cudaStreamWaitEvent: ") + cudaGetErrorString(err));
+  check(cudaStreamWaitEvent(s, static_cast<cudaEvent_t>(event), 0), "cudaStreamWaitEvent");
 }
 
 void event_record(void* event, void* stream) noexcept {

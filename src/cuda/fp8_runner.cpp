@@ -7,15 +7,13 @@
 #include <string>
 
 #include "../common.h"
+#include "check.h"
 #include "cuda_backend.h"
 #include "moe_runner_fp8.cuh"
 
 namespace moe::cuda {
 namespace {
 
-void check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) fail(MOE_STATUS_CUDA_ERROR, std::string(what) + ": " + cudaGetErrorString(err));
-}
 
 bool block128(const RunnerPlan& plan) { return plan.quant_mode == MOE_QUANT_FP8_BLOCK_128; }
 

@@ -11,6 +11,7 @@
 
 #include "a2a.cuh"
 #include "common.h"
+#include "cuda/check.h"
 #include "cuda/cuda_backend.h"
 #include "nccl_api.h"
 #include "moe/moe_nccl.h"
@@ -50,9 +51,6 @@ void nccl_check(ncclResult_t r, const char* what, ncclComm_t comm) {
   if (r != ncclSuccess) nccl_fail(what, r, comm);
 }
 
-void cuda_check(cudaError_t e, const std::string& what) {
-  if (e != cudaSuccess) fail(MOE_STATUS_CUDA_ERROR, what + ": " + cudaGetErrorString(e));
-}
 
 // One NCCL group; its end is issued even when a call inside fails, so the
 // communicator is never left inside an open group.
@@ -279,11 +277,11 @@ void allocate_a2a(moe_a2a_s& h) {
   h.expert_local_dev = reinterpret_cast<int32_t*>(regions[7]);
   cuda::DeviceGuard guard(h.device);
   // Zeroed once so that no exchange ever moves uninitialised bytes.
-  cuda_check(cudaMemset(h.base, 0, total), "cudaMemset of the a2a slabs");
+  cuda::check(cudaMemset(h.base, 0, total), "cudaMemset of the a2a slabs");
   cuda::copy_to_device(h.expert_rank_dev, h.expert_rank.data(), size_t(h.E) * 4, h.device);
   cuda::copy_to_device(h.expert_local_dev, h.expert_local.data(), size_t(h.E) * 4, h.device);
   // The memset and copies ran on the legacy stream, which callers' non-blocking streams do not wait for.
-  cuda_check(cudaDeviceSynchronize(), "cudaDeviceSynchronize after setting up the a2a slabs");
+  cuda::check(cudaDeviceSynchronize(), "cudaDeviceSynchronize after setting up the a2a slabs");
 }
 
 // All-gathers each rank's fingerprint (synchronous: creation only).
@@ -297,15 +295,15 @@ std::vector<int64_t> allgather_fingerprints(ncclComm_t comm, int device, int ran
   try {
     char* send = static_cast<char*>(buf);
     char* recv = send + bytes;
-    cuda_check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
-    cuda_check(cudaMemcpyAsync(send, mine, bytes, cudaMemcpyHostToDevice, stream),
+    cuda::check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
+    cuda::check(cudaMemcpyAsync(send, mine, bytes, cudaMemcpyHostToDevice, stream),
                "cudaMemcpyAsync of the config fingerprint");
     nccl_check(nccl::api().AllGather(send, recv, kFields, ncclInt64, comm, stream),
                "ncclAllGather of the config fingerprint", comm);
-    cuda_check(cudaMemcpyAsync(all.data(), recv, bytes * size_t(ranks), cudaMemcpyDeviceToHost,
+    cuda::check(cudaMemcpyAsync(all.data(), recv, bytes * size_t(ranks), cudaMemcpyDeviceToHost,
                                stream),
                "cudaMemcpyAsync of the gathered fingerprints");
-    cuda_check(cudaStreamSynchronize(stream), "cudaStreamSynchronize after the config all-gather");
+    cuda::check(cudaStreamSynchronize(stream), "cudaStreamSynchronize after the config all-gather");
   } catch (...) {
     if (stream) cudaStreamDestroy(stream);
     cuda::device_free(buf, device);
@@ -343,7 +341,7 @@ void connect_peers(moe_a2a_s& h) {
   if (h.ep_size == 1) return;
   cuda::DeviceGuard guard(h.device);
   cudaStream_t stream = nullptr;
-  cuda_check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
+  cuda::check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
   try {
     NcclGroup g(h.comm);
     for (int d = 0; d < h.ep_size; ++d) {
@@ -355,7 +353,7 @@ void connect_peers(moe_a2a_s& h) {
       g.recv(h.recv_meta + size_t(d) * h.meta_bytes, h.meta_bytes, d, stream);
     }
     g.end();
-    cuda_check(cudaStreamSynchronize(stream), "cudaStreamSynchronize after connecting peers");
+    cuda::check(cudaStreamSynchronize(stream), "cudaStreamSynchronize after connecting peers");
   } catch (...) {
     cudaStreamDestroy(stream);
     throw;
@@ -537,7 +535,7 @@ MOE_API moe_status_t moe_a2a_dispatch(moe_a2a_t a2a, const DLTensor* hidden,
   pack.self_hidden = recv_base + size_t(h.rank) * h.slab_bytes;
   pack.pos_map = h.pos_map;
   pack.src_token = h.src_token;
-  cuda_check(kernels::launch_a2a_pack(pack, s), "a2a pack kernel launch");
+  cuda::check(kernels::launch_a2a_pack(pack, s), "a2a pack kernel launch");
 
   if (h.ep_size > 1) {
     NcclGroup g(h.comm);
@@ -564,7 +562,7 @@ MOE_API moe_status_t moe_a2a_dispatch(moe_a2a_t a2a, const DLTensor* hidden,
   san.local_ids = data_of<int32_t>(recv_local_ids);
   san.weights = data_of<float>(recv_weights);
   san.counts = data_of<int32_t>(recv_counts);
-  cuda_check(kernels::launch_a2a_sanitize(san, s), "a2a sanitize kernel launch");
+  cuda::check(kernels::launch_a2a_sanitize(san, s), "a2a sanitize kernel launch");
   h.last_T = T;
   MOE_EXIT
 }
@@ -609,7 +607,7 @@ MOE_API moe_status_t moe_a2a_combine(moe_a2a_t a2a, const DLTensor* expert_outpu
   p.rank = h.rank;
   p.M = h.M;
   p.output = tensor_data(output);
-  cuda_check(kernels::launch_a2a_combine(p, s), "a2a combine kernel launch");
+  cuda::check(kernels::launch_a2a_combine(p, s), "a2a combine kernel launch");
   MOE_EXIT
 }
 
