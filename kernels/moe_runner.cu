@@ -49,21 +49,8 @@ struct Work {
 
 // --- activation -------------------------------------------------------------
 
-__device__ __forceinline__ float activate(int act, float v) {
-  switch (act) {
-    case MOE_ACTIVATION_SILU: return v / (1.0f + expf(-v));
-    case MOE_ACTIVATION_GELU: return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
-    case MOE_ACTIVATION_GELU_TANH: {
-      const float c = 0.79788456080286536f;  // sqrt(2 / pi)
-      return 0.5f * v * (1.0f + tanhf(c * (v + 0.044715f * v * v * v)));
-    }
-    case MOE_ACTIVATION_RELU2: {
-      const float r = fmaxf(v, 0.0f);
-      return r * r;
-    }
-    default: return v;
-  }
-}
+// The CPU backend's activations (NaN propagates through RELU2 too).
+using gemm::activate;
 
 // --- tile map ------------------------------------------------------------------
 
@@ -198,31 +185,11 @@ __device__ __forceinline__ const T* b_row(const MoeRunParams& p, int e, int set,
 
 // --- tensor-core path (bf16 / f16) ------------------------------------------------
 
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
-  const unsigned addr = unsigned(__cvta_generic_to_shared(smem));
-  const int src_size = valid ? 16 : 0;  // 0: zero-fill, nothing read
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(addr), "l"(gmem),
-               "r"(src_size));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) {
-  const unsigned addr = unsigned(__cvta_generic_to_shared(smem));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-
-__device__ __forceinline__ void ldmatrix_x2(uint32_t (&r)[2], const void* smem) {
-  const unsigned addr = unsigned(__cvta_generic_to_shared(smem));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n"
-               : "=r"(r[0]), "=r"(r[1])
-               : "r"(addr));
-}
+using gemm::cp_async16;
+using gemm::cp_async_commit;
+using gemm::cp_async_wait;
+using gemm::ldmatrix_x2;
+using gemm::ldmatrix_x4;
 
 template <class T>
 __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
