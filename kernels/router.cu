@@ -1,6 +1,8 @@
 #include "router.cuh"
 
 #include <climits>
+#include <cstdint>
+#include <type_traits>
 
 #include "common.cuh"
 #include "moe/moe.h"
@@ -242,6 +244,244 @@ __global__ void route_kernel(RouteParams p, int warps_per_block, int stride_floa
   }
 }
 
+// --- DEEPSEEK_V3 fast path: E = 32 * V, lane l holds experts l*V .. l*V+V-1 -
+// Same decisions and arithmetic as route_kernel, with the keys in registers:
+// one coalesced vector load of the row, group top-2 by shuffles within the
+// lanes of a group, k rounds of a warp-wide (key, lower index) argmax.
+
+constexpr int kFastWarps = 4;  // tokens per block (one warp each)
+
+// Whether 32 % n_group == 0, so that each lane's experts lie in one group.
+bool fast_groups_fit(int n_group) { return n_group >= 1 && n_group <= 32 && 32 % n_group == 0; }
+
+// V consecutive elements as f32, read in the widest aligned vectors: the row
+// offset is a multiple of V elements, so a chunk of gcd(V * sizeof(T), 16)
+// bytes is aligned when the base pointer is 16-byte aligned.
+template <class T, int V>
+__device__ __forceinline__ void load_f32(const T* __restrict__ src, float (&out)[V]) {
+  constexpr int kBytes = V * int(sizeof(T));
+  constexpr int kChunk = kBytes % 16 == 0 ? 16 : kBytes % 8 == 0 ? 8 : kBytes % 4 == 0 ? 4 : 2;
+  using Vec = typename std::conditional<
+      kChunk == 16, uint4,
+      typename std::conditional<kChunk == 8, uint2,
+                                typename std::conditional<kChunk == 4, uint32_t,
+                                                          uint16_t>::type>::type>::type;
+  static_assert(int(sizeof(Vec)) == kChunk && kBytes % kChunk == 0, "chunking");
+  union {
+    Vec v[kBytes / kChunk];
+    T e[V];
+  } buf;
+  const Vec* s = reinterpret_cast<const Vec*>(src);
+#pragma unroll
+  for (int c = 0; c < kBytes / kChunk; ++c) buf.v[c] = s[c];
+#pragma unroll
+  for (int j = 0; j < V; ++j) out[j] = to_f32(buf.e[j]);
+}
+
+// Order-preserving map of a non-NaN float to uint32 (-0 counts as +0, as
+// float == does); 0 is left free to mean "no candidate".
+__device__ __forceinline__ uint32_t ordered_bits(float x) {
+  const uint32_t u = __float_as_uint(x == 0.0f ? 0.0f : x);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+__device__ __forceinline__ uint32_t warp_max_u32(uint32_t v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  return __reduce_max_sync(kFullMask, v);
+#else
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = max(v, __shfl_xor_sync(kFullMask, v, o));
+  return v;
+#endif
+}
+
+__device__ __forceinline__ uint32_t warp_min_u32(uint32_t v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  return __reduce_min_sync(kFullMask, v);
+#else
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = min(v, __shfl_xor_sync(kFullMask, v, o));
+  return v;
+#endif
+}
+
+// The lane's best candidate: largest ordered key, lowest j on ties (0: none).
+template <int V>
+__device__ __forceinline__ void lane_best(const uint32_t (&key)[V], const float (&s)[V],
+                                          uint32_t& bk, int& bj, float& bs) {
+  bk = 0;
+  bj = 0;
+  bs = 0.0f;
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+    if (key[j] > bk) {
+      bk = key[j];
+      bj = j;
+      bs = s[j];
+    }
+  }
+}
+
+template <class T, int V>
+__global__ void __launch_bounds__(32 * kFastWarps, V <= 8 ? 8 : 4)
+    route_dsv3_kernel(RouteParams p) {
+  constexpr int E = 32 * V;
+  const int lane = threadIdx.x & 31;
+  const int64_t t = int64_t(blockIdx.x) * kFastWarps + (threadIdx.x >> 5);
+  if (t >= p.T) return;  // uniform per warp
+
+  // Every load is issued first; a padded row (t >= valid) is computed anyway
+  // and discarded at the end, so that no load waits on num_valid.
+  float z[V], b[V];
+  load_f32<T, V>(static_cast<const T*>(p.logits) + t * E + lane * V, z);
+  if (p.bias) {
+    load_f32<float, V>(p.bias + lane * V, b);
+  } else {
+#pragma unroll
+    for (int j = 0; j < V; ++j) b[j] = 0.0f;
+  }
+  int64_t valid = p.T;
+  if (p.num_valid) {
+    const int64_t nv = *p.num_valid;
+    valid = nv < 0 ? 0 : (nv < p.T ? nv : p.T);
+  }
+
+  // s = sigmoid(z) (the weight), c = s + b (the key; -inf: not selectable).
+  float s[V], c[V];
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+    s[j] = sigmoid(z[j]);
+    const float kk = s[j] + b[j];
+    c[j] = selectable(z[j]) && selectable(kk) ? kk : -INFINITY;
+  }
+
+  // Group stage: the L = 32 / n_group lanes of a group merge their top-2.
+  if (p.n_group > 1) {
+    const int L = 32 / p.n_group;
+    float t1 = -INFINITY, t2 = -INFINITY;
+    int cnt = 0;
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const float v = c[j];
+      if (v == -INFINITY) continue;
+      ++cnt;
+      if (v > t1) {
+        t2 = t1;
+        t1 = v;
+      } else if (v > t2) {
+        t2 = v;
+      }
+    }
+    for (int o = 1; o < L; o <<= 1) {
+      const float o1 = __shfl_xor_sync(kFullMask, t1, o);
+      const float o2 = __shfl_xor_sync(kFullMask, t2, o);
+      cnt += __shfl_xor_sync(kFullMask, cnt, o);
+      // Top-2 of the union (a multiset: equal values both count). No NaN here.
+      t2 = fmaxf(fminf(t1, o1), fmaxf(t2, o2));
+      t1 = fmaxf(t1, o1);
+    }
+    cnt = min(cnt, 2);
+    const float score = cnt == 2 ? t1 + t2 : t1;
+    const int g = lane / L;
+    int rank = 0;  // groups ranked above g
+    for (int h = 0; h < p.n_group; ++h) {
+      const int hc = __shfl_sync(kFullMask, cnt, h * L);
+      const float hs = __shfl_sync(kFullMask, score, h * L);
+      rank += group_better(hc, hs, h, cnt, score, g) ? 1 : 0;
+    }
+    if (cnt == 0 || rank >= p.topk_group) {
+#pragma unroll
+      for (int j = 0; j < V; ++j) c[j] = -INFINITY;
+    }
+  }
+
+  uint32_t key[V];
+#pragma unroll
+  for (int j = 0; j < V; ++j) key[j] = c[j] == -INFINITY ? 0u : ordered_bits(c[j]);
+
+  // Top-k: slot n lives in lane n (k <= 32); every lane sums the chosen s in
+  // slot order, the CPU's order.
+  uint32_t bk;
+  int bj;
+  float bs;
+  lane_best<V>(key, s, bk, bj, bs);
+  float sum = 0.0f, my_s = 0.0f;
+  int my_id = -1, n = 0;
+  for (; n < p.k; ++n) {
+    const uint32_t m = warp_max_u32(bk);
+    if (m == 0) break;  // no selectable expert left (uniform)
+    const uint32_t win = warp_min_u32(bk == m ? uint32_t(lane * V + bj) : 0xffffffffu);
+    const int wl = int(win) / V;
+    const float sv = __shfl_sync(kFullMask, bs, wl);
+    sum += sv;
+    if (lane == n) {
+      my_id = int(win);
+      my_s = sv;
+    }
+    if (lane == wl) {
+#pragma unroll
+      for (int j = 0; j < V; ++j)
+        if (j == bj) key[j] = 0u;
+      lane_best<V>(key, s, bk, bj, bs);
+    }
+  }
+
+  const int cols = p.k + p.n_shared;
+  int32_t* ids = p.ids + t * cols;
+  float* wout = p.weights + t * cols;
+  const bool row_valid = t < valid;
+  const float denom = sum + 1e-20f;
+  for (int j = lane; j < cols; j += 32) {
+    int32_t id = -1;
+    float w = 0.0f;
+    if (row_valid) {
+      if (j < n) {  // j == lane: n <= k <= 32
+        id = my_id;
+        w = my_s;
+        if (p.renormalize) w /= denom;
+        w *= p.weight_scale;
+      } else if (j >= p.k) {
+        id = E + (j - p.k);
+        w = p.shared_weight;
+      }
+    }
+    ids[j] = id;
+    wout[j] = w;
+  }
+}
+
+bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
+
+// The instantiated experts per lane: E = 64, 128, 160, 256, 384, 512.
+bool fast_v_supported(int V) {
+  return V == 2 || V == 4 || V == 5 || V == 8 || V == 12 || V == 16;
+}
+
+bool use_fast_path(const RouteParams& p) {
+  return p.method == MOE_ROUTING_DEEPSEEK_V3 && p.E % 32 == 0 && fast_v_supported(p.E / 32) &&
+         p.k <= 32 && fast_groups_fit(p.n_group) && aligned16(p.logits) &&
+         (!p.bias || aligned16(p.bias));
+}
+
+template <class T, int V>
+cudaError_t launch_fast_v(const RouteParams& p, cudaStream_t stream) {
+  const int blocks = ceil_div(p.T, kFastWarps);
+  route_dsv3_kernel<T, V><<<blocks, 32 * kFastWarps, 0, stream>>>(p);
+  return launch_status();
+}
+
+template <class T>
+cudaError_t launch_fast(const RouteParams& p, cudaStream_t stream) {
+  switch (p.E / 32) {
+    case 2: return launch_fast_v<T, 2>(p, stream);
+    case 4: return launch_fast_v<T, 4>(p, stream);
+    case 5: return launch_fast_v<T, 5>(p, stream);
+    case 8: return launch_fast_v<T, 8>(p, stream);
+    case 12: return launch_fast_v<T, 12>(p, stream);
+    default: return launch_fast_v<T, 16>(p, stream);
+  }
+}
+
 __device__ __forceinline__ uint32_t bf16_bits(float f) {
   // Round to nearest even; NaN stays a quiet NaN (the CPU backend's rule).
   uint32_t u = __float_as_uint(f);
@@ -292,6 +532,13 @@ bool route_fits(int E, int n_group, int method) {
 
 cudaError_t launch_route(const RouteParams& p, cudaStream_t stream) {
   if (p.T == 0) return cudaSuccess;
+  if (use_fast_path(p)) {
+    switch (p.logits_dtype) {
+      case DType::bf16: return launch_fast<__nv_bfloat16>(p, stream);
+      case DType::f16: return launch_fast<__half>(p, stream);
+      default: return launch_fast<float>(p, stream);
+    }
+  }
   switch (p.logits_dtype) {
     case DType::bf16: return launch_typed<__nv_bfloat16>(p, stream);
     case DType::f16: return launch_typed<__half>(p, stream);

@@ -3,6 +3,10 @@
 // match the CPU backend (src/cpu/router.cpp) exactly: selection keys,
 // selectability (NaN and -inf never selected), group ranking, lower index
 // wins ties, -1/0 past the selectable experts or the valid rows.
+// DEEPSEEK_V3 with E = 32 * V (V in {2, 4, 5, 8, 12, 16}), k <= 32,
+// 32 % n_group == 0 and 16-byte aligned logits and bias keeps each lane's V
+// keys in registers (route_dsv3_kernel); every other case uses the
+// shared-memory kernel. Both give the same bits.
 #pragma once
 
 #include <cuda_runtime.h>

@@ -34,6 +34,13 @@ const Case kCases[] = {
     {"sigmoid_topk.nobias", MOE_ROUTING_SIGMOID_TOPK, 40, 3, 1, 1, false, false, 1.0f, 0, false},
     {"deepseek_v3", MOE_ROUTING_DEEPSEEK_V3, 256, 8, 8, 4, true, true, 2.5f, 1, false},
     {"deepseek_v3.e512", MOE_ROUTING_DEEPSEEK_V3, 512, 16, 16, 8, true, true, 1.5f, 0, true},
+    // More shapes of the DEEPSEEK_V3 register path (E = 32 * V, 32 % n_group == 0).
+    {"deepseek_v3.e384.ungrouped", MOE_ROUTING_DEEPSEEK_V3, 384, 8, 1, 1, true, true, 2.827f, 0, false},
+    {"deepseek_v3.e160.ungrouped", MOE_ROUTING_DEEPSEEK_V3, 160, 8, 1, 1, true, true, 2.5f, 1, false},
+    {"deepseek_v3.e128.g32", MOE_ROUTING_DEEPSEEK_V3, 128, 6, 32, 3, false, true, 1.0f, 0, false},
+    {"deepseek_v3.e64.g2", MOE_ROUTING_DEEPSEEK_V3, 64, 4, 2, 1, true, true, 1.0f, 2, false},
+    // Falls back to the shared-memory kernel (groups of 4 split a lane's 8 experts).
+    {"deepseek_v3.e256.g64", MOE_ROUTING_DEEPSEEK_V3, 256, 8, 64, 8, true, true, 2.5f, 0, false},
     {"grouped_softmax", MOE_ROUTING_GROUPED_SOFTMAX, 160, 6, 8, 3, true, false, 16.0f, 2, false},
     {"llama4", MOE_ROUTING_LLAMA4, 16, 1, 1, 1, false, false, 1.0f, 0, false},
     // Scores of one token exceed 48 KB of shared memory: the opt-in path.
@@ -175,6 +182,18 @@ TEST_CASE("gpu.router.every_method_vs_cpu") {
         for (int64_t T : {int64_t(1), int64_t(7), int64_t(64), int64_t(1000)})
           check_gpu_vs_cpu(c, dt, T, false);
       }
+    }
+  }
+}
+
+// The benchmark's shape (DeepSeek-V3, T = 4096): the register path on f32 and bf16 logits.
+TEST_CASE("gpu.router.deepseek_v3_t4096") {
+  const Case& c = kCases[5];
+  REQUIRE(std::string(c.name) == "deepseek_v3");
+  for (DT dt : kLogitTypes) {
+    SUBCASE(dt_name(dt)) {
+      check_gpu_vs_cpu(c, dt, 4096, false);
+      check_gpu_vs_cpu(c, dt, 4096, true);
     }
   }
 }
