@@ -14,20 +14,8 @@ int grid_for(int64_t work) {
   return int(std::max<int64_t>(1, std::min<int64_t>((work + kThreads - 1) / kThreads, 8192)));
 }
 
-// Same formulas as the routed runner's epilogue (kernels/moe_runner.cu).
-__device__ __forceinline__ float activate(int act, float v) {
-  switch (act) {
-    case MOE_ACTIVATION_SILU: return v / (1.0f + expf(-v));
-    case MOE_ACTIVATION_GELU: return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
-    case MOE_ACTIVATION_GELU_TANH:
-      return 0.5f * v * (1.0f + tanhf(0.79788456080286536f * (v + 0.044715f * v * v * v)));
-    case MOE_ACTIVATION_RELU2: {
-      const float r = fmaxf(v, 0.0f);
-      return r * r;
-    }
-    default: return v;
-  }
-}
+// The CPU backend's activations, shared with the routed runners.
+using gemm::activate;
 
 __global__ void to_f32_kernel(const void* src, DType dtype, int64_t n, float* dst) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
