@@ -1842,8 +1842,11 @@ TEST_CASE("bad_input.layer_forward") {
              {"'workspace_bytes'", "at least"}, outs);
   }
   SUBCASE("workspace misaligned") {
-    Workspace ws(4096);
-    rejected(fx.forward(x.dl(), lg.dl(), y.dl(), static_cast<char*>(ws.ptr()) + 8, 4000), IA,
+    // Large enough whatever the thread count (the CPU runner's scratch is per thread).
+    size_t need = 0;
+    MOE_CHECK_OK(moe_layer_workspace_size(fx.router, fx.disp, fx.runner, 3, kDLCPU, &need));
+    Workspace ws(need + 256);
+    rejected(fx.forward(x.dl(), lg.dl(), y.dl(), static_cast<char*>(ws.ptr()) + 8, need), IA,
              {"'workspace'", "256-byte-aligned", "remainder 8"}, outs);
   }
   SUBCASE("workspace NULL with nonzero bytes") {
