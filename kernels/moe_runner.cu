@@ -451,48 +451,33 @@ __global__ void __launch_bounds__(F_THREADS) gemm_f32_kernel(MoeRunParams p, Wor
 
 // --- reduction and id check ---------------------------------------------------------
 
-// y[t, c..c+3] = output_scale * sum_{j valid, in order} w[t, j] * out2[t*K + j, c..c+3]
-// (times sigmoid(token_gate[t]), plus the old y when accumulating; 0 past num_valid).
+// y[t, c..c+3] = output_scale * sum_{j valid, in order} w[t, j] * out2[t*K + j, c..c+3].
 template <class T>
 __global__ void reduce_kernel(MoeRunParams p, Work w) {
   const int quads = p.H / 4;
   const int64_t total = p.T * quads;
-  int64_t valid = p.T;
-  if (p.num_valid) {
-    const int64_t nv = *p.num_valid;
-    valid = nv < 0 ? 0 : (nv < p.T ? nv : p.T);
-  }
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
        i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t t = i / quads;
     const int c = int(i % quads) * 4;
     T* y = static_cast<T*>(p.y) + t * p.H + c;
     float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-    if (t < valid) {
-      for (int j = 0; j < p.K; ++j) {
-        const int64_t s = t * p.K + j;
-        const int32_t id = p.local_ids[s];
-        if (id < 0 || id >= p.E_loc) continue;  // -1, and bad ids treated as -1
-        const float wt = (p.weight_on_input || !p.weights) ? 1.0f : p.weights[s];
-        const float4 o = *reinterpret_cast<const float4*>(w.out2 + s * p.H + c);
-        acc.x += wt * o.x;
-        acc.y += wt * o.y;
-        acc.z += wt * o.z;
-        acc.w += wt * o.w;
-      }
-      float sc = p.output_scale;
-      if (p.token_gate) sc *= 1.0f / (1.0f + expf(-p.token_gate[t]));
-      acc.x *= sc;
-      acc.y *= sc;
-      acc.z *= sc;
-      acc.w *= sc;
-      if (p.accumulate) {
-        acc.x += to_f32(y[0]);
-        acc.y += to_f32(y[1]);
-        acc.z += to_f32(y[2]);
-        acc.w += to_f32(y[3]);
-      }
+    for (int j = 0; j < p.K; ++j) {
+      const int64_t s = t * p.K + j;
+      const int32_t id = p.local_ids[s];
+      if (id < 0 || id >= p.E_loc) continue;  // -1, and bad ids treated as -1
+      const float wt = (p.weight_on_input || !p.weights) ? 1.0f : p.weights[s];
+      const float4 o = *reinterpret_cast<const float4*>(w.out2 + s * p.H + c);
+      acc.x += wt * o.x;
+      acc.y += wt * o.y;
+      acc.z += wt * o.z;
+      acc.w += wt * o.w;
     }
+    const float sc = p.output_scale;
+    acc.x *= sc;
+    acc.y *= sc;
+    acc.z *= sc;
+    acc.w *= sc;
     if constexpr (std::is_same_v<T, float>) {
       *reinterpret_cast<float4*>(y) = acc;
     } else {
@@ -501,29 +486,6 @@ __global__ void reduce_kernel(MoeRunParams p, Work w) {
       v.y = pack2<T>(acc.z, acc.w);
       *reinterpret_cast<uint2*>(y) = v;
     }
-  }
-}
-
-// Dense routing: slot t * n + e of a valid token goes to expert e; sorted
-// position e * valid + t.
-__global__ void dense_routing_kernel(int64_t T, int n, const int32_t* num_valid,
-                                     int32_t* local_ids, int32_t* offsets, int32_t* sorted_slots) {
-  int64_t valid = T;
-  if (num_valid) {
-    const int64_t nv = *num_valid;
-    valid = nv < 0 ? 0 : (nv < T ? nv : T);
-  }
-  const int64_t total = T * n;
-  const int64_t range = total > n + 1 ? total : n + 1;
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < range;
-       i += int64_t(gridDim.x) * blockDim.x) {
-    if (i <= n) offsets[i] = int32_t(i * valid);
-    if (i >= total) continue;
-    const int64_t t = i / n;
-    const int e = int(i % n);
-    local_ids[i] = t < valid ? e : -1;
-    // i read as a sorted position p: expert p / valid, token p % valid.
-    sorted_slots[i] = i < valid * n ? int32_t((i % valid) * n + i / valid) : -1;
   }
 }
 
@@ -701,15 +663,6 @@ cudaError_t launch_moe_run(const MoeRunParams& p, cudaStream_t stream) {
   cudaError_t err = launch_moe_gemms(p, stream);
   if (err != cudaSuccess) return err;
   return launch_moe_reduce(p, stream);
-}
-
-cudaError_t launch_dense_routing(int64_t T, int n, const int32_t* num_valid, int32_t* local_ids,
-                                 int32_t* offsets, int32_t* sorted_slots, cudaStream_t stream) {
-  // At least n + 1 threads so every offset is written, also when T * n is small.
-  const int64_t work = std::max<int64_t>(T * n, n + 1);
-  dense_routing_kernel<<<grid_limit(work, 256), 256, 0, stream>>>(T, n, num_valid, local_ids,
-                                                                  offsets, sorted_slots);
-  return launch_status();
 }
 
 }  // namespace moe::kernels

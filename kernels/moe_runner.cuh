@@ -36,10 +36,6 @@ struct MoeRunParams {
   void* y;                    // [T, H]
   float output_scale;
   void* workspace;            // >= moe_run_workspace_bytes(...)
-  // Reduction extras for the MoE block's shared experts (null/false for the runner):
-  const float* token_gate;    // [T] logits: y row scaled by sigmoid(token_gate[t])
-  const int32_t* num_valid;   // [1]: rows at or past it are written as 0
-  bool accumulate;            // y += result (y holds the routed output)
 };
 
 // Whether the kernels handle these sizes (rows of 16 bytes: H and I
@@ -55,16 +51,8 @@ cudaError_t launch_validate_ids(const MoeRunParams& p, int32_t** bad_slot_dev,
 
 // Tile map + GEMM1 + GEMM2 + reduction.
 cudaError_t launch_moe_run(const MoeRunParams& p, cudaStream_t stream);
-// The two halves, for callers that run the reduction later or elsewhere
-// (the shared experts: GEMMs on a side stream, reduction after the join).
+// The two halves (the FP8 runner has its own GEMMs and shares the reduction).
 cudaError_t launch_moe_gemms(const MoeRunParams& p, cudaStream_t stream);
 cudaError_t launch_moe_reduce(const MoeRunParams& p, cudaStream_t stream);
-
-// Routing metadata for dense experts (every valid token uses each of the n
-// experts once): local_ids [T, n], offsets [n + 1] and sorted_slots [T * n]
-// as the dispatcher would write them for rows below *num_valid (all T when
-// num_valid is null).
-cudaError_t launch_dense_routing(int64_t T, int n, const int32_t* num_valid, int32_t* local_ids,
-                                 int32_t* offsets, int32_t* sorted_slots, cudaStream_t stream);
 
 }  // namespace moe::kernels
