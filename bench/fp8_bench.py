@@ -25,13 +25,13 @@ import argparse
 import json
 import math
 import os
-import statistics
 import sys
 import time
 
 import torch
 
 import libmoe
+from timing import copy_gbs, events_median, graph_of, rel_err
 
 SHAPES = {
     # name: E global, E local (this rank), k, H, I, ep_size, router method and options
@@ -46,45 +46,9 @@ NROT = 4
 F8 = torch.float8_e4m3fn
 
 
-def events_median(fn, reps, inner=1):
-    """Median milliseconds of fn() over reps timed runs (after a warm-up), / inner."""
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a = torch.cuda.Event(enable_timing=True)
-        b = torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / inner)
-    return statistics.median(times)
-
-
-def graph_of(fn):
-    """Captures fn() (after one eager warm-up on a side stream) into a CUDA graph."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    torch.cuda.synchronize()
-    return g
-
-
 def measure_ceilings():
     """Copy bandwidth (read + write bytes / s) and the FP8 matmul peak (TFLOP/s)."""
-    n = 1 << 30
-    src = torch.randn(n // 4, device="cuda")
-    dst = torch.empty_like(src)
-    ms = events_median(lambda: dst.copy_(src), 20)
-    copy_gbs = 2 * n / (ms * 1e-3) / 1e9
-    del src, dst
+    copy = copy_gbs()
     m = 8192
     a = torch.randn(m, m, device="cuda").to(F8)
     b = torch.randn(m, m, device="cuda").to(F8)  # [N, K] row-major: b.t() is column-major
@@ -92,7 +56,7 @@ def measure_ceilings():
     mm = lambda: torch._scaled_mm(a, b.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16)  # noqa: E731
     ms = events_median(mm, 20)
     peak = 2 * m ** 3 / (ms * 1e-3) / 1e12
-    return copy_gbs, peak
+    return copy, peak
 
 
 def random_codes(shape, gen):
@@ -153,13 +117,6 @@ def torch_reference(x, ids, w, W13, W2, I, rows, block):
             hq = fake_quant(h, 128 if block else I)
             out[n] += float(w[t, j]) * (W2[e] @ hq[0])
     return out
-
-
-def rel_err(got, ref):
-    got = got.float()
-    if torch.isnan(got).any():
-        return float("inf")
-    return float(torch.linalg.vector_norm(got - ref) / torch.linalg.vector_norm(ref).clamp_min(1e-30))
 
 
 def bench_case(name, cfg, mode, tokens, ceilings, reps, check_rows):

@@ -25,7 +25,6 @@ import argparse
 import json
 import math
 import os
-import statistics
 import sys
 import time
 
@@ -33,6 +32,7 @@ try:
     import torch
 
     import libmoe
+    from timing import copy_gbs, events_median, graph_of, rel_err
 except ImportError:  # --table needs neither
     torch = libmoe = None
 
@@ -49,49 +49,13 @@ TOKENS = [1, 8, 64, 256, 1024, 4096, 16384]
 NROT = 4
 
 
-def events_median(fn, reps, inner=1):
-    """Median milliseconds of fn() over reps timed runs (after warm-up), / inner."""
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a = torch.cuda.Event(enable_timing=True)
-        b = torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / inner)
-    return statistics.median(times)
-
-
-def graph_of(fn):
-    """Captures fn() (after one eager warm-up) into a CUDA graph."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    torch.cuda.synchronize()
-    return g
-
-
 def measure_ceilings():
-    n = 1 << 30  # 1 GiB copies
-    src = torch.randn(n // 4, device="cuda")
-    dst = torch.empty_like(src)
-    ms = events_median(lambda: dst.copy_(src), 20)
-    copy_gbs = 2 * n / (ms * 1e-3) / 1e9
-    del src, dst
+    copy = copy_gbs()
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     ms = events_median(lambda: torch.matmul(a, b), 20)
     peak = 2 * 8192 ** 3 / (ms * 1e-3) / 1e12
-    return copy_gbs, peak
+    return copy, peak
 
 
 def act_silu_gated(h, I):
@@ -110,13 +74,6 @@ def torch_reference(x, ids, w, w13, w2, I, rows):
             h = torch.nn.functional.silu(h[:I]) * h[I:]
             out[n] += float(w[t, j]) * (w2[e].float() @ h)
     return out
-
-
-def rel_err(got, ref):
-    got = got.float()
-    if torch.isnan(got).any():
-        return float("inf")
-    return float(torch.linalg.vector_norm(got - ref) / torch.linalg.vector_norm(ref).clamp_min(1e-30))
 
 
 def peer_loop(x, ids, w, w13, w2, I, y):
