@@ -280,7 +280,8 @@ TEST_CASE("gpu.runner.model_shapes") {
   };
   for (const Model& m : shapes) {
     SUBCASE(m.name) {
-      for (int64_t T : {int64_t(7), int64_t(64)}) check_model(m, T, false, /*timed=*/true);
+      for (int64_t T : {int64_t(1), int64_t(7), int64_t(64), int64_t(1000)})
+        check_model(m, T, false, /*timed=*/T == 7 || T == 64);
     }
   }
 }
