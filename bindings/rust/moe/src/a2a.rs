@@ -13,7 +13,7 @@ use std::ptr::{self, NonNull};
 
 use moe_sys as sys;
 
-use crate::error::{check, Error, Result};
+use crate::error::{check, defaulted_config, Error, Result};
 use crate::tensor::{DType, Stream, Tensor, TensorMut};
 use crate::version::check_version;
 
@@ -44,12 +44,9 @@ impl A2aConfig {
     /// defaults: one rank, contiguous mapping, bf16 hidden states.
     pub fn new(num_experts: i32, hidden_size: i32, max_tokens_per_rank: i32, top_k: i32) -> Result<Self> {
         check_version()?;
-        // SAFETY: integers and NULL pointers, for which all-zero is valid.
-        let mut raw: sys::moe_a2a_config_t = unsafe { std::mem::zeroed() };
-        raw.struct_size = std::mem::size_of::<sys::moe_a2a_config_t>() as u32;
-        // SAFETY: raw is a valid, writable config.
-        check(unsafe { sys::moe_a2a_config_default(&mut raw) })?;
-        raw.struct_size = std::mem::size_of::<sys::moe_a2a_config_t>() as u32;
+        // SAFETY: moe_a2a_config_t is a libmoe config and the closure calls its *_default().
+        let mut raw: sys::moe_a2a_config_t =
+            unsafe { defaulted_config(|p| sys::moe_a2a_config_default(p))? };
         raw.num_experts = num_experts;
         raw.hidden_size = hidden_size;
         raw.max_tokens_per_rank = max_tokens_per_rank;

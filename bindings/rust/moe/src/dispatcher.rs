@@ -5,7 +5,7 @@ use std::ptr::{self, NonNull};
 
 use moe_sys as sys;
 
-use crate::error::{check, Error, Result};
+use crate::error::{check, defaulted_config, Error, Result};
 use crate::tensor::{Device, Stream, Tensor, TensorMut, Workspace};
 use crate::version::check_version;
 
@@ -21,12 +21,9 @@ impl DispatcherConfig {
     /// One rank holding all `num_experts` experts, on the CPU.
     pub fn new(num_experts: i32) -> Result<Self> {
         check_version()?;
-        // SAFETY: integers and a pointer, for which all-zero (NULL) is valid.
-        let mut raw: sys::moe_dispatcher_config_t = unsafe { std::mem::zeroed() };
-        raw.struct_size = std::mem::size_of::<sys::moe_dispatcher_config_t>() as u32;
-        // SAFETY: raw is a valid, writable config.
-        check(unsafe { sys::moe_dispatcher_config_default(&mut raw) })?;
-        raw.struct_size = std::mem::size_of::<sys::moe_dispatcher_config_t>() as u32;
+        // SAFETY: moe_dispatcher_config_t is a libmoe config and the closure calls its *_default().
+        let mut raw: sys::moe_dispatcher_config_t =
+            unsafe { defaulted_config(|p| sys::moe_dispatcher_config_default(p))? };
         raw.num_experts = num_experts;
         raw.local_expert_mapping = ptr::null();
         Ok(DispatcherConfig { raw, mapping: None })

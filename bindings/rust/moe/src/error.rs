@@ -117,3 +117,20 @@ pub(crate) unsafe fn c_text(p: *const c_char) -> String {
         CStr::from_ptr(p).to_string_lossy().into_owned()
     }
 }
+
+/// A config struct filled by its `*_default()` function: zeroed, `struct_size`
+/// set first (the library writes only that many bytes), then defaulted.
+///
+/// # Safety
+/// `T` must be a libmoe config: plain data, valid when all-zero, whose first
+/// field is `uint32_t struct_size`; `fill` must call that config's
+/// `*_default()` on the pointer it gets.
+pub(crate) unsafe fn defaulted_config<T>(
+    fill: impl FnOnce(*mut T) -> sys::moe_status_t,
+) -> Result<T> {
+    let mut raw: T = std::mem::zeroed();
+    let size = std::mem::size_of::<T>() as u32;
+    *(&mut raw as *mut T as *mut u32) = size;
+    check(fill(&mut raw))?;
+    Ok(raw)
+}

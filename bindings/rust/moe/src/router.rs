@@ -4,7 +4,7 @@ use std::ptr::{self, NonNull};
 
 use moe_sys as sys;
 
-use crate::error::{check, Error, Result};
+use crate::error::{check, defaulted_config, Error, Result};
 use crate::tensor::{opt_dl, opt_dl_mut, opt_ptr, opt_ptr_mut, Device, Stream, Tensor, TensorMut, Workspace};
 use crate::version::check_version;
 
@@ -46,13 +46,9 @@ impl RouterConfig {
     /// The library's defaults for `method`, with E and k set.
     pub fn new(method: RoutingMethod, num_experts: i32, top_k: i32) -> Result<Self> {
         check_version()?;
-        // SAFETY: the config holds only integers and floats, for which all-zero is valid.
-        let mut raw: sys::moe_router_config_t = unsafe { std::mem::zeroed() };
-        // Tell the library how many bytes this caller's struct has.
-        raw.struct_size = std::mem::size_of::<sys::moe_router_config_t>() as u32;
-        // SAFETY: raw is a valid, writable moe_router_config_t.
-        check(unsafe { sys::moe_router_config_default(&mut raw, method.0) })?;
-        raw.struct_size = std::mem::size_of::<sys::moe_router_config_t>() as u32;
+        // SAFETY: moe_router_config_t is a libmoe config and the closure calls its *_default().
+        let mut raw: sys::moe_router_config_t =
+            unsafe { defaulted_config(|p| sys::moe_router_config_default(p, method.0))? };
         raw.num_experts = num_experts;
         raw.top_k = top_k;
         Ok(RouterConfig { raw })

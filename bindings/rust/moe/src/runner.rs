@@ -5,7 +5,7 @@ use std::ptr::{self, NonNull};
 
 use moe_sys as sys;
 
-use crate::error::{check, Error, Result};
+use crate::error::{check, defaulted_config, Error, Result};
 use crate::tensor::{opt_dl, opt_ptr, Device, Stream, Tensor, TensorMut, Workspace};
 use crate::version::check_version;
 
@@ -50,12 +50,9 @@ impl RunnerConfig {
     /// Defaults (gated SiLU, no quantization, deterministic) for E_loc experts of H -> I -> H.
     pub fn new(num_experts: i32, hidden_size: i32, intermediate_size: i32) -> Result<Self> {
         check_version()?;
-        // SAFETY: integers and floats, for which all-zero is valid.
-        let mut raw: sys::moe_runner_config_t = unsafe { std::mem::zeroed() };
-        raw.struct_size = std::mem::size_of::<sys::moe_runner_config_t>() as u32;
-        // SAFETY: raw is a valid, writable config.
-        check(unsafe { sys::moe_runner_config_default(&mut raw) })?;
-        raw.struct_size = std::mem::size_of::<sys::moe_runner_config_t>() as u32;
+        // SAFETY: moe_runner_config_t is a libmoe config and the closure calls its *_default().
+        let mut raw: sys::moe_runner_config_t =
+            unsafe { defaulted_config(|p| sys::moe_runner_config_default(p))? };
         raw.num_experts = num_experts;
         raw.hidden_size = hidden_size;
         raw.intermediate_size = intermediate_size;

@@ -5,7 +5,7 @@ use std::ptr::{self, NonNull};
 
 use moe_sys as sys;
 
-use crate::error::{check, Error, Result};
+use crate::error::{check, defaulted_config, Error, Result};
 use crate::runner::Activation;
 use crate::tensor::{opt_dl, opt_ptr, Device, Stream, Tensor, TensorMut, Workspace};
 use crate::version::check_version;
@@ -20,12 +20,9 @@ impl SharedExpertsConfig {
     /// Defaults (gated SiLU) for `num_shared` experts of H -> I_shared -> H.
     pub fn new(num_shared: i32, hidden_size: i32, intermediate_size: i32) -> Result<Self> {
         check_version()?;
-        // SAFETY: integers only, for which all-zero is valid.
-        let mut raw: sys::moe_shared_experts_config_t = unsafe { std::mem::zeroed() };
-        raw.struct_size = std::mem::size_of::<sys::moe_shared_experts_config_t>() as u32;
-        // SAFETY: raw is a valid, writable config.
-        check(unsafe { sys::moe_shared_experts_config_default(&mut raw) })?;
-        raw.struct_size = std::mem::size_of::<sys::moe_shared_experts_config_t>() as u32;
+        // SAFETY: moe_shared_experts_config_t is a libmoe config and the closure calls its *_default().
+        let mut raw: sys::moe_shared_experts_config_t =
+            unsafe { defaulted_config(|p| sys::moe_shared_experts_config_default(p))? };
         raw.num_shared_experts = num_shared;
         raw.hidden_size = hidden_size;
         raw.intermediate_size = intermediate_size;
