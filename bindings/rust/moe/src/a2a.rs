@@ -45,8 +45,7 @@ impl A2aConfig {
     pub fn new(num_experts: i32, hidden_size: i32, max_tokens_per_rank: i32, top_k: i32) -> Result<Self> {
         check_version()?;
         // SAFETY: moe_a2a_config_t is a libmoe config and the closure calls its *_default().
-        let mut raw: sys::moe_a2a_config_t =
-            unsafe { defaulted_config(|p| sys::moe_a2a_config_default(p))? };
+        let mut raw: sys::moe_a2a_config_t = unsafe { defaulted_config(|p| sys::moe_a2a_config_default(p))? };
         raw.num_experts = num_experts;
         raw.hidden_size = hidden_size;
         raw.max_tokens_per_rank = max_tokens_per_rank;

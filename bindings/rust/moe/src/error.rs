@@ -125,9 +125,7 @@ pub(crate) unsafe fn c_text(p: *const c_char) -> String {
 /// `T` must be a libmoe config: plain data, valid when all-zero, whose first
 /// field is `uint32_t struct_size`; `fill` must call that config's
 /// `*_default()` on the pointer it gets.
-pub(crate) unsafe fn defaulted_config<T>(
-    fill: impl FnOnce(*mut T) -> sys::moe_status_t,
-) -> Result<T> {
+pub(crate) unsafe fn defaulted_config<T>(fill: impl FnOnce(*mut T) -> sys::moe_status_t) -> Result<T> {
     let mut raw: T = std::mem::zeroed();
     let size = std::mem::size_of::<T>() as u32;
     *(&mut raw as *mut T as *mut u32) = size;
