@@ -570,7 +570,46 @@ def _make_routed(w13: Any, w2: Any, method: Union[str, int], num_experts: int, t
     return router, dispatcher, runner
 
 
-class Layer:
+class _Composite:
+    """Lifecycle of an object built over borrowed (or, with owns=True, owned)
+    handles: close(), closed, context manager, __del__ as a safety net."""
+
+    _owns = False
+    _closed = False
+
+    def _parts(self) -> Tuple[Any, ...]:
+        raise NotImplementedError
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError("libmoe: this %s is closed" % type(self).__name__)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Idempotent; with owns=True it also closes the handles it was built from."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._owns:
+            _close_all(*self._parts())
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class Layer(_Composite):
     """The one-call MoE layer (moe_layer_forward): route -> dispatch -> run.
 
     Borrows a Router, a Dispatcher and a Runner; with owns=True (as from
@@ -618,33 +657,8 @@ class Layer:
 
     __call__ = forward
 
-    def _check_open(self) -> None:
-        if self._closed:
-            raise ValueError("libmoe: this Layer is closed")
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        if self._owns:
-            for h in (self.runner, self.dispatcher, self.router):
-                h.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
+    def _parts(self) -> Tuple[Any, ...]:
+        return (self.runner, self.dispatcher, self.router)
 
 
 # ---------------------------------------------------------------------------
@@ -712,7 +726,7 @@ class SharedExperts(_Handle):
     __call__ = run
 
 
-class Block:
+class Block(_Composite):
     """The complete MoE block (moe_block_forward): gate projection -> route ->
     dispatch -> routed experts -> shared experts -> sum.
 
@@ -788,32 +802,8 @@ class Block:
 
     __call__ = forward
 
-    def _check_open(self) -> None:
-        if self._closed:
-            raise ValueError("libmoe: this Block is closed")
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        if self._owns:
-            _close_all(self.shared, self.runner, self.dispatcher, self.router)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
+    def _parts(self) -> Tuple[Any, ...]:
+        return (self.shared, self.runner, self.dispatcher, self.router)
 
 
 # ---------------------------------------------------------------------------
