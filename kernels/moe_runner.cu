@@ -1,11 +1,13 @@
 #include "moe_runner.cuh"
 
 #include <algorithm>
+#include <atomic>
 #include <climits>
 #include <cstdlib>
 #include <type_traits>
 
 #include "common.cuh"
+#include "wgmma.cuh"
 #include "moe/moe.h"
 
 namespace moe::kernels {
@@ -365,6 +367,130 @@ __global__ void __launch_bounds__(Cfg::THREADS) gemm_tc_kernel(MoeRunParams p, W
     }
 }
 
+// --- wgmma path (sm_90a, the 128-row prefill tiles of bf16 / f16) -----------------
+//
+// A block computes 128 sorted rows x 256 weight rows (gated GEMM1: 128 gate
+// and the matching 128 up rows; otherwise 256 output columns) in 64-deep k
+// steps: two warpgroups, each the MMA of its 64 rows against all 256 weight
+// rows (wgmma m64n256k16, both operands K-major in 128B-swizzled shared
+// memory), and all 256 threads stage the next tiles with cp.async (the
+// gather of token rows through sorted_slots stays fused into the A loads).
+// Loads run two k steps ahead of the MMAs; a step's buffer is refilled only
+// after every warpgroup's MMAs on it are done.
+namespace wg = moe::kernels::wgmma;
+
+constexpr int WG_BM = 128, WG_BN = 256, WG_BK = 64, WG_STAGES = 4, WG_THREADS = 256;
+constexpr uint32_t WG_A_BYTES = WG_BM * wg::kRowBytes;  // 16 KB
+constexpr uint32_t WG_B_BYTES = WG_BN * wg::kRowBytes;  // 32 KB
+constexpr uint32_t WG_STAGE_BYTES = WG_A_BYTES + WG_B_BYTES;
+// + one swizzle period of slack to align the dynamic shared memory by hand.
+constexpr size_t WG_SMEM_BYTES = size_t(WG_STAGES) * WG_STAGE_BYTES + wg::kSwizzleBytes;
+static_assert(WG_BK * 2 == wg::kRowBytes, "a k step is one swizzle row of 16-bit values");
+
+template <class T, int MODE>
+__global__ void __launch_bounds__(WG_THREADS, 1) gemm_wgmma_kernel(MoeRunParams p, Work w) {
+  constexpr int NSETS = MODE == kGemm1Gated ? 2 : 1;
+  constexpr int BN = WG_BN / NSETS;  // output columns per weight set
+  constexpr int ROWS_PER_PASS = WG_THREADS / 8;  // 8 chunks of 16 bytes per row
+  constexpr int A_CHUNKS = WG_BM / ROWS_PER_PASS, B_CHUNKS = WG_BN / ROWS_PER_PASS;
+  extern __shared__ unsigned char wg_smem_raw[];
+  const uint32_t raw = wg::smem_addr(wg_smem_raw);
+  const uint32_t base = (raw + wg::kSwizzleBytes - 1) & ~uint32_t(wg::kSwizzleBytes - 1);
+  unsigned char* const smem = wg_smem_raw + (base - raw);
+
+  TileInfo ti;
+  if (!find_tile<WG_BM>(p, w, blockIdx.x, ti)) return;
+  const int n0 = blockIdx.y * BN;
+  const int Kdim = MODE == kGemm2 ? p.I : p.H;
+  const int KT = (Kdim + WG_BK - 1) / WG_BK;
+  const int tid = threadIdx.x;
+
+  // Thread tid copies chunk tid % 8 of rows tid / 8 + 32 i; that chunk's
+  // swizzled position is the same in all of them (32 i keeps row % 8).
+  const int kc = tid & 7, row0 = tid >> 3;
+  const uint32_t chunk_off = uint32_t(row0) * wg::kRowBytes + uint32_t((kc ^ (row0 & 7)) << 4);
+  const T* a_src[A_CHUNKS];
+#pragma unroll
+  for (int i = 0; i < A_CHUNKS; ++i) {
+    const int r = row0 + i * ROWS_PER_PASS;
+    a_src[i] = r < ti.rows ? a_row<T, MODE>(p, w, ti.row_begin + r) : nullptr;
+  }
+  const T* b_src[B_CHUNKS];
+#pragma unroll
+  for (int i = 0; i < B_CHUNKS; ++i) {
+    const int r = row0 + i * ROWS_PER_PASS;
+    b_src[i] = b_row<T, MODE>(p, ti.e, r / BN, n0 + r % BN);
+  }
+
+  auto load_stage = [&](int stage, int kt) {
+    const int k = kt * WG_BK + kc * 8;
+    unsigned char* const a_dst = smem + size_t(stage) * WG_STAGE_BYTES + chunk_off;
+    unsigned char* const b_dst = a_dst + WG_A_BYTES;
+#pragma unroll
+    for (int i = 0; i < A_CHUNKS; ++i) {
+      const bool ok = a_src[i] != nullptr && k < Kdim;
+      cp_async16(a_dst + i * ROWS_PER_PASS * wg::kRowBytes, ok ? a_src[i] + k : p.x, ok);
+    }
+#pragma unroll
+    for (int i = 0; i < B_CHUNKS; ++i) {
+      const bool ok = b_src[i] != nullptr && k < Kdim;
+      cp_async16(b_dst + i * ROWS_PER_PASS * wg::kRowBytes, ok ? b_src[i] + k : p.x, ok);
+    }
+  };
+
+  const int group = tid / 128;  // warpgroup: sorted rows 64 group .. 64 group + 63
+  float acc[128];
+#pragma unroll
+  for (int i = 0; i < 128; ++i) acc[i] = 0.0f;
+
+  // Loads run WG_AHEAD k steps ahead of the MMAs, and the MMAs of one step
+  // overlap the next step's issue (wait<1>): the buffer refilled at step kt
+  // held step kt - 2, whose MMAs every warpgroup finished before the barrier.
+  constexpr int WG_AHEAD = WG_STAGES - 2;
+#pragma unroll
+  for (int s = 0; s < WG_AHEAD; ++s) {
+    if (s < KT) load_stage(s, s);
+    cp_async_commit();
+  }
+  for (int kt = 0; kt < KT; ++kt) {
+    cp_async_wait<WG_AHEAD - 1>();  // step kt's group is complete
+    wg::fence_proxy_async();        // this thread's cp.async data, for the async proxy
+    __syncthreads();                // everyone's; and the MMAs of step kt - 2 are done
+    const int next = kt + WG_AHEAD;
+    if (next < KT) load_stage(next % WG_STAGES, next);
+    cp_async_commit();
+    const uint32_t a_tile = base + uint32_t(kt % WG_STAGES) * WG_STAGE_BYTES +
+                            uint32_t(group) * 64 * wg::kRowBytes;
+    const uint32_t b_tile = base + uint32_t(kt % WG_STAGES) * WG_STAGE_BYTES + WG_A_BYTES;
+    wg::fence_operands(acc);
+    wg::fence();
+#pragma unroll
+    for (int kk = 0; kk < WG_BK / 16; ++kk)  // 16 values = 32 bytes per k step
+      wg::mma_m64n256k16<T>(acc, wg::desc_sw128(a_tile + kk * 32), wg::desc_sw128(b_tile + kk * 32), 1);
+    wg::commit();
+    wg::wait<1>();  // step kt - 1's MMAs are done; step kt's may still run
+  }
+  wg::wait<0>();
+  wg::fence_operands(acc);
+  cp_async_wait<0>();
+
+  // Accumulator j-th 8-column block: columns 8 j + 2 (lane % 4) + {0, 1};
+  // gated: blocks [0, BN / 8) are gate columns, the next BN / 8 their up partners.
+  const int lane = tid & 31, warp_in_group = (tid >> 5) & 3;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int r = group * 64 + warp_in_group * 16 + (lane >> 2) + 8 * h;
+    if (r >= ti.rows) continue;
+#pragma unroll
+    for (int j = 0; j < BN / 8; ++j) {
+      const int col = n0 + 8 * j + 2 * (lane & 3);
+      const int ju = NSETS == 2 ? j + BN / 8 : j;
+      epilogue_pair<T, MODE>(p, w, ti.row_begin + r, col, acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1],
+                             acc[4 * ju + 2 * h], acc[4 * ju + 2 * h + 1]);
+    }
+  }
+}
+
 // --- f32 SIMT path -----------------------------------------------------------------
 
 constexpr int F_BK = 16;
@@ -580,6 +706,56 @@ RowChoice pick_rows(const MoeRunParams& p, int64_t n) {
   return {128, 128, 0};
 }
 
+// Whether the 128-row tiles run on wgmma: the library was built for sm_90a
+// only among the 9.x targets (MOE_CUDA_WGMMA, set by CMake), the current
+// device is compute capability 9.0, and MOE_RUNNER_WGMMA is not 0 (the
+// benchmark's switch back to mma.sync).
+bool wgmma_enabled() {
+#if defined(MOE_CUDA_WGMMA)
+  static const bool env_off = [] {
+    const char* v = std::getenv("MOE_RUNNER_WGMMA");
+    return v && v[0] == '0';
+  }();
+  if (env_off) return false;
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return false;
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> known[kMaxDevices];  // 0: not asked yet, 1: yes, 2: no
+  if (dev < 0 || dev >= kMaxDevices) return false;
+  int v = known[dev].load(std::memory_order_relaxed);
+  if (v == 0) {
+    int major = 0, minor = 0;
+    const bool ok = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
+                    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) == cudaSuccess;
+    v = ok && major == 9 && minor == 0 ? 1 : 2;
+    known[dev].store(v, std::memory_order_relaxed);
+  }
+  return v == 1;
+#else
+  return false;
+#endif
+}
+
+template <class T, int MODE>
+void launch_wgmma(const MoeRunParams& p, const Work& w, unsigned tiles, int N, cudaStream_t stream) {
+  constexpr int BN = WG_BN / (MODE == kGemm1Gated ? 2 : 1);
+  auto kernel = gemm_wgmma_kernel<T, MODE>;
+  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(WG_SMEM_BYTES));
+  const dim3 grid(tiles, unsigned(ceil_div(N, BN)));
+  kernel<<<grid, WG_THREADS, WG_SMEM_BYTES, stream>>>(p, w);
+}
+
+template <class T>
+void launch_wgmma_stage(const MoeRunParams& p, const Work& w, unsigned tiles, bool second,
+                        cudaStream_t stream) {
+  if (second)
+    launch_wgmma<T, kGemm2>(p, w, tiles, p.H, stream);
+  else if (p.gated)
+    launch_wgmma<T, kGemm1Gated>(p, w, tiles, p.I, stream);
+  else
+    launch_wgmma<T, kGemm1Plain>(p, w, tiles, p.I, stream);
+}
+
 template <class T>
 void launch_tc_rows(const MoeRunParams& p, const Work& w, int bm, bool second, cudaStream_t stream) {
   const unsigned tiles = max_tiles(p, w.n, bm);
@@ -587,7 +763,13 @@ void launch_tc_rows(const MoeRunParams& p, const Work& w, int bm, bool second, c
     case 16: launch_tc_stage<T, CfgDecode16, CfgDecode16>(p, w, tiles, second, stream); break;
     case 32: launch_tc_stage<T, CfgDecode32, CfgDecode32>(p, w, tiles, second, stream); break;
     case 64: launch_tc_stage<T, CfgMid, CfgMid>(p, w, tiles, second, stream); break;
-    default: launch_tc_stage<T, CfgWide1, CfgWide2>(p, w, tiles, second, stream); break;
+    default:
+      static_assert(WG_BM == CfgWide1::BM, "the wgmma path replaces the 128-row tiles");
+      if (wgmma_enabled())
+        launch_wgmma_stage<T>(p, w, tiles, second, stream);
+      else
+        launch_tc_stage<T, CfgWide1, CfgWide2>(p, w, tiles, second, stream);
+      break;
   }
 }
 

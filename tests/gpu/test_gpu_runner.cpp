@@ -271,6 +271,24 @@ TEST_CASE("gpu.runner.odd_sizes") {
   check_error_mentions(st, MOE_STATUS_UNSUPPORTED, {"multiples of 8"});
 }
 
+TEST_CASE("gpu.runner.wide_tiles_odd_sizes") {
+  // Enough rows per expert for the 128-row tiles (the wgmma path on sm_90a),
+  // with H and I multiples of 8 but not of the 64-deep k step or the
+  // 128/256-column tiles: k tails, column tails and partial row tiles.
+  for (DT dt : {DT::bf16, DT::f16}) {
+    Model m{"odd_wide", 4, 1, 0, 2, 200, 136};
+    m.dt = dt;
+    check_model(m, 300, true);
+    m.gated = false;
+    m.activation = MOE_ACTIVATION_RELU2;
+    check_model(m, 300, true);
+    m.gated = true;
+    m.swap = true;
+    m.activation = MOE_ACTIVATION_GELU;
+    check_model(m, 257, true);
+  }
+}
+
 TEST_CASE("gpu.runner.model_shapes") {
   // BRIEF.md: Mixtral-8x7B, Qwen3-30B-A3B, one EP-of-8 slice of DeepSeek-V3.
   const Model shapes[] = {

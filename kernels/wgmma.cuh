@@ -1,0 +1,148 @@
+// Hopper warpgroup MMA (wgmma, sm_90a) primitives for the runners' GEMMs.
+//
+// Operands live in shared memory in the 128-byte-swizzled K-major layout:
+// a tile row holds 128 bytes of K (64 bf16/f16 or 128 e4m3 values), rows
+// follow each other every 128 bytes, and 16-byte chunk c of row r sits at
+// chunk position c ^ (r % 8) (the hardware's 128B swizzle: byte-address bits
+// 4-6 XOR bits 7-9). A tile starts on a 1024-byte boundary (eight rows, one
+// swizzle period). A k step inside the 128-byte row advances the descriptor's
+// start address by its byte width; the swizzle is applied to the absolute
+// address, so the k-th 32-byte slice of every row is found.
+//
+// The accumulator of m64nNk16 in a warpgroup: warp w of the group (0..3)
+// holds rows 16 w + lane / 4 and 16 w + lane / 4 + 8; register 4 j + 2 h + q
+// holds row 16 w + lane / 4 + 8 h, column 8 j + 2 (lane % 4) + q (j < N / 8,
+// h, q in {0, 1}): the mma.sync m16n8 fragment, repeated over N.
+#pragma once
+
+#include <cuda_bf16.h>
+
+#include <cstdint>
+#include <type_traits>
+
+namespace moe::kernels::wgmma {
+
+// Everything that issues wgmma is compiled only for the arch-specific target.
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define MOE_HAS_WGMMA 1
+#else
+#define MOE_HAS_WGMMA 0
+#endif
+
+constexpr int kRowBytes = 128;      // one swizzle row
+constexpr int kSwizzleBytes = 1024;  // eight rows: a tile's alignment
+
+// Byte offset of 16-byte chunk `chunk` (0..7) of row `row` in a swizzled tile.
+__device__ __forceinline__ uint32_t swizzled_offset(int row, int chunk) {
+  return uint32_t(row) * kRowBytes + uint32_t((chunk ^ (row & 7)) << 4);
+}
+
+// Shared-memory matrix descriptor of a K-major, 128B-swizzled operand whose
+// first row starts at shared address `saddr` (+ the k step's byte offset):
+// start address >> 4 (bits 0-13), leading byte offset 16 >> 4 (bits 16-29,
+// unused by the swizzled K-major layout), stride byte offset 1024 >> 4
+// between 8-row groups (bits 32-45), base offset 0, swizzle mode 1 = 128B
+// (bits 62-63).
+__device__ __forceinline__ uint64_t desc_sw128(uint32_t saddr) {
+  uint64_t d = uint64_t((saddr & 0x3FFFF) >> 4);
+  d |= uint64_t(16 >> 4) << 16;
+  d |= uint64_t(kSwizzleBytes >> 4) << 32;
+  d |= uint64_t(1) << 62;
+  return d;
+}
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return uint32_t(__cvta_generic_to_shared(p));
+}
+
+// Shared memory written by the generic proxy (cp.async, st.shared) that
+// wgmma reads next: each writer fences before the barrier.
+__device__ __forceinline__ void fence_proxy_async() {
+#if MOE_HAS_WGMMA
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void fence() {
+#if MOE_HAS_WGMMA
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void commit() {
+#if MOE_HAS_WGMMA
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#endif
+}
+template <int N>
+__device__ __forceinline__ void wait() {
+#if MOE_HAS_WGMMA
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+#endif
+}
+
+// Keeps the compiler from moving accumulator reads or writes across the
+// asynchronous MMAs (each register becomes an in/out of an empty asm).
+template <int R>
+__device__ __forceinline__ void fence_operands(float (&d)[R]) {
+#pragma unroll
+  for (int i = 0; i < R; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+#define MOE_WGMMA_D128_REGS \
+  "{" \
+  "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15," \
+  "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31," \
+  "%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47," \
+  "%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63," \
+  "%64,%65,%66,%67,%68,%69,%70,%71,%72,%73,%74,%75,%76,%77,%78,%79," \
+  "%80,%81,%82,%83,%84,%85,%86,%87,%88,%89,%90,%91,%92,%93,%94,%95," \
+  "%96,%97,%98,%99,%100,%101,%102,%103,%104,%105,%106,%107,%108,%109,%110,%111," \
+  "%112,%113,%114,%115,%116,%117,%118,%119,%120,%121,%122,%123,%124,%125,%126,%127" \
+  "}"
+
+#define MOE_WGMMA_D128_OPERANDS(d) \
+  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+  "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
+  "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
+  "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), \
+  "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), \
+  "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), \
+  "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), \
+  "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), \
+  "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), \
+  "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), \
+  "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), \
+  "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), \
+  "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), \
+  "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), \
+  "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), \
+  "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+
+// d[64 x 256] (+)= A[64 x 16] * B[256 x 16]^T, both K-major in shared memory,
+// f32 accumulation; scale_d = 0 overwrites d.
+template <class T>
+__device__ __forceinline__ void mma_m64n256k16(float (&d)[128], uint64_t desc_a, uint64_t desc_b,
+                                               int scale_d) {
+#if MOE_HAS_WGMMA
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 " MOE_WGMMA_D128_REGS
+        ", %128, %129, p, 1, 1, 0, 0;\n}\n"
+        : MOE_WGMMA_D128_OPERANDS(d)
+        : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+  } else {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n256k16.f32.f16.f16 " MOE_WGMMA_D128_REGS
+        ", %128, %129, p, 1, 1, 0, 0;\n}\n"
+        : MOE_WGMMA_D128_OPERANDS(d)
+        : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+  }
+#else
+  (void)d, (void)desc_a, (void)desc_b, (void)scale_d;
+  __trap();
+#endif
+}
+
+}  // namespace moe::kernels::wgmma
