@@ -706,36 +706,6 @@ RowChoice pick_rows(const MoeRunParams& p, int64_t n) {
   return {128, 128, 0};
 }
 
-// Whether the 128-row tiles run on wgmma: the library was built for sm_90a
-// only among the 9.x targets (MOE_CUDA_WGMMA, set by CMake), the current
-// device is compute capability 9.0, and MOE_RUNNER_WGMMA is not 0 (the
-// benchmark's switch back to mma.sync).
-bool wgmma_enabled() {
-#if defined(MOE_CUDA_WGMMA)
-  static const bool env_off = [] {
-    const char* v = std::getenv("MOE_RUNNER_WGMMA");
-    return v && v[0] == '0';
-  }();
-  if (env_off) return false;
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return false;
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int> known[kMaxDevices];  // 0: not asked yet, 1: yes, 2: no
-  if (dev < 0 || dev >= kMaxDevices) return false;
-  int v = known[dev].load(std::memory_order_relaxed);
-  if (v == 0) {
-    int major = 0, minor = 0;
-    const bool ok = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
-                    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) == cudaSuccess;
-    v = ok && major == 9 && minor == 0 ? 1 : 2;
-    known[dev].store(v, std::memory_order_relaxed);
-  }
-  return v == 1;
-#else
-  return false;
-#endif
-}
-
 template <class T, int MODE>
 void launch_wgmma(const MoeRunParams& p, const Work& w, unsigned tiles, int N, cudaStream_t stream) {
   constexpr int BN = WG_BN / (MODE == kGemm1Gated ? 2 : 1);
@@ -795,6 +765,36 @@ void launch_gemms_typed(const MoeRunParams& p, const Work& w, const RowChoice& r
 }
 
 }  // namespace
+
+// Whether the 128-row tiles run on wgmma (both runners): the library was built for sm_90a
+// only among the 9.x targets (MOE_CUDA_WGMMA, set by CMake), the current
+// device is compute capability 9.0, and MOE_RUNNER_WGMMA is not 0 (the
+// benchmark's switch back to mma.sync).
+bool wgmma_enabled() {
+#if defined(MOE_CUDA_WGMMA)
+  static const bool env_off = [] {
+    const char* v = std::getenv("MOE_RUNNER_WGMMA");
+    return v && v[0] == '0';
+  }();
+  if (env_off) return false;
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return false;
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> known[kMaxDevices];  // 0: not asked yet, 1: yes, 2: no
+  if (dev < 0 || dev >= kMaxDevices) return false;
+  int v = known[dev].load(std::memory_order_relaxed);
+  if (v == 0) {
+    int major = 0, minor = 0;
+    const bool ok = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
+                    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) == cudaSuccess;
+    v = ok && major == 9 && minor == 0 ? 1 : 2;
+    known[dev].store(v, std::memory_order_relaxed);
+  }
+  return v == 1;
+#else
+  return false;
+#endif
+}
 
 bool moe_run_supported(int H, int I) { return H % 8 == 0 && I % 8 == 0; }
 

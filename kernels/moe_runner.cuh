@@ -42,6 +42,10 @@ struct MoeRunParams {
 // multiples of 8).
 bool moe_run_supported(int H, int I);
 
+// Whether the 128-row tiles run on wgmma (sm_90a build, compute capability
+// 9.0 device, MOE_RUNNER_WGMMA not 0).
+bool wgmma_enabled();
+
 size_t moe_run_workspace_bytes(DType dtype, int E_loc, int H, int I, int64_t n_slots);
 
 // Enqueues the id check (validate_ids only). *bad_slot_dev gets the first

@@ -7,6 +7,7 @@
 
 #include "common.cuh"
 #include "moe_runner.cuh"
+#include "wgmma.cuh"
 
 namespace moe::kernels {
 namespace {
@@ -422,11 +423,192 @@ __global__ void __launch_bounds__(THREADS) fp8_gemm_kernel(Fp8RunParams p, Work 
     }
 }
 
+// --- wgmma path (sm_90a, 128-row tiles) -------------------------------------------
+//
+// 128 sorted rows x 128 weight rows (gated GEMM1: 64 gate and the matching 64
+// up rows) per block, two warpgroups of 64 rows each on wgmma m64n128k32
+// (E4M3 codes, K-major, 128B-swizzled shared memory: one 128-byte row is one
+// 128-column scale block), all 256 threads staging tiles with cp.async. The
+// four MMAs of a K block accumulate into `part`, which is then promoted into
+// the f32 total with the block's scales, as the mma.sync kernel above does.
+namespace wg = moe::kernels::wgmma;
+
+constexpr int WG_BM = 128, WG_BN = 128, WG_STAGES = 6, WG_THREADS = 256;
+constexpr uint32_t WG_A_BYTES = WG_BM * wg::kRowBytes;  // 16 KB
+constexpr uint32_t WG_B_BYTES = WG_BN * wg::kRowBytes;  // 16 KB
+constexpr uint32_t WG_STAGE_BYTES = WG_A_BYTES + WG_B_BYTES;
+constexpr size_t WG_SMEM_BYTES = size_t(WG_STAGES) * WG_STAGE_BYTES + wg::kSwizzleBytes;
+static_assert(BK == wg::kRowBytes, "a K block is one swizzle row of E4M3 codes");
+
 template <int MODE, bool BLOCK>
-cudaError_t launch_gemm(const Fp8RunParams& p, const Work& w, dim3 grid, cudaStream_t stream) {
+__global__ void __launch_bounds__(WG_THREADS, 1) fp8_wgmma_kernel(Fp8RunParams p, Work w) {
+  constexpr int NSETS = MODE == kGemm1Gated ? 2 : 1;
+  constexpr int BNS = WG_BN / NSETS;             // output columns per weight set
+  constexpr int ROWS_PER_PASS = WG_THREADS / 8;  // 8 chunks of 16 bytes per row
+  constexpr int A_CHUNKS = WG_BM / ROWS_PER_PASS, B_CHUNKS = WG_BN / ROWS_PER_PASS;
+  extern __shared__ unsigned char fp8_wg_smem_raw[];
+  const uint32_t raw = wg::smem_addr(fp8_wg_smem_raw);
+  const uint32_t base = (raw + wg::kSwizzleBytes - 1) & ~uint32_t(wg::kSwizzleBytes - 1);
+  unsigned char* const smem = fp8_wg_smem_raw + (base - raw);
+
+  Tile ti;
+  if (!gemm::find_tile<WG_BM>(w.tile_start, p.offsets, p.E_loc, w.n, blockIdx.x, ti)) return;
+  const int n0 = blockIdx.y * BNS;
+  const int N = MODE == kGemm2 ? p.H : p.I;
+  const int Kdim = MODE == kGemm2 ? p.I : p.H;
+  const int rows_w = MODE == kGemm2 ? p.H : (NSETS * p.I);
+  const uint8_t* wmat = (MODE == kGemm2 ? p.w2 : p.w13) + int64_t(ti.e) * rows_w * Kdim;
+  const float* wscale = MODE == kGemm2 ? p.w2_scale : p.w13_scale;
+  const int KT = (Kdim + BK - 1) / BK;
+  const int tid = threadIdx.x;
+
+  const int kc = tid & 7, row0 = tid >> 3;
+  const uint32_t chunk_off = uint32_t(row0) * wg::kRowBytes + uint32_t((kc ^ (row0 & 7)) << 4);
+  const uint8_t* a_src[A_CHUNKS];
+#pragma unroll
+  for (int i = 0; i < A_CHUNKS; ++i) {
+    const int r = row0 + i * ROWS_PER_PASS;
+    const float* unused;
+    a_src[i] = nullptr;
+    if (r < ti.rows) a_row<MODE>(p, w, ti.row_begin + r, a_src[i], unused);
+  }
+  const uint8_t* b_src[B_CHUNKS];
+#pragma unroll
+  for (int i = 0; i < B_CHUNKS; ++i) {
+    const int br = row0 + i * ROWS_PER_PASS;
+    const int col = n0 + br % BNS;
+    b_src[i] = col < N ? wmat + int64_t(weight_row<MODE>(p, br / BNS, col)) * Kdim : nullptr;
+  }
+  auto load_stage = [&](int stage, int kt) {
+    const int k = kt * BK + kc * 16;
+    const bool k_ok = k < Kdim;  // Kdim % 16 == 0: whole chunks
+    unsigned char* const a_dst = smem + size_t(stage) * WG_STAGE_BYTES + chunk_off;
+    unsigned char* const b_dst = a_dst + WG_A_BYTES;
+#pragma unroll
+    for (int i = 0; i < A_CHUNKS; ++i) {
+      const bool ok = a_src[i] != nullptr && k_ok;
+      gemm::cp_async16(a_dst + i * ROWS_PER_PASS * wg::kRowBytes, ok ? a_src[i] + k : wmat, ok);
+    }
+#pragma unroll
+    for (int i = 0; i < B_CHUNKS; ++i) {
+      const bool ok = b_src[i] != nullptr && k_ok;
+      gemm::cp_async16(b_dst + i * ROWS_PER_PASS * wg::kRowBytes, ok ? b_src[i] + k : wmat, ok);
+    }
+  };
+
+  const int group = tid / 128, lane = tid & 31, warp_in_group = (tid >> 5) & 3;
+  // Scale rows of this thread's two accumulator rows.
+  const float* srow[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int r = group * 64 + warp_in_group * 16 + (lane >> 2) + 8 * h;
+    const uint8_t* unused;
+    srow[h] = nullptr;
+    if (r < ti.rows) a_row<MODE>(p, w, ti.row_begin + r, unused, srow[h]);
+  }
+  const float* wsrow[NSETS];
+#pragma unroll
+  for (int s = 0; s < NSETS; ++s) {
+    const int rb = weight_row<MODE>(p, s, n0) / kGroup;
+    wsrow[s] = BLOCK ? wscale + (int64_t(ti.e) * (rows_w / kGroup) + rb) * (Kdim / kGroup) : wscale;
+  }
+
+  float acc[64], part[64];
+#pragma unroll
+  for (int i = 0; i < 64; ++i) acc[i] = part[i] = 0.0f;
+
+  // Every K block's MMAs are waited for (the promotion reads them), so the
+  // buffer refilled at step kt is the one step kt - 1 used.
+  constexpr int AHEAD = WG_STAGES - 1;
+#pragma unroll
+  for (int s = 0; s < AHEAD; ++s) {
+    if (s < KT) load_stage(s, s);
+    gemm::cp_async_commit();
+  }
+  for (int kt = 0; kt < KT; ++kt) {
+    float sa[2] = {0.0f, 0.0f}, sw[NSETS];
+    if (BLOCK) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) sa[h] = srow[h] ? srow[h][kt] : 0.0f;
+#pragma unroll
+      for (int s = 0; s < NSETS; ++s) sw[s] = wsrow[s][kt];
+    }
+    gemm::cp_async_wait<AHEAD - 1>();
+    wg::fence_proxy_async();
+    __syncthreads();
+    const int next = kt + AHEAD;
+    if (next < KT) load_stage(next % WG_STAGES, next);
+    gemm::cp_async_commit();
+    const uint32_t a_tile = base + uint32_t(kt % WG_STAGES) * WG_STAGE_BYTES +
+                            uint32_t(group) * 64 * wg::kRowBytes;
+    const uint32_t b_tile = base + uint32_t(kt % WG_STAGES) * WG_STAGE_BYTES + WG_A_BYTES;
+    wg::fence_operands(part);
+    wg::fence();
+#pragma unroll
+    for (int kk = 0; kk < BK / 32; ++kk)
+      wg::mma_m64n128k32_e4m3(part, wg::desc_sw128(a_tile + kk * 32), wg::desc_sw128(b_tile + kk * 32),
+                              kk > 0 ? 1 : 0);
+    wg::commit();
+    wg::wait<0>();
+    wg::fence_operands(part);
+#pragma unroll
+    for (int j = 0; j < 16; ++j)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const int i = 4 * j + q;
+        const int s = NSETS == 2 && j >= 8 ? 1 : 0;
+        if (BLOCK)
+          acc[i] = fmaf(part[i], sa[q >> 1] * sw[s], acc[i]);
+        else
+          acc[i] += part[i];
+      }
+  }
+  gemm::cp_async_wait<0>();
+
+  const float w_tensor = BLOCK ? 1.0f : wscale[ti.e];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int r = group * 64 + warp_in_group * 16 + (lane >> 2) + 8 * h;
+    if (r >= ti.rows || !srow[h]) continue;
+    const int64_t pos = ti.row_begin + r;
+    const float f = BLOCK ? 1.0f : srow[h][0] * w_tensor;
+    int32_t slot = -1;
+    if (MODE == kGemm2) {
+      slot = slot_at(p, w.n, pos);
+      if (slot < 0) continue;
+    }
+#pragma unroll
+    for (int j = 0; j < BNS / 8; ++j) {
+      const int col = n0 + 8 * j + 2 * (lane & 3);
+      if (col >= N) continue;  // N % 16 == 0: col + 1 < N as well
+      const float a0 = acc[4 * j + 2 * h] * f, a1 = acc[4 * j + 2 * h + 1] * f;
+      if (MODE == kGemm2) {
+        *reinterpret_cast<float2*>(w.out2 + int64_t(slot) * p.H + col) = make_float2(a0, a1);
+      } else {
+        float h0 = gemm::activate(p.activation, a0), h1 = gemm::activate(p.activation, a1);
+        if (MODE == kGemm1Gated) {
+          const int ju = j + BNS / 8;
+          h0 *= acc[4 * ju + 2 * h] * f;
+          h1 *= acc[4 * ju + 2 * h + 1] * f;
+        }
+        *reinterpret_cast<float2*>(w.h + pos * p.I + col) = make_float2(h0, h1);
+      }
+    }
+  }
+}
+
+template <int MODE, bool BLOCK>
+cudaError_t launch_gemm(const Fp8RunParams& p, const Work& w, bool wide, dim3 grid, cudaStream_t stream) {
   constexpr int NSETS = MODE == kGemm1Gated ? 2 : 1;
   constexpr int smem = STAGES * (BM + NSETS * BN) * LD;
   // Over the 48 KB static limit: raise the dynamic limit (no stream work; capture-safe).
+  if (wide) {
+    cudaError_t err = cudaFuncSetAttribute(fp8_wgmma_kernel<MODE, BLOCK>,
+                                           cudaFuncAttributeMaxDynamicSharedMemorySize, int(WG_SMEM_BYTES));
+    if (err != cudaSuccess) return err;
+    fp8_wgmma_kernel<MODE, BLOCK><<<grid, WG_THREADS, WG_SMEM_BYTES, stream>>>(p, w);
+    return cudaGetLastError();
+  }
   cudaError_t err = cudaFuncSetAttribute(fp8_gemm_kernel<MODE, BLOCK>,
                                          cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
@@ -435,15 +617,15 @@ cudaError_t launch_gemm(const Fp8RunParams& p, const Work& w, dim3 grid, cudaStr
 }
 
 template <bool BLOCK>
-cudaError_t launch_gemms(const Fp8RunParams& p, const Work& w, dim3 grid1, dim3 grid2,
+cudaError_t launch_gemms(const Fp8RunParams& p, const Work& w, bool wide, dim3 grid1, dim3 grid2,
                          const QuantJob& hjob, cudaStream_t stream) {
-  cudaError_t err = p.gated ? launch_gemm<kGemm1Gated, BLOCK>(p, w, grid1, stream)
-                            : launch_gemm<kGemm1Plain, BLOCK>(p, w, grid1, stream);
+  cudaError_t err = p.gated ? launch_gemm<kGemm1Gated, BLOCK>(p, w, wide, grid1, stream)
+                            : launch_gemm<kGemm1Plain, BLOCK>(p, w, wide, grid1, stream);
   if (err != cudaSuccess) return err;
   launch_quantize<float>(hjob, stream);
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  return launch_gemm<kGemm2, BLOCK>(p, w, grid2, stream);
+  return launch_gemm<kGemm2, BLOCK>(p, w, wide, grid2, stream);
 }
 
 // The bf16 runner's parameters for its id check and reduction.
@@ -502,8 +684,15 @@ cudaError_t launch_fp8_run(const Fp8RunParams& p, cudaStream_t stream) {
   w.out2 = reinterpret_cast<float*>(ws + slot_rows_offset(p.dtype, p.E_loc, p.I, n));
   w.n = n;
 
-  gemm::tile_map_kernel<BM><<<1, 32, 0, stream>>>(p.offsets, p.E_loc, n,
-                                                  const_cast<int32_t*>(w.tile_start));
+  // 128-row wgmma tiles when the slots per expert (were every slot local)
+  // fill them on average; 64-row mma.sync tiles otherwise and off sm_90a.
+  const bool wide = wgmma_enabled() && n >= int64_t(WG_BM) * p.E_loc;
+  if (wide)
+    gemm::tile_map_kernel<WG_BM><<<1, 32, 0, stream>>>(p.offsets, p.E_loc, n,
+                                                       const_cast<int32_t*>(w.tile_start));
+  else
+    gemm::tile_map_kernel<BM><<<1, 32, 0, stream>>>(p.offsets, p.E_loc, n,
+                                                    const_cast<int32_t*>(w.tile_start));
   // Token rows (weight on input: x * w, one slot per token since K = 1).
   QuantJob xjob{};
   xjob.src = p.x;
@@ -527,11 +716,12 @@ cudaError_t launch_fp8_run(const Fp8RunParams& p, cudaStream_t stream) {
   hjob.q = w.hq;
   hjob.scales = w.hs;
 
-  const int64_t tiles = gemm::max_tiles(n, p.E_loc, BM);
-  const dim3 grid1(unsigned(tiles), unsigned(ceil_div(p.I, BN)));
-  const dim3 grid2(unsigned(tiles), unsigned(ceil_div(p.H, BN)));
-  cudaError_t err = p.block128 ? launch_gemms<true>(p, w, grid1, grid2, hjob, stream)
-                               : launch_gemms<false>(p, w, grid1, grid2, hjob, stream);
+  const int64_t tiles = gemm::max_tiles(n, p.E_loc, wide ? WG_BM : BM);
+  const int bn1 = wide ? WG_BN / (p.gated ? 2 : 1) : BN, bn2 = wide ? WG_BN : BN;
+  const dim3 grid1(unsigned(tiles), unsigned(ceil_div(p.I, bn1)));
+  const dim3 grid2(unsigned(tiles), unsigned(ceil_div(p.H, bn2)));
+  cudaError_t err = p.block128 ? launch_gemms<true>(p, w, wide, grid1, grid2, hjob, stream)
+                               : launch_gemms<false>(p, w, wide, grid1, grid2, hjob, stream);
   if (err != cudaSuccess) return err;
   return launch_moe_reduce(rp, stream);
 }

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <string>
 
 #include "gpu_support.h"
 #include "ref_runner.h"
@@ -177,6 +178,31 @@ void report_time(moe_runner_t r, const Problem& pb, GpuProblem& g, const HostTen
   CUDA_OK(cudaFree(ws));
 }
 
+// Where a GPU output differs from the CPU one: how many tokens and columns
+// carry a relative difference over 10x the tolerance, and the first few
+// (token, column) pairs, so a layout bug in a kernel shows its pattern.
+std::string mismatch_report(const std::vector<double>& gv, const std::vector<double>& cv, int64_t T,
+                            int H, double tol) {
+  double scale = 0;
+  for (double v : cv) scale = std::max(scale, std::fabs(v));
+  std::vector<char> bad_t(size_t(T), 0), bad_c(size_t(H), 0);
+  std::string first;
+  int shown = 0;
+  for (int64_t t = 0; t < T; ++t)
+    for (int c = 0; c < H; ++c) {
+      const size_t i = size_t(t * H + c);
+      if (!(std::fabs(gv[i] - cv[i]) <= 10 * tol * scale)) {
+        bad_t[size_t(t)] = bad_c[size_t(c)] = 1;
+        if (shown++ < 6)
+          first += " (" + std::to_string(t) + "," + std::to_string(c) + ": " + std::to_string(gv[i]) +
+                   " vs " + std::to_string(cv[i]) + ")";
+      }
+    }
+  return std::to_string(std::count(bad_t.begin(), bad_t.end(), 1)) + " of " + std::to_string(T) +
+         " tokens, " + std::to_string(std::count(bad_c.begin(), bad_c.end(), 1)) + " of " +
+         std::to_string(H) + " columns differ; first:" + first;
+}
+
 // GPU vs CPU (and vs float64 when asked); tokens with no local slot are exactly 0.
 void check_model(const Model& m, int64_t T, bool with_ref, bool timed = false) {
   Problem pb(m, T);
@@ -192,6 +218,8 @@ void check_model(const Model& m, int64_t T, bool with_ref, bool timed = false) {
        " swap ", m.swap, " T ", T);
   const double e_cpu = rel_error(gv, cv);
   INFO("rel error vs CPU ", e_cpu);
+  const std::string where = e_cpu < tolerance(m.dt) ? "" : mismatch_report(gv, cv, T, m.H, tolerance(m.dt));
+  INFO(where);
   CHECK(e_cpu < tolerance(m.dt));
   int64_t nonzero_empty = 0;
   for (int64_t t = 0; t < T; ++t) {
