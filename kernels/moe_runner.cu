@@ -380,61 +380,47 @@ __global__ void __launch_bounds__(Cfg::THREADS) gemm_tc_kernel(MoeRunParams p, W
 namespace wg = moe::kernels::wgmma;
 
 constexpr int WG_BM = 128, WG_BN = 256, WG_BK = 64, WG_STAGES = 4, WG_THREADS = 256;
-constexpr uint32_t WG_A_BYTES = WG_BM * wg::kRowBytes;  // 16 KB
-constexpr uint32_t WG_B_BYTES = WG_BN * wg::kRowBytes;  // 32 KB
-constexpr uint32_t WG_STAGE_BYTES = WG_A_BYTES + WG_B_BYTES;
-// + one swizzle period of slack to align the dynamic shared memory by hand.
-constexpr size_t WG_SMEM_BYTES = size_t(WG_STAGES) * WG_STAGE_BYTES + wg::kSwizzleBytes;
+using WgStaging = wg::Staging<WG_THREADS, WG_BM, WG_BN, WG_STAGES>;
 static_assert(WG_BK * 2 == wg::kRowBytes, "a k step is one swizzle row of 16-bit values");
 
 template <class T, int MODE>
 __global__ void __launch_bounds__(WG_THREADS, 1) gemm_wgmma_kernel(MoeRunParams p, Work w) {
   constexpr int NSETS = MODE == kGemm1Gated ? 2 : 1;
   constexpr int BN = WG_BN / NSETS;  // output columns per weight set
-  constexpr int ROWS_PER_PASS = WG_THREADS / 8;  // 8 chunks of 16 bytes per row
-  constexpr int A_CHUNKS = WG_BM / ROWS_PER_PASS, B_CHUNKS = WG_BN / ROWS_PER_PASS;
   extern __shared__ unsigned char wg_smem_raw[];
-  const uint32_t raw = wg::smem_addr(wg_smem_raw);
-  const uint32_t base = (raw + wg::kSwizzleBytes - 1) & ~uint32_t(wg::kSwizzleBytes - 1);
-  unsigned char* const smem = wg_smem_raw + (base - raw);
+  const int tid = threadIdx.x;
+  const WgStaging st(wg_smem_raw, tid);
 
   TileInfo ti;
   if (!find_tile<WG_BM>(p, w, blockIdx.x, ti)) return;
   const int n0 = blockIdx.y * BN;
   const int Kdim = MODE == kGemm2 ? p.I : p.H;
   const int KT = (Kdim + WG_BK - 1) / WG_BK;
-  const int tid = threadIdx.x;
 
-  // Thread tid copies chunk tid % 8 of rows tid / 8 + 32 i; that chunk's
-  // swizzled position is the same in all of them (32 i keeps row % 8).
-  const int kc = tid & 7, row0 = tid >> 3;
-  const uint32_t chunk_off = uint32_t(row0) * wg::kRowBytes + uint32_t((kc ^ (row0 & 7)) << 4);
-  const T* a_src[A_CHUNKS];
+  const T* a_src[WgStaging::A_CHUNKS];
 #pragma unroll
-  for (int i = 0; i < A_CHUNKS; ++i) {
-    const int r = row0 + i * ROWS_PER_PASS;
+  for (int i = 0; i < WgStaging::A_CHUNKS; ++i) {
+    const int r = st.row0 + i * WgStaging::ROWS_PER_PASS;
     a_src[i] = r < ti.rows ? a_row<T, MODE>(p, w, ti.row_begin + r) : nullptr;
   }
-  const T* b_src[B_CHUNKS];
+  const T* b_src[WgStaging::B_CHUNKS];
 #pragma unroll
-  for (int i = 0; i < B_CHUNKS; ++i) {
-    const int r = row0 + i * ROWS_PER_PASS;
+  for (int i = 0; i < WgStaging::B_CHUNKS; ++i) {
+    const int r = st.row0 + i * WgStaging::ROWS_PER_PASS;
     b_src[i] = b_row<T, MODE>(p, ti.e, r / BN, n0 + r % BN);
   }
 
   auto load_stage = [&](int stage, int kt) {
-    const int k = kt * WG_BK + kc * 8;
-    unsigned char* const a_dst = smem + size_t(stage) * WG_STAGE_BYTES + chunk_off;
-    unsigned char* const b_dst = a_dst + WG_A_BYTES;
+    const int k = kt * WG_BK + st.chunk * 8;
 #pragma unroll
-    for (int i = 0; i < A_CHUNKS; ++i) {
+    for (int i = 0; i < WgStaging::A_CHUNKS; ++i) {
       const bool ok = a_src[i] != nullptr && k < Kdim;
-      cp_async16(a_dst + i * ROWS_PER_PASS * wg::kRowBytes, ok ? a_src[i] + k : p.x, ok);
+      cp_async16(st.a_dst(stage, i), ok ? a_src[i] + k : p.x, ok);
     }
 #pragma unroll
-    for (int i = 0; i < B_CHUNKS; ++i) {
+    for (int i = 0; i < WgStaging::B_CHUNKS; ++i) {
       const bool ok = b_src[i] != nullptr && k < Kdim;
-      cp_async16(b_dst + i * ROWS_PER_PASS * wg::kRowBytes, ok ? b_src[i] + k : p.x, ok);
+      cp_async16(st.b_dst(stage, i), ok ? b_src[i] + k : p.x, ok);
     }
   };
 
@@ -459,9 +445,8 @@ __global__ void __launch_bounds__(WG_THREADS, 1) gemm_wgmma_kernel(MoeRunParams 
     const int next = kt + WG_AHEAD;
     if (next < KT) load_stage(next % WG_STAGES, next);
     cp_async_commit();
-    const uint32_t a_tile = base + uint32_t(kt % WG_STAGES) * WG_STAGE_BYTES +
-                            uint32_t(group) * 64 * wg::kRowBytes;
-    const uint32_t b_tile = base + uint32_t(kt % WG_STAGES) * WG_STAGE_BYTES + WG_A_BYTES;
+    const uint32_t a_tile = st.a_tile(kt % WG_STAGES, group * 64);
+    const uint32_t b_tile = st.b_tile(kt % WG_STAGES);
     wg::fence_operands(acc);
     wg::fence();
 #pragma unroll
@@ -710,9 +695,9 @@ template <class T, int MODE>
 void launch_wgmma(const MoeRunParams& p, const Work& w, unsigned tiles, int N, cudaStream_t stream) {
   constexpr int BN = WG_BN / (MODE == kGemm1Gated ? 2 : 1);
   auto kernel = gemm_wgmma_kernel<T, MODE>;
-  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(WG_SMEM_BYTES));
+  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(WgStaging::SMEM_BYTES));
   const dim3 grid(tiles, unsigned(ceil_div(N, BN)));
-  kernel<<<grid, WG_THREADS, WG_SMEM_BYTES, stream>>>(p, w);
+  kernel<<<grid, WG_THREADS, WgStaging::SMEM_BYTES, stream>>>(p, w);
 }
 
 template <class T>

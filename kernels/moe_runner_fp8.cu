@@ -434,22 +434,16 @@ __global__ void __launch_bounds__(THREADS) fp8_gemm_kernel(Fp8RunParams p, Work 
 namespace wg = moe::kernels::wgmma;
 
 constexpr int WG_BM = 128, WG_BN = 128, WG_STAGES = 6, WG_THREADS = 256;
-constexpr uint32_t WG_A_BYTES = WG_BM * wg::kRowBytes;  // 16 KB
-constexpr uint32_t WG_B_BYTES = WG_BN * wg::kRowBytes;  // 16 KB
-constexpr uint32_t WG_STAGE_BYTES = WG_A_BYTES + WG_B_BYTES;
-constexpr size_t WG_SMEM_BYTES = size_t(WG_STAGES) * WG_STAGE_BYTES + wg::kSwizzleBytes;
+using WgStaging = wg::Staging<WG_THREADS, WG_BM, WG_BN, WG_STAGES>;
 static_assert(BK == wg::kRowBytes, "a K block is one swizzle row of E4M3 codes");
 
 template <int MODE, bool BLOCK>
 __global__ void __launch_bounds__(WG_THREADS, 1) fp8_wgmma_kernel(Fp8RunParams p, Work w) {
   constexpr int NSETS = MODE == kGemm1Gated ? 2 : 1;
-  constexpr int BNS = WG_BN / NSETS;             // output columns per weight set
-  constexpr int ROWS_PER_PASS = WG_THREADS / 8;  // 8 chunks of 16 bytes per row
-  constexpr int A_CHUNKS = WG_BM / ROWS_PER_PASS, B_CHUNKS = WG_BN / ROWS_PER_PASS;
+  constexpr int BNS = WG_BN / NSETS;  // output columns per weight set
   extern __shared__ unsigned char fp8_wg_smem_raw[];
-  const uint32_t raw = wg::smem_addr(fp8_wg_smem_raw);
-  const uint32_t base = (raw + wg::kSwizzleBytes - 1) & ~uint32_t(wg::kSwizzleBytes - 1);
-  unsigned char* const smem = fp8_wg_smem_raw + (base - raw);
+  const int tid = threadIdx.x;
+  const WgStaging st(fp8_wg_smem_raw, tid);
 
   Tile ti;
   if (!gemm::find_tile<WG_BM>(w.tile_start, p.offsets, p.E_loc, w.n, blockIdx.x, ti)) return;
@@ -460,39 +454,34 @@ __global__ void __launch_bounds__(WG_THREADS, 1) fp8_wgmma_kernel(Fp8RunParams p
   const uint8_t* wmat = (MODE == kGemm2 ? p.w2 : p.w13) + int64_t(ti.e) * rows_w * Kdim;
   const float* wscale = MODE == kGemm2 ? p.w2_scale : p.w13_scale;
   const int KT = (Kdim + BK - 1) / BK;
-  const int tid = threadIdx.x;
 
-  const int kc = tid & 7, row0 = tid >> 3;
-  const uint32_t chunk_off = uint32_t(row0) * wg::kRowBytes + uint32_t((kc ^ (row0 & 7)) << 4);
-  const uint8_t* a_src[A_CHUNKS];
+  const uint8_t* a_src[WgStaging::A_CHUNKS];
 #pragma unroll
-  for (int i = 0; i < A_CHUNKS; ++i) {
-    const int r = row0 + i * ROWS_PER_PASS;
+  for (int i = 0; i < WgStaging::A_CHUNKS; ++i) {
+    const int r = st.row0 + i * WgStaging::ROWS_PER_PASS;
     const float* unused;
     a_src[i] = nullptr;
     if (r < ti.rows) a_row<MODE>(p, w, ti.row_begin + r, a_src[i], unused);
   }
-  const uint8_t* b_src[B_CHUNKS];
+  const uint8_t* b_src[WgStaging::B_CHUNKS];
 #pragma unroll
-  for (int i = 0; i < B_CHUNKS; ++i) {
-    const int br = row0 + i * ROWS_PER_PASS;
+  for (int i = 0; i < WgStaging::B_CHUNKS; ++i) {
+    const int br = st.row0 + i * WgStaging::ROWS_PER_PASS;
     const int col = n0 + br % BNS;
     b_src[i] = col < N ? wmat + int64_t(weight_row<MODE>(p, br / BNS, col)) * Kdim : nullptr;
   }
   auto load_stage = [&](int stage, int kt) {
-    const int k = kt * BK + kc * 16;
+    const int k = kt * BK + st.chunk * 16;
     const bool k_ok = k < Kdim;  // Kdim % 16 == 0: whole chunks
-    unsigned char* const a_dst = smem + size_t(stage) * WG_STAGE_BYTES + chunk_off;
-    unsigned char* const b_dst = a_dst + WG_A_BYTES;
 #pragma unroll
-    for (int i = 0; i < A_CHUNKS; ++i) {
+    for (int i = 0; i < WgStaging::A_CHUNKS; ++i) {
       const bool ok = a_src[i] != nullptr && k_ok;
-      gemm::cp_async16(a_dst + i * ROWS_PER_PASS * wg::kRowBytes, ok ? a_src[i] + k : wmat, ok);
+      gemm::cp_async16(st.a_dst(stage, i), ok ? a_src[i] + k : wmat, ok);
     }
 #pragma unroll
-    for (int i = 0; i < B_CHUNKS; ++i) {
+    for (int i = 0; i < WgStaging::B_CHUNKS; ++i) {
       const bool ok = b_src[i] != nullptr && k_ok;
-      gemm::cp_async16(b_dst + i * ROWS_PER_PASS * wg::kRowBytes, ok ? b_src[i] + k : wmat, ok);
+      gemm::cp_async16(st.b_dst(stage, i), ok ? b_src[i] + k : wmat, ok);
     }
   };
 
@@ -539,9 +528,8 @@ __global__ void __launch_bounds__(WG_THREADS, 1) fp8_wgmma_kernel(Fp8RunParams p
     const int next = kt + AHEAD;
     if (next < KT) load_stage(next % WG_STAGES, next);
     gemm::cp_async_commit();
-    const uint32_t a_tile = base + uint32_t(kt % WG_STAGES) * WG_STAGE_BYTES +
-                            uint32_t(group) * 64 * wg::kRowBytes;
-    const uint32_t b_tile = base + uint32_t(kt % WG_STAGES) * WG_STAGE_BYTES + WG_A_BYTES;
+    const uint32_t a_tile = st.a_tile(kt % WG_STAGES, group * 64);
+    const uint32_t b_tile = st.b_tile(kt % WG_STAGES);
     wg::fence_operands(part);
     wg::fence();
 #pragma unroll
@@ -604,9 +592,9 @@ cudaError_t launch_gemm(const Fp8RunParams& p, const Work& w, bool wide, dim3 gr
   // Over the 48 KB static limit: raise the dynamic limit (no stream work; capture-safe).
   if (wide) {
     cudaError_t err = cudaFuncSetAttribute(fp8_wgmma_kernel<MODE, BLOCK>,
-                                           cudaFuncAttributeMaxDynamicSharedMemorySize, int(WG_SMEM_BYTES));
+                                           cudaFuncAttributeMaxDynamicSharedMemorySize, int(WgStaging::SMEM_BYTES));
     if (err != cudaSuccess) return err;
-    fp8_wgmma_kernel<MODE, BLOCK><<<grid, WG_THREADS, WG_SMEM_BYTES, stream>>>(p, w);
+    fp8_wgmma_kernel<MODE, BLOCK><<<grid, WG_THREADS, WgStaging::SMEM_BYTES, stream>>>(p, w);
     return cudaGetLastError();
   }
   cudaError_t err = cudaFuncSetAttribute(fp8_gemm_kernel<MODE, BLOCK>,

@@ -51,9 +51,46 @@ __device__ __forceinline__ uint64_t desc_sw128(uint32_t saddr) {
   return d;
 }
 
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return uint32_t(__cvta_generic_to_shared(p));
-}
+// The k-step buffers of a block: STAGES x (A_ROWS rows of A, then B_ROWS
+// rows of B), 128 swizzled bytes a row, in dynamic shared memory launched
+// with SMEM_BYTES (one swizzle period of slack: the start is aligned here).
+// Thread tid copies 16-byte chunk tid % 8 of rows tid / 8 + ROWS_PER_PASS i;
+// that chunk's swizzled position is the same in all of them.
+template <int THREADS, int A_ROWS, int B_ROWS, int STAGES>
+struct Staging {
+  static constexpr int ROWS_PER_PASS = THREADS / 8;
+  static constexpr int A_CHUNKS = A_ROWS / ROWS_PER_PASS, B_CHUNKS = B_ROWS / ROWS_PER_PASS;
+  static constexpr uint32_t A_BYTES = uint32_t(A_ROWS) * kRowBytes;
+  static constexpr uint32_t STAGE_BYTES = A_BYTES + uint32_t(B_ROWS) * kRowBytes;
+  static constexpr size_t SMEM_BYTES = size_t(STAGES) * STAGE_BYTES + kSwizzleBytes;
+  static_assert(A_ROWS % ROWS_PER_PASS == 0 && B_ROWS % ROWS_PER_PASS == 0 && ROWS_PER_PASS % 8 == 0,
+                "whole passes of whole swizzle periods");
+
+  unsigned char* smem;  // aligned start
+  uint32_t base;        // its shared address
+  uint32_t chunk_off;   // this thread's chunk in its first row
+  int chunk, row0;
+
+  __device__ __forceinline__ Staging(unsigned char* raw, int tid) {
+    const uint32_t r = uint32_t(__cvta_generic_to_shared(raw));
+    base = (r + kSwizzleBytes - 1) & ~uint32_t(kSwizzleBytes - 1);
+    smem = raw + (base - r);
+    chunk = tid & 7;
+    row0 = tid >> 3;
+    chunk_off = swizzled_offset(row0, chunk);
+  }
+  __device__ __forceinline__ unsigned char* a_dst(int stage, int i) const {
+    return smem + size_t(stage) * STAGE_BYTES + chunk_off + uint32_t(i) * ROWS_PER_PASS * kRowBytes;
+  }
+  __device__ __forceinline__ unsigned char* b_dst(int stage, int i) const {
+    return a_dst(stage, i) + A_BYTES;
+  }
+  // Shared address of row `row` of A (of B) in buffer `stage`.
+  __device__ __forceinline__ uint32_t a_tile(int stage, int row = 0) const {
+    return base + uint32_t(stage) * STAGE_BYTES + uint32_t(row) * kRowBytes;
+  }
+  __device__ __forceinline__ uint32_t b_tile(int stage) const { return a_tile(stage) + A_BYTES; }
+};
 
 // Shared memory written by the generic proxy (cp.async, st.shared) that
 // wgmma reads next: each writer fences before the barrier.
