@@ -826,6 +826,8 @@ cudaError_t launch_moe_reduce(const MoeRunParams& p, cudaStream_t stream) {
   return launch_status();
 }
 
+float* moe_run_slot_rows(const MoeRunParams& p) { return make_work(p).out2; }
+
 cudaError_t launch_moe_run(const MoeRunParams& p, cudaStream_t stream) {
   cudaError_t err = launch_moe_gemms(p, stream);
   if (err != cudaSuccess) return err;

@@ -58,5 +58,8 @@ cudaError_t launch_moe_run(const MoeRunParams& p, cudaStream_t stream);
 // The two halves (the FP8 runner has its own GEMMs and shares the reduction).
 cudaError_t launch_moe_gemms(const MoeRunParams& p, cudaStream_t stream);
 cudaError_t launch_moe_reduce(const MoeRunParams& p, cudaStream_t stream);
+// The per-slot f32 rows [T * K, H] inside p.workspace that GEMM2 writes and
+// launch_moe_reduce reads (the FP8 runner's GEMM2 writes them too).
+float* moe_run_slot_rows(const MoeRunParams& p);
 
 }  // namespace moe::kernels

@@ -27,9 +27,10 @@ enum Mode : int { kGemm1Gated = 0, kGemm1Plain = 1, kGemm2 = 2 };
 
 size_t align256(size_t b) { return (b + 255) / 256 * 256; }
 
-// Workspace: the bf16 runner's layout first (sized for f32 so that it holds
-// for every activation dtype: the id check and the reduction use it, and
-// GEMM2 writes the per-slot rows there), then the FP8 buffers.
+// Workspace: the bf16 runner's layout first, sized for f32 so that it holds
+// the layout of every activation dtype (the id check and the reduction use
+// it; GEMM2 writes the per-slot rows where moe_run_slot_rows says), then the
+// FP8 buffers.
 struct Layout {
   size_t tile_start, xq, xs, h, hq, hs, total;
 };
@@ -53,13 +54,6 @@ Layout layout(bool block, int E_loc, int H, int I, int64_t T, int K) {
   off += align256(size_t(n) * gi * sizeof(float));
   l.total = off;
   return l;
-}
-
-// The per-slot rows that launch_moe_reduce reads: the last region of the
-// bf16 runner's workspace and the only one that grows with H, so they start
-// at that workspace's size for H = 0 (fp8_reduce_layout_ok checks it).
-size_t slot_rows_offset(DType dtype, int E_loc, int I, int64_t n) {
-  return moe_run_workspace_bytes(dtype, E_loc, 0, I, n);
 }
 
 struct Work {
@@ -647,11 +641,6 @@ bool fp8_run_supported(bool block128, int H, int I) {
   return H % m == 0 && I % m == 0;
 }
 
-bool fp8_reduce_layout_ok(DType dtype, int E_loc, int H, int I, int64_t n) {
-  return moe_run_workspace_bytes(dtype, E_loc, H, I, n) ==
-         slot_rows_offset(dtype, E_loc, I, n) + align256(size_t(n) * size_t(H) * sizeof(float));
-}
-
 size_t fp8_run_workspace_bytes(bool block128, int E_loc, int H, int I, int64_t T, int K) {
   return layout(block128, E_loc, H, I, T, K).total;
 }
@@ -669,7 +658,7 @@ cudaError_t launch_fp8_run(const Fp8RunParams& p, cudaStream_t stream) {
   w.h = reinterpret_cast<float*>(ws + l.h);
   w.hq = reinterpret_cast<uint8_t*>(ws + l.hq);
   w.hs = reinterpret_cast<float*>(ws + l.hs);
-  w.out2 = reinterpret_cast<float*>(ws + slot_rows_offset(p.dtype, p.E_loc, p.I, n));
+  w.out2 = moe_run_slot_rows(rp);  // inside the bf16 runner's layout at the front
   w.n = n;
 
   // 128-row wgmma tiles when the slots per expert (were every slot local)

@@ -51,10 +51,6 @@ struct Fp8RunParams {
 // Sizes the kernels handle: multiples of 128 for BLOCK_128, of 16 otherwise.
 bool fp8_run_supported(bool block128, int H, int I);
 
-// Whether the bf16 runner's workspace keeps its per-slot rows where this
-// runner writes them for its reduction (last, the only region sized by H).
-bool fp8_reduce_layout_ok(DType dtype, int E_loc, int H, int I, int64_t n_slots);
-
 size_t fp8_run_workspace_bytes(bool block128, int E_loc, int H, int I, int64_t T, int K);
 
 // Quantization, GEMM1, quantization of h, GEMM2 and the reduction.

@@ -45,10 +45,6 @@ size_t fp8_runner_workspace_bytes(const RunnerPlan& plan, int64_t max_tokens, in
 }
 
 void run_fp8(const RunnerPlan& plan, const RunArgs& args, void* stream) {
-  if (!kernels::fp8_reduce_layout_ok(args.x_dtype, plan.E_loc, plan.H, plan.I, args.T * args.K))
-    fail(MOE_STATUS_INTERNAL_ERROR,
-         "runner: the bf16 runner's workspace no longer keeps its per-slot rows last, where the "
-         "FP8 runner writes them for the shared reduction (kernels/moe_runner_fp8.cu)");
   kernels::Fp8RunParams p{};
   p.dtype = args.x_dtype;
   p.E_loc = plan.E_loc;
