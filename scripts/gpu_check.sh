@@ -51,7 +51,7 @@ step ctest_gpu "$out/ctest_gpu.log" 300 ctest --test-dir "$build" -L gpu -V
 grep -E 'MESSAGE' "$out/ctest_gpu.log" | sed 's/^.*MESSAGE: /  /' | tee -a "$summary"
 
 # Reduced case set under the sanitizers: every kernel, small sizes.
-san_cases='gpu.fp8.options,gpu.fp8.degenerate_scales,gpu.fp8.nan_confined,gpu.fp8.graph_capture,gpu.threads*,block_gpu.shared_experts*,block_gpu.graph*,gpu.router.num_valid*,gpu.router.packed*,gpu.dispatcher.explicit*,gpu.dispatcher.empty*,gpu.runner.odd_sizes,gpu.runner.swap*,gpu.runner.bad_ids,gpu.graph*'
+san_cases='gpu.fp8.options,gpu.fp8.degenerate_scales,gpu.fp8.nan_confined,gpu.fp8.graph_capture,gpu.threads*,block_gpu.shared_experts*,block_gpu.graph*,gpu.router.num_valid*,gpu.router.packed*,gpu.dispatcher.explicit*,gpu.dispatcher.empty*,gpu.runner.odd_sizes,gpu.runner.wide_tiles_odd_sizes,gpu.fp8.wide_tiles,gpu.runner.swap*,gpu.runner.bad_ids,gpu.graph*'
 # initcheck skips the block cases: it reports the block's activation kernel
 # reading the f32 pre-activations cuBLASLt has just written (docs/gpu-runs.md
 # run 13; the values are right, the tests compare them with the CPU backend),

@@ -404,6 +404,38 @@ TEST_CASE("gpu.fp8.degenerate_scales") {
   }
 }
 
+TEST_CASE("gpu.fp8.wide_tiles") {
+  // Enough slots per local expert (>= 128) for the 128-row tiles (the wgmma
+  // path on sm_90a), with partial row tiles, and for per-tensor scales an H
+  // and I that are multiples of 16 but not of the 128-byte K block or the
+  // 128-column tile (k and column tails). Small enough for the sanitizers.
+  Case block = silu_gated(MOE_QUANT_FP8_BLOCK_128, MOE_ACT_SCALE_DYNAMIC);
+  block.E = 4;
+  block.ep_size = 2;
+  block.ep_rank = 0;
+  block.k = 2;
+  block.H = 256;
+  block.I = 128;
+  check_case(block, 300, true);
+  Case tensor = relu2_plain(MOE_QUANT_FP8_PER_TENSOR, MOE_ACT_SCALE_DYNAMIC);
+  tensor.E = 4;
+  tensor.ep_size = 2;
+  tensor.ep_rank = 1;
+  tensor.k = 2;
+  tensor.H = 272;
+  tensor.I = 144;
+  check_case(tensor, 300, true);
+  Case gated = silu_gated(MOE_QUANT_FP8_PER_TENSOR, MOE_ACT_SCALE_DYNAMIC);
+  gated.E = 2;
+  gated.ep_size = 1;
+  gated.ep_rank = 0;
+  gated.k = 1;
+  gated.H = 272;
+  gated.I = 144;
+  gated.swap = true;
+  check_case(gated, 257, true);
+}
+
 TEST_CASE("gpu.fp8.static_scale_zero") {
   auto rng = fresh_rng();
   Case c = silu_gated(MOE_QUANT_FP8_PER_TENSOR, MOE_ACT_SCALE_STATIC);
