@@ -7,6 +7,7 @@
 #include <type_traits>
 
 #include "common.cuh"
+#include "tma.cuh"
 #include "wgmma.cuh"
 #include "moe/moe.h"
 
@@ -23,8 +24,20 @@ enum Mode : int { kGemm1Gated = 0, kGemm1Plain = 1, kGemm2 = 2 };
 size_t align256(size_t b) { return (b + 255) / 256 * 256; }
 
 struct Layout {
-  size_t tile_start, bad, h, out2, total;
+  size_t tile_start, bad, h, out2, xs, total;
 };
+
+// The TMA variant of the wgmma path reads the token rows in sorted order
+// from a copy (a box of rows must be contiguous): room for it in every
+// 16-bit workspace of a build that has the wgmma kernels.
+bool needs_sorted_rows(DType dtype) {
+#if defined(MOE_CUDA_WGMMA)
+  return dtype != DType::f32;
+#else
+  (void)dtype;
+  return false;
+#endif
+}
 
 Layout layout(DType dtype, int E_loc, int H, int I, int64_t n) {
   Layout l{};
@@ -37,6 +50,8 @@ Layout layout(DType dtype, int E_loc, int H, int I, int64_t n) {
   off += align256(size_t(n) * size_t(I) * (dtype == DType::f32 ? 4 : 2));
   l.out2 = off;
   off += align256(size_t(n) * size_t(H) * sizeof(float));
+  l.xs = off;  // after out2: the FP8 runner's reserved front ends before it
+  if (needs_sorted_rows(dtype)) off += align256(size_t(n) * size_t(H) * 2);
   l.total = off;
   return l;
 }
@@ -47,6 +62,7 @@ struct Work {
   void* h;
   float* out2;
   int64_t n;  // T * K
+  void* xs;   // [n, H] token rows in sorted order (TMA variant), or unused
 };
 
 // --- activation -------------------------------------------------------------
@@ -383,6 +399,30 @@ constexpr int WG_BM = 128, WG_BN = 256, WG_BK = 64, WG_STAGES = 4, WG_THREADS = 
 using WgStaging = wg::Staging<WG_THREADS, WG_BM, WG_BN, WG_STAGES>;
 static_assert(WG_BK * 2 == wg::kRowBytes, "a k step is one swizzle row of 16-bit values");
 
+// The epilogue of a warpgroup's 64 x 256 accumulator (both variants): the
+// j-th 8-column block holds columns 8 j + 2 (lane % 4) + {0, 1} of rows
+// 16 w + lane / 4 (+ 8); gated, blocks [0, BN / 8) are gate columns and the
+// next BN / 8 their up partners.
+template <class T, int MODE>
+__device__ __forceinline__ void wg_epilogue(const MoeRunParams& p, const Work& w, const TileInfo& ti, int n0,
+                                            int group, const float (&acc)[128]) {
+  constexpr int NSETS = MODE == kGemm1Gated ? 2 : 1;
+  constexpr int BN = WG_BN / NSETS;
+  const int lane = threadIdx.x & 31, warp_in_group = (threadIdx.x >> 5) & 3;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int r = group * 64 + warp_in_group * 16 + (lane >> 2) + 8 * h;
+    if (r >= ti.rows) continue;
+#pragma unroll
+    for (int j = 0; j < BN / 8; ++j) {
+      const int col = n0 + 8 * j + 2 * (lane & 3);
+      const int ju = NSETS == 2 ? j + BN / 8 : j;
+      epilogue_pair<T, MODE>(p, w, ti.row_begin + r, col, acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1],
+                             acc[4 * ju + 2 * h], acc[4 * ju + 2 * h + 1]);
+    }
+  }
+}
+
 template <class T, int MODE>
 __global__ void __launch_bounds__(WG_THREADS, 1) gemm_wgmma_kernel(MoeRunParams p, Work w) {
   constexpr int NSETS = MODE == kGemm1Gated ? 2 : 1;
@@ -459,21 +499,117 @@ __global__ void __launch_bounds__(WG_THREADS, 1) gemm_wgmma_kernel(MoeRunParams 
   wg::fence_operands(acc);
   cp_async_wait<0>();
 
-  // Accumulator j-th 8-column block: columns 8 j + 2 (lane % 4) + {0, 1};
-  // gated: blocks [0, BN / 8) are gate columns, the next BN / 8 their up partners.
-  const int lane = tid & 31, warp_in_group = (tid >> 5) & 3;
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int r = group * 64 + warp_in_group * 16 + (lane >> 2) + 8 * h;
-    if (r >= ti.rows) continue;
-#pragma unroll
-    for (int j = 0; j < BN / 8; ++j) {
-      const int col = n0 + 8 * j + 2 * (lane & 3);
-      const int ju = NSETS == 2 ? j + BN / 8 : j;
-      epilogue_pair<T, MODE>(p, w, ti.row_begin + r, col, acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1],
-                             acc[4 * ju + 2 * h], acc[4 * ju + 2 * h + 1]);
-    }
+  wg_epilogue<T, MODE>(p, w, ti, n0, group, acc);
+}
+
+// Variant 2 (MOE_RUNNER_WGMMA=2): the same tiles, warp-specialised. A
+// producer warpgroup (one thread) streams both operands with the bulk
+// tensor copy (TMA) into WG_STAGES buffers: A from the token rows copied in
+// sorted order (sort_rows_kernel) or from h, B from the weights; two
+// consumer warpgroups run the MMAs and hand each buffer back through an
+// mbarrier once their MMAs on it are done. Rows that a box reads past an
+// expert's range (other experts' rows or weights) only reach accumulator
+// rows and columns the epilogue discards; past the matrix, the copy engine
+// reads zeros.
+constexpr int WS_THREADS = 384;
+constexpr uint32_t WS_TX_BYTES = WgStaging::STAGE_BYTES;  // one k step of A and B
+
+// Token rows in sorted order for the TMA variant's GEMM1 (only when the
+// tile map chose the 128-row tiles): xs[pos] = x[slot / K], or zeros.
+template <class T>
+__global__ void sort_rows_kernel(MoeRunParams p, Work w) {
+  if (*w.rows != WG_BM) return;
+  const int chunks = p.H / 8;  // 16-byte chunks per row
+  const int64_t total = w.n * chunks;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t pos = i / chunks;
+    const int c = int(i % chunks);
+    const int32_t slot = slot_at(p, w, pos);
+    uint4 v = make_uint4(0, 0, 0, 0);
+    if (slot >= 0) v = reinterpret_cast<const uint4*>(static_cast<const T*>(p.x) + int64_t(slot / p.K) * p.H)[c];
+    reinterpret_cast<uint4*>(static_cast<T*>(w.xs) + pos * p.H)[c] = v;
   }
+}
+
+template <class T, int MODE>
+__global__ void __launch_bounds__(WS_THREADS, 1)
+    gemm_wgmma_tma_kernel(MoeRunParams p, Work w, const __grid_constant__ CUtensorMap map_a,
+                          const __grid_constant__ CUtensorMap map_b) {
+  constexpr int NSETS = MODE == kGemm1Gated ? 2 : 1;
+  constexpr int BN = WG_BN / NSETS;
+  extern __shared__ unsigned char wg_smem_raw[];
+  __shared__ __align__(8) uint64_t full[WG_STAGES], empty[WG_STAGES];
+  const int tid = threadIdx.x;
+  const WgStaging st(wg_smem_raw, tid);  // only its aligned buffers are used here
+
+  TileInfo ti;
+  if (!find_tile<WG_BM>(p, w, blockIdx.x, ti)) return;
+  const int n0 = blockIdx.y * BN;
+  const int Kdim = MODE == kGemm2 ? p.I : p.H;
+  const int KT = (Kdim + WG_BK - 1) / WG_BK;
+  const uint32_t full0 = uint32_t(__cvta_generic_to_shared(&full[0]));
+  const uint32_t empty0 = uint32_t(__cvta_generic_to_shared(&empty[0]));
+  if (tid == 0) {
+    for (int s = 0; s < WG_STAGES; ++s) {
+      wg::mbar_init(full0 + 8 * s, 1);   // the producer's arrive, plus the copies' bytes
+      wg::mbar_init(empty0 + 8 * s, 2);  // one arrive per consumer warpgroup
+    }
+    wg::mbar_init_fence();
+  }
+  __syncthreads();
+
+  if (tid < 128) {  // producer warpgroup
+    wg::setmaxnreg_dec<40>();
+    if (tid == 0) {
+      const int a_row0 = ti.row_begin;  // sorted position of the tile's first row
+      int b_row0, b_row1 = 0;           // first weight row of each box
+      if (MODE == kGemm2) {
+        b_row0 = ti.e * p.H + n0;
+      } else if (MODE == kGemm1Plain) {
+        b_row0 = ti.e * p.I + n0;
+      } else {
+        const int gate = p.swap_gate_up ? p.I : 0;
+        b_row0 = ti.e * 2 * p.I + gate + n0;
+        b_row1 = ti.e * 2 * p.I + (p.I - gate) + n0;
+      }
+      for (int kt = 0; kt < KT; ++kt) {
+        const int s = kt % WG_STAGES;
+        if (kt >= WG_STAGES) wg::mbar_wait(empty0 + 8 * s, uint32_t((kt / WG_STAGES - 1) & 1));
+        const uint32_t bar = full0 + 8 * s;
+        wg::mbar_arrive_expect_tx(bar, WS_TX_BYTES);
+        const int k0 = kt * WG_BK;
+        wg::tma_load_2d(st.a_tile(s), &map_a, k0, a_row0, bar);
+        wg::tma_load_2d(st.b_tile(s), &map_b, k0, b_row0, bar);
+        if (MODE == kGemm1Gated)
+          wg::tma_load_2d(st.b_tile(s) + uint32_t(BN) * wg::kRowBytes, &map_b, k0, b_row1, bar);
+      }
+    }
+    return;
+  }
+
+  wg::setmaxnreg_inc<232>();
+  const int group = tid / 128 - 1;  // consumer warpgroup: sorted rows 64 group ..
+  float acc[128];
+#pragma unroll
+  for (int i = 0; i < 128; ++i) acc[i] = 0.0f;
+  for (int kt = 0; kt < KT; ++kt) {
+    const int s = kt % WG_STAGES;
+    wg::mbar_wait(full0 + 8 * s, uint32_t((kt / WG_STAGES) & 1));
+    const uint32_t a_tile = st.a_tile(s, group * 64), b_tile = st.b_tile(s);
+    wg::fence_operands(acc);
+    wg::fence();
+#pragma unroll
+    for (int kk = 0; kk < WG_BK / 16; ++kk)
+      wg::mma_m64n256k16<T>(acc, wg::desc_sw128(a_tile + kk * 32), wg::desc_sw128(b_tile + kk * 32), 1);
+    wg::commit();
+    wg::wait<1>();  // step kt - 1's MMAs are done: hand its buffer back
+    if (kt > 0 && tid % 128 == 0) wg::mbar_arrive(empty0 + 8 * ((kt - 1) % WG_STAGES));
+  }
+  wg::wait<0>();
+  wg::fence_operands(acc);
+
+  wg_epilogue<T, MODE>(p, w, ti, n0, group, acc);
 }
 
 // --- f32 SIMT path -----------------------------------------------------------------
@@ -614,7 +750,7 @@ Work make_work(const MoeRunParams& p) {
   char* ws = static_cast<char*>(p.workspace);
   return Work{reinterpret_cast<int32_t*>(ws + l.tile_start),
               reinterpret_cast<int32_t*>(ws + l.bad + 128), ws + l.h,
-              reinterpret_cast<float*>(ws + l.out2), n};
+              reinterpret_cast<float*>(ws + l.out2), n, ws + l.xs};
 }
 
 int grid_limit(int64_t work, int threads) {
@@ -700,15 +836,49 @@ void launch_wgmma(const MoeRunParams& p, const Work& w, unsigned tiles, int N, c
   kernel<<<grid, WG_THREADS, WgStaging::SMEM_BYTES, stream>>>(p, w);
 }
 
+// Variant 2: false when a tensor map cannot be made (the caller falls back).
+template <class T, int MODE>
+bool launch_wgmma_tma(const MoeRunParams& p, const Work& w, unsigned tiles, int N, cudaStream_t stream) {
+  constexpr bool bf16 = std::is_same_v<T, __nv_bfloat16>;
+  constexpr int BN = WG_BN / (MODE == kGemm1Gated ? 2 : 1);
+  CUtensorMap map_a, map_b;
+  bool ok;
+  if (MODE == kGemm2) {
+    ok = tma::map_rows_2d(&map_a, w.h, uint64_t(w.n), uint64_t(p.I), WG_BM, bf16) &&
+         tma::map_rows_2d(&map_b, p.w2, uint64_t(p.E_loc) * p.H, uint64_t(p.I), WG_BN, bf16);
+  } else {
+    const uint64_t rows13 = uint64_t(MODE == kGemm1Gated ? 2 : 1) * p.I;
+    ok = tma::map_rows_2d(&map_a, w.xs, uint64_t(w.n), uint64_t(p.H), WG_BM, bf16) &&
+         tma::map_rows_2d(&map_b, p.w13, uint64_t(p.E_loc) * rows13, uint64_t(p.H), BN, bf16);
+  }
+  if (!ok) return false;
+  auto kernel = gemm_wgmma_tma_kernel<T, MODE>;
+  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(WgStaging::SMEM_BYTES));
+  const dim3 grid(tiles, unsigned(ceil_div(N, BN)));
+  kernel<<<grid, WS_THREADS, WgStaging::SMEM_BYTES, stream>>>(p, w, map_a, map_b);
+  return true;
+}
+
+template <class T, int MODE>
+void launch_wgmma_mode(const MoeRunParams& p, const Work& w, unsigned tiles, int N, int mode,
+                       cudaStream_t stream) {
+  if (mode == 2) {
+    if (MODE != kGemm2)  // GEMM1 reads the token rows in sorted order
+      sort_rows_kernel<T><<<grid_limit(w.n * (p.H / 8), 256), 256, 0, stream>>>(p, w);
+    if (launch_wgmma_tma<T, MODE>(p, w, tiles, N, stream)) return;
+  }
+  launch_wgmma<T, MODE>(p, w, tiles, N, stream);
+}
+
 template <class T>
-void launch_wgmma_stage(const MoeRunParams& p, const Work& w, unsigned tiles, bool second,
+void launch_wgmma_stage(const MoeRunParams& p, const Work& w, unsigned tiles, bool second, int mode,
                         cudaStream_t stream) {
   if (second)
-    launch_wgmma<T, kGemm2>(p, w, tiles, p.H, stream);
+    launch_wgmma_mode<T, kGemm2>(p, w, tiles, p.H, mode, stream);
   else if (p.gated)
-    launch_wgmma<T, kGemm1Gated>(p, w, tiles, p.I, stream);
+    launch_wgmma_mode<T, kGemm1Gated>(p, w, tiles, p.I, mode, stream);
   else
-    launch_wgmma<T, kGemm1Plain>(p, w, tiles, p.I, stream);
+    launch_wgmma_mode<T, kGemm1Plain>(p, w, tiles, p.I, mode, stream);
 }
 
 template <class T>
@@ -720,8 +890,8 @@ void launch_tc_rows(const MoeRunParams& p, const Work& w, int bm, bool second, c
     case 64: launch_tc_stage<T, CfgMid, CfgMid>(p, w, tiles, second, stream); break;
     default:
       static_assert(WG_BM == CfgWide1::BM, "the wgmma path replaces the 128-row tiles");
-      if (wgmma_enabled())
-        launch_wgmma_stage<T>(p, w, tiles, second, stream);
+      if (const int mode = wgmma_mode())
+        launch_wgmma_stage<T>(p, w, tiles, second, mode, stream);
       else
         launch_tc_stage<T, CfgWide1, CfgWide2>(p, w, tiles, second, stream);
       break;
@@ -751,22 +921,23 @@ void launch_gemms_typed(const MoeRunParams& p, const Work& w, const RowChoice& r
 
 }  // namespace
 
-// Whether the 128-row tiles run on wgmma (both runners): the library was built for sm_90a
-// only among the 9.x targets (MOE_CUDA_WGMMA, set by CMake), the current
-// device is compute capability 9.0, and MOE_RUNNER_WGMMA is not 0 (the
-// benchmark's switch back to mma.sync).
-bool wgmma_enabled() {
+// Which kernels the 128-row tiles use (both runners): 0 mma.sync, 1 wgmma
+// with cp.async staging, 2 wgmma with TMA and warp specialisation. Not 0
+// only when the library was built for sm_90a alone among the 9.x targets
+// (MOE_CUDA_WGMMA, set by CMake) and the current device is compute
+// capability 9.0; MOE_RUNNER_WGMMA=0|1|2 chooses (1 when unset).
+int wgmma_mode() {
 #if defined(MOE_CUDA_WGMMA)
-  static const bool env_off = [] {
+  static const int env_mode = [] {
     const char* v = std::getenv("MOE_RUNNER_WGMMA");
-    return v && v[0] == '0';
+    return (v && (v[0] == '0' || v[0] == '2') && v[1] == 0) ? v[0] - '0' : 1;
   }();
-  if (env_off) return false;
+  if (env_mode == 0) return 0;
   int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return false;
+  if (cudaGetDevice(&dev) != cudaSuccess) return 0;
   constexpr int kMaxDevices = 64;
-  static std::atomic<int> known[kMaxDevices];  // 0: not asked yet, 1: yes, 2: no
-  if (dev < 0 || dev >= kMaxDevices) return false;
+  static std::atomic<int> known[kMaxDevices];  // 0: not asked yet, 1: 9.0, 2: other
+  if (dev < 0 || dev >= kMaxDevices) return 0;
   int v = known[dev].load(std::memory_order_relaxed);
   if (v == 0) {
     int major = 0, minor = 0;
@@ -775,9 +946,9 @@ bool wgmma_enabled() {
     v = ok && major == 9 && minor == 0 ? 1 : 2;
     known[dev].store(v, std::memory_order_relaxed);
   }
-  return v == 1;
+  return v == 1 ? env_mode : 0;
 #else
-  return false;
+  return 0;
 #endif
 }
 

@@ -663,7 +663,7 @@ cudaError_t launch_fp8_run(const Fp8RunParams& p, cudaStream_t stream) {
 
   // 128-row wgmma tiles when the slots per expert (were every slot local)
   // fill them on average; 64-row mma.sync tiles otherwise and off sm_90a.
-  const bool wide = wgmma_enabled() && n >= int64_t(WG_BM) * p.E_loc;
+  const bool wide = wgmma_mode() != 0 && n >= int64_t(WG_BM) * p.E_loc;
   if (wide)
     gemm::tile_map_kernel<WG_BM><<<1, 32, 0, stream>>>(p.offsets, p.E_loc, n,
                                                        const_cast<int32_t*>(w.tile_start));

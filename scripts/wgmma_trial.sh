@@ -6,12 +6,16 @@
 #   bash scripts/wgmma_trial.sh bench   # 4-5, after check passed
 # Steps, each with its own time limit, logged to $OUT (8 files at most):
 #   1. build (Release, sm_90a, NCCL off) and count HGMMA/QGMMA/HMMA in SASS;
-#   2. the runner and FP8 GPU tests on the wgmma path, then (only if they
-#      fail) the same with MOE_RUNNER_WGMMA=0, to tell the new path from the rest;
-#   3. compute-sanitizer memcheck and racecheck on the two wide-tile tests;
+#   2. the runner and FP8 GPU tests on the cp.async wgmma variant
+#      (MOE_RUNNER_WGMMA=1), the runner tests on the TMA variant (=2), and,
+#      only if one failed, the wide-tile cases on mma.sync (=0), to tell the
+#      new paths from the rest;
+#   3. compute-sanitizer memcheck and racecheck on the wide-tile cases, both
+#      variants;
 #   4. the whole GPU suite;
-#   5. when it passed: moe_bench.py at the prefill sizes with the peers, a
-#      libmoe-only run with MOE_RUNNER_WGMMA=0, and fp8_bench.py.
+#   5. when it passed: moe_bench.py at the prefill sizes with the peers
+#      (variant 1), libmoe-only runs with the TMA variant and with mma.sync,
+#      and fp8_bench.py.
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 build=${MOE_TRIAL_BUILD_DIR:-$root/build-trial}
@@ -41,7 +45,7 @@ run_tests() {  # LABEL CASES ENV...
   local label=$1 cases=$2
   shift 2
   start=$SECONDS
-  env "$@" timeout 200 "$tests" -tc="$cases" >> "$out/gpu_tests.log" 2>&1
+  env "$@" timeout 150 "$tests" -tc="$cases" >> "$out/gpu_tests.log" 2>&1
   local r=$?
   note "$label rc=$r $((SECONDS - start))s: $(grep -E '^\[doctest\] test cases' "$out/gpu_tests.log" | tail -n 1)"
   return $r
@@ -49,18 +53,19 @@ run_tests() {  # LABEL CASES ENV...
 status=0
 if [ "$phase" = check ]; then
   wide='gpu.runner.wide_tiles_odd_sizes,gpu.fp8.wide_tiles'
-  run_tests "runner+fp8 (wgmma)" 'gpu.runner.*,gpu.fp8.*' MOE_RUNNER_WGMMA=1 || {
-    status=1
-    run_tests "wide-tile cases (mma.sync only)" "$wide" MOE_RUNNER_WGMMA=0
-  }
+  run_tests "runner+fp8 (wgmma, cp.async)" 'gpu.runner.*,gpu.fp8.*' MOE_RUNNER_WGMMA=1 || status=1
+  run_tests "runner+graph (wgmma, TMA)" 'gpu.runner.*,gpu.graph*' MOE_RUNNER_WGMMA=2 || status=1
+  [ $status -eq 0 ] || run_tests "wide-tile cases (mma.sync)" "$wide" MOE_RUNNER_WGMMA=0
 
-  for tool in memcheck racecheck; do
-    start=$SECONDS
-    timeout 70 compute-sanitizer --tool "$tool" --error-exitcode 9 "$tests" -tc="$wide" \
-      >> "$out/sanitize.log" 2>&1
-    r=$?
-    [ $r -eq 0 ] || status=1
-    note "$tool rc=$r $((SECONDS - start))s: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$out/sanitize.log" | tail -n 1)"
+  for mode in 1 2; do
+    for tool in memcheck racecheck; do
+      start=$SECONDS
+      MOE_RUNNER_WGMMA=$mode timeout 60 compute-sanitizer --tool "$tool" --error-exitcode 9 "$tests" \
+        -tc="$wide" >> "$out/sanitize.log" 2>&1
+      r=$?
+      [ $r -eq 0 ] || status=1
+      note "$tool (variant $mode) rc=$r $((SECONDS - start))s: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$out/sanitize.log" | tail -n 1)"
+    done
   done
   [ $status -eq 0 ] && note "check: all passed" || note "check: FAILURES"
   exit $status
@@ -79,10 +84,13 @@ fi
 export PYTHONUNBUFFERED=1 PYTHONPATH="$root/bindings/python" MOE_LIB_PATH="$build"
 timeout 200 python3 bench/moe_bench.py --tokens 1024,4096,16384 --reps 10 \
   --out "$out/moe_bench.json" > "$out/bench.log" 2>&1
-note "moe_bench rc=$?"
-MOE_RUNNER_WGMMA=0 timeout 60 python3 bench/moe_bench.py --no-peers --tokens 1024,4096,16384 \
-  --reps 10 --out /tmp/mma_sync.json >> "$out/bench.log" 2>&1
-note "moe_bench mma.sync sweep rc=$?"
+note "moe_bench (variant 1) rc=$?"
+for mode in 2 0; do
+  echo "--- MOE_RUNNER_WGMMA=$mode" >> "$out/bench.log"
+  MOE_RUNNER_WGMMA=$mode timeout 60 python3 bench/moe_bench.py --no-peers --tokens 1024,4096,16384 \
+    --reps 10 --out /tmp/mode$mode.json >> "$out/bench.log" 2>&1
+  note "moe_bench libmoe only, MOE_RUNNER_WGMMA=$mode rc=$?"
+done
 timeout 100 python3 bench/fp8_bench.py --tokens 1,64,1024,8192,16384 --reps 10 \
   --out "$out/fp8_bench.json" >> "$out/bench.log" 2>&1
 note "fp8_bench rc=$?"
