@@ -539,24 +539,17 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
   constexpr int NSETS = MODE == kGemm1Gated ? 2 : 1;
   constexpr int BN = WG_BN / NSETS;
   extern __shared__ unsigned char wg_smem_raw[];
-  __shared__ __align__(8) uint64_t full[WG_STAGES], empty[WG_STAGES];
+  __shared__ __align__(8) uint64_t bars[2 * WG_STAGES];
   const int tid = threadIdx.x;
   const WgStaging st(wg_smem_raw, tid);  // only its aligned buffers are used here
+  const wg::Pipeline<WG_STAGES> pipe(bars);
 
   TileInfo ti;
   if (!find_tile<WG_BM>(p, w, blockIdx.x, ti)) return;
   const int n0 = blockIdx.y * BN;
   const int Kdim = MODE == kGemm2 ? p.I : p.H;
   const int KT = (Kdim + WG_BK - 1) / WG_BK;
-  const uint32_t full0 = uint32_t(__cvta_generic_to_shared(&full[0]));
-  const uint32_t empty0 = uint32_t(__cvta_generic_to_shared(&empty[0]));
-  if (tid == 0) {
-    for (int s = 0; s < WG_STAGES; ++s) {
-      wg::mbar_init(full0 + 8 * s, 1);   // the producer's arrive, plus the copies' bytes
-      wg::mbar_init(empty0 + 8 * s, 2);  // one arrive per consumer warpgroup
-    }
-    wg::mbar_init_fence();
-  }
+  if (tid == 0) pipe.init(2);
   __syncthreads();
 
   if (tid < 128) {  // producer warpgroup
@@ -575,9 +568,7 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
       }
       for (int kt = 0; kt < KT; ++kt) {
         const int s = kt % WG_STAGES;
-        if (kt >= WG_STAGES) wg::mbar_wait(empty0 + 8 * s, uint32_t((kt / WG_STAGES - 1) & 1));
-        const uint32_t bar = full0 + 8 * s;
-        wg::mbar_arrive_expect_tx(bar, WS_TX_BYTES);
+        const uint32_t bar = pipe.produce(kt, WS_TX_BYTES);
         const int k0 = kt * WG_BK;
         wg::tma_load_2d(st.a_tile(s), &map_a, k0, a_row0, bar);
         wg::tma_load_2d(st.b_tile(s), &map_b, k0, b_row0, bar);
@@ -595,7 +586,7 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
   for (int i = 0; i < 128; ++i) acc[i] = 0.0f;
   for (int kt = 0; kt < KT; ++kt) {
     const int s = kt % WG_STAGES;
-    wg::mbar_wait(full0 + 8 * s, uint32_t((kt / WG_STAGES) & 1));
+    pipe.consume(kt);
     const uint32_t a_tile = st.a_tile(s, group * 64), b_tile = st.b_tile(s);
     wg::fence_operands(acc);
     wg::fence();
@@ -604,7 +595,7 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
       wg::mma_m64n256k16<T>(acc, wg::desc_sw128(a_tile + kk * 32), wg::desc_sw128(b_tile + kk * 32), 1);
     wg::commit();
     wg::wait<1>();  // step kt - 1's MMAs are done: hand its buffer back
-    if (kt > 0 && tid % 128 == 0) wg::mbar_arrive(empty0 + 8 * ((kt - 1) % WG_STAGES));
+    if (kt > 0 && tid % 128 == 0) pipe.release(kt - 1);
   }
   wg::wait<0>();
   wg::fence_operands(acc);
@@ -839,17 +830,18 @@ void launch_wgmma(const MoeRunParams& p, const Work& w, unsigned tiles, int N, c
 // Variant 2: false when a tensor map cannot be made (the caller falls back).
 template <class T, int MODE>
 bool launch_wgmma_tma(const MoeRunParams& p, const Work& w, unsigned tiles, int N, cudaStream_t stream) {
-  constexpr bool bf16 = std::is_same_v<T, __nv_bfloat16>;
+  constexpr CUtensorMapDataType type =
+      std::is_same_v<T, __nv_bfloat16> ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
   constexpr int BN = WG_BN / (MODE == kGemm1Gated ? 2 : 1);
   CUtensorMap map_a, map_b;
   bool ok;
   if (MODE == kGemm2) {
-    ok = tma::map_rows_2d(&map_a, w.h, uint64_t(w.n), uint64_t(p.I), WG_BM, bf16) &&
-         tma::map_rows_2d(&map_b, p.w2, uint64_t(p.E_loc) * p.H, uint64_t(p.I), WG_BN, bf16);
+    ok = tma::map_rows_2d(&map_a, w.h, uint64_t(w.n), uint64_t(p.I), WG_BM, type, 2) &&
+         tma::map_rows_2d(&map_b, p.w2, uint64_t(p.E_loc) * p.H, uint64_t(p.I), WG_BN, type, 2);
   } else {
     const uint64_t rows13 = uint64_t(MODE == kGemm1Gated ? 2 : 1) * p.I;
-    ok = tma::map_rows_2d(&map_a, w.xs, uint64_t(w.n), uint64_t(p.H), WG_BM, bf16) &&
-         tma::map_rows_2d(&map_b, p.w13, uint64_t(p.E_loc) * rows13, uint64_t(p.H), BN, bf16);
+    ok = tma::map_rows_2d(&map_a, w.xs, uint64_t(w.n), uint64_t(p.H), WG_BM, type, 2) &&
+         tma::map_rows_2d(&map_b, p.w13, uint64_t(p.E_loc) * rows13, uint64_t(p.H), BN, type, 2);
   }
   if (!ok) return false;
   auto kernel = gemm_wgmma_tma_kernel<T, MODE>;

@@ -7,6 +7,7 @@
 
 #include "common.cuh"
 #include "moe_runner.cuh"
+#include "tma.cuh"
 #include "wgmma.cuh"
 
 namespace moe::kernels {
@@ -32,7 +33,7 @@ size_t align256(size_t b) { return (b + 255) / 256 * 256; }
 // it; GEMM2 writes the per-slot rows where moe_run_slot_rows says), then the
 // FP8 buffers.
 struct Layout {
-  size_t tile_start, xq, xs, h, hq, hs, total;
+  size_t tile_start, xq, xs, h, hq, hs, xqs, total;
 };
 
 Layout layout(bool block, int E_loc, int H, int I, int64_t T, int K) {
@@ -52,6 +53,10 @@ Layout layout(bool block, int E_loc, int H, int I, int64_t T, int K) {
   off += align256(size_t(n) * size_t(I));
   l.hs = off;
   off += align256(size_t(n) * gi * sizeof(float));
+  l.xqs = off;  // token codes in sorted order (the TMA variant), in builds with the wgmma kernels
+#if defined(MOE_CUDA_WGMMA)
+  off += align256(size_t(n) * size_t(H));
+#endif
   l.total = off;
   return l;
 }
@@ -65,6 +70,7 @@ struct Work {
   float* hs;    // [n, GI] its scales
   float* out2;  // [n, H] per-slot outputs (inside the bf16 runner's layout)
   int64_t n;
+  uint8_t* xqs;  // [n, H] token codes in sorted order (TMA variant)
 };
 
 // --- quantization -------------------------------------------------------------
@@ -422,19 +428,126 @@ __global__ void __launch_bounds__(THREADS) fp8_gemm_kernel(Fp8RunParams p, Work 
 // 128 sorted rows x 128 weight rows (gated GEMM1: 64 gate and the matching 64
 // up rows) per block, two warpgroups of 64 rows each on wgmma m64n128k32
 // (E4M3 codes, K-major, 128B-swizzled shared memory: one 128-byte row is one
-// 128-column scale block), all 256 threads staging tiles with cp.async. The
-// four MMAs of a K block accumulate into `part`, which is then promoted into
-// the f32 total with the block's scales, as the mma.sync kernel above does.
+// 128-column scale block). The four MMAs of a K block accumulate into
+// `part`, which is then promoted into the f32 total with the block's scales,
+// as the mma.sync kernel above does. Variant 1 stages tiles with cp.async
+// from all 256 threads; variant 2 (MOE_RUNNER_WGMMA=2) has a producer
+// warpgroup stream them by TMA (A from the token codes copied in sorted
+// order, or from h's codes) on mbarriers, as the bf16 runner's variant 2.
 namespace wg = moe::kernels::wgmma;
 
-constexpr int WG_BM = 128, WG_BN = 128, WG_STAGES = 6, WG_THREADS = 256;
+constexpr int WG_BM = 128, WG_BN = 128, WG_STAGES = 6, WG_THREADS = 256, WS_THREADS = 384;
 using WgStaging = wg::Staging<WG_THREADS, WG_BM, WG_BN, WG_STAGES>;
 static_assert(BK == wg::kRowBytes, "a K block is one swizzle row of E4M3 codes");
 
+// A consumer warpgroup's share of a 128-row tile: its 64 rows' scales, the
+// MMAs of one K block, the promotion and the epilogue.
+template <int MODE, bool BLOCK>
+struct Fp8WgMath {
+  static constexpr int NSETS = MODE == kGemm1Gated ? 2 : 1;
+  static constexpr int BNS = WG_BN / NSETS;  // output columns per weight set
+  int group;                                 // 0 or 1: rows 64 group ..
+  const float* srow[2];                      // scale rows of this thread's two rows
+  const float* wsrow[NSETS];                 // BLOCK: the weight scale row of each set
+  float acc[64], part[64];
+
+  __device__ __forceinline__ Fp8WgMath(const Fp8RunParams& p, const Work& w, const Tile& ti, int n0, int g)
+      : group(g) {
+    const int lane = threadIdx.x & 31, warp_in_group = (threadIdx.x >> 5) & 3;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int r = group * 64 + warp_in_group * 16 + (lane >> 2) + 8 * h;
+      const uint8_t* unused;
+      srow[h] = nullptr;
+      if (r < ti.rows) a_row<MODE>(p, w, ti.row_begin + r, unused, srow[h]);
+    }
+    const int Kdim = MODE == kGemm2 ? p.I : p.H;
+    const int rows_w = MODE == kGemm2 ? p.H : (NSETS * p.I);
+    const float* wscale = MODE == kGemm2 ? p.w2_scale : p.w13_scale;
+#pragma unroll
+    for (int s = 0; s < NSETS; ++s) {
+      const int rb = weight_row<MODE>(p, s, n0) / kGroup;
+      wsrow[s] = BLOCK ? wscale + (int64_t(ti.e) * (rows_w / kGroup) + rb) * (Kdim / kGroup) : wscale;
+    }
+#pragma unroll
+    for (int i = 0; i < 64; ++i) acc[i] = part[i] = 0.0f;
+  }
+
+  // part = this K block's products (a_tile: the A tile's first row), waited for.
+  __device__ __forceinline__ void mma(uint32_t a_tile, uint32_t b_tile) {
+    wg::fence_operands(part);
+    wg::fence();
+#pragma unroll
+    for (int kk = 0; kk < BK / 32; ++kk)
+      wg::mma_m64n128k32_e4m3(part, wg::desc_sw128(a_tile + group * 64 * wg::kRowBytes + kk * 32),
+                              wg::desc_sw128(b_tile + kk * 32), kk > 0 ? 1 : 0);
+    wg::commit();
+    wg::wait<0>();
+    wg::fence_operands(part);
+  }
+
+  // acc += part, times the K block's scales (BLOCK; read before the MMAs).
+  __device__ __forceinline__ void promote(const float (&sa)[2], const float (&sw)[NSETS]) {
+#pragma unroll
+    for (int j = 0; j < 16; ++j)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const int i = 4 * j + q;
+        const int s = NSETS == 2 && j >= 8 ? 1 : 0;
+        if (BLOCK)
+          acc[i] = fmaf(part[i], sa[q >> 1] * sw[s], acc[i]);
+        else
+          acc[i] += part[i];
+      }
+  }
+
+  __device__ __forceinline__ void scales(int kt, float (&sa)[2], float (&sw)[NSETS]) const {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) sa[h] = BLOCK && srow[h] ? srow[h][kt] : 0.0f;
+#pragma unroll
+    for (int s = 0; s < NSETS; ++s) sw[s] = BLOCK ? wsrow[s][kt] : 0.0f;
+  }
+
+  __device__ __forceinline__ void store(const Fp8RunParams& p, const Work& w, const Tile& ti, int n0) const {
+    const int N = MODE == kGemm2 ? p.H : p.I;
+    const float w_tensor = BLOCK ? 1.0f : (MODE == kGemm2 ? p.w2_scale : p.w13_scale)[ti.e];
+    const int lane = threadIdx.x & 31, warp_in_group = (threadIdx.x >> 5) & 3;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int r = group * 64 + warp_in_group * 16 + (lane >> 2) + 8 * h;
+      if (r >= ti.rows || !srow[h]) continue;
+      const int64_t pos = ti.row_begin + r;
+      const float f = BLOCK ? 1.0f : srow[h][0] * w_tensor;
+      int32_t slot = -1;
+      if (MODE == kGemm2) {
+        slot = slot_at(p, w.n, pos);
+        if (slot < 0) continue;
+      }
+#pragma unroll
+      for (int j = 0; j < BNS / 8; ++j) {
+        const int col = n0 + 8 * j + 2 * (lane & 3);
+        if (col >= N) continue;  // N % 16 == 0: col + 1 < N as well
+        const float a0 = acc[4 * j + 2 * h] * f, a1 = acc[4 * j + 2 * h + 1] * f;
+        if (MODE == kGemm2) {
+          *reinterpret_cast<float2*>(w.out2 + int64_t(slot) * p.H + col) = make_float2(a0, a1);
+        } else {
+          float h0 = gemm::activate(p.activation, a0), h1 = gemm::activate(p.activation, a1);
+          if (MODE == kGemm1Gated) {
+            const int ju = j + BNS / 8;
+            h0 *= acc[4 * ju + 2 * h] * f;
+            h1 *= acc[4 * ju + 2 * h + 1] * f;
+          }
+          *reinterpret_cast<float2*>(w.h + pos * p.I + col) = make_float2(h0, h1);
+        }
+      }
+    }
+  }
+};
+
 template <int MODE, bool BLOCK>
 __global__ void __launch_bounds__(WG_THREADS, 1) fp8_wgmma_kernel(Fp8RunParams p, Work w) {
-  constexpr int NSETS = MODE == kGemm1Gated ? 2 : 1;
-  constexpr int BNS = WG_BN / NSETS;  // output columns per weight set
+  using Math = Fp8WgMath<MODE, BLOCK>;
+  constexpr int BNS = Math::BNS;
   extern __shared__ unsigned char fp8_wg_smem_raw[];
   const int tid = threadIdx.x;
   const WgStaging st(fp8_wg_smem_raw, tid);
@@ -444,9 +557,8 @@ __global__ void __launch_bounds__(WG_THREADS, 1) fp8_wgmma_kernel(Fp8RunParams p
   const int n0 = blockIdx.y * BNS;
   const int N = MODE == kGemm2 ? p.H : p.I;
   const int Kdim = MODE == kGemm2 ? p.I : p.H;
-  const int rows_w = MODE == kGemm2 ? p.H : (NSETS * p.I);
+  const int rows_w = MODE == kGemm2 ? p.H : (Math::NSETS * p.I);
   const uint8_t* wmat = (MODE == kGemm2 ? p.w2 : p.w13) + int64_t(ti.e) * rows_w * Kdim;
-  const float* wscale = MODE == kGemm2 ? p.w2_scale : p.w13_scale;
   const int KT = (Kdim + BK - 1) / BK;
 
   const uint8_t* a_src[WgStaging::A_CHUNKS];
@@ -479,27 +591,7 @@ __global__ void __launch_bounds__(WG_THREADS, 1) fp8_wgmma_kernel(Fp8RunParams p
     }
   };
 
-  const int group = tid / 128, lane = tid & 31, warp_in_group = (tid >> 5) & 3;
-  // Scale rows of this thread's two accumulator rows.
-  const float* srow[2];
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int r = group * 64 + warp_in_group * 16 + (lane >> 2) + 8 * h;
-    const uint8_t* unused;
-    srow[h] = nullptr;
-    if (r < ti.rows) a_row<MODE>(p, w, ti.row_begin + r, unused, srow[h]);
-  }
-  const float* wsrow[NSETS];
-#pragma unroll
-  for (int s = 0; s < NSETS; ++s) {
-    const int rb = weight_row<MODE>(p, s, n0) / kGroup;
-    wsrow[s] = BLOCK ? wscale + (int64_t(ti.e) * (rows_w / kGroup) + rb) * (Kdim / kGroup) : wscale;
-  }
-
-  float acc[64], part[64];
-#pragma unroll
-  for (int i = 0; i < 64; ++i) acc[i] = part[i] = 0.0f;
-
+  Math m(p, w, ti, n0, tid / 128);
   // Every K block's MMAs are waited for (the promotion reads them), so the
   // buffer refilled at step kt is the one step kt - 1 used.
   constexpr int AHEAD = WG_STAGES - 1;
@@ -509,82 +601,122 @@ __global__ void __launch_bounds__(WG_THREADS, 1) fp8_wgmma_kernel(Fp8RunParams p
     gemm::cp_async_commit();
   }
   for (int kt = 0; kt < KT; ++kt) {
-    float sa[2] = {0.0f, 0.0f}, sw[NSETS];
-    if (BLOCK) {
-#pragma unroll
-      for (int h = 0; h < 2; ++h) sa[h] = srow[h] ? srow[h][kt] : 0.0f;
-#pragma unroll
-      for (int s = 0; s < NSETS; ++s) sw[s] = wsrow[s][kt];
-    }
+    float sa[2], sw[Math::NSETS];
+    m.scales(kt, sa, sw);
     gemm::cp_async_wait<AHEAD - 1>();
     wg::fence_proxy_async();
     __syncthreads();
     const int next = kt + AHEAD;
     if (next < KT) load_stage(next % WG_STAGES, next);
     gemm::cp_async_commit();
-    const uint32_t a_tile = st.a_tile(kt % WG_STAGES, group * 64);
-    const uint32_t b_tile = st.b_tile(kt % WG_STAGES);
-    wg::fence_operands(part);
-    wg::fence();
-#pragma unroll
-    for (int kk = 0; kk < BK / 32; ++kk)
-      wg::mma_m64n128k32_e4m3(part, wg::desc_sw128(a_tile + kk * 32), wg::desc_sw128(b_tile + kk * 32),
-                              kk > 0 ? 1 : 0);
-    wg::commit();
-    wg::wait<0>();
-    wg::fence_operands(part);
-#pragma unroll
-    for (int j = 0; j < 16; ++j)
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        const int i = 4 * j + q;
-        const int s = NSETS == 2 && j >= 8 ? 1 : 0;
-        if (BLOCK)
-          acc[i] = fmaf(part[i], sa[q >> 1] * sw[s], acc[i]);
-        else
-          acc[i] += part[i];
-      }
+    m.mma(st.a_tile(kt % WG_STAGES), st.b_tile(kt % WG_STAGES));
+    m.promote(sa, sw);
   }
   gemm::cp_async_wait<0>();
+  m.store(p, w, ti, n0);
+}
 
-  const float w_tensor = BLOCK ? 1.0f : wscale[ti.e];
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int r = group * 64 + warp_in_group * 16 + (lane >> 2) + 8 * h;
-    if (r >= ti.rows || !srow[h]) continue;
-    const int64_t pos = ti.row_begin + r;
-    const float f = BLOCK ? 1.0f : srow[h][0] * w_tensor;
-    int32_t slot = -1;
-    if (MODE == kGemm2) {
-      slot = slot_at(p, w.n, pos);
-      if (slot < 0) continue;
-    }
-#pragma unroll
-    for (int j = 0; j < BNS / 8; ++j) {
-      const int col = n0 + 8 * j + 2 * (lane & 3);
-      if (col >= N) continue;  // N % 16 == 0: col + 1 < N as well
-      const float a0 = acc[4 * j + 2 * h] * f, a1 = acc[4 * j + 2 * h + 1] * f;
-      if (MODE == kGemm2) {
-        *reinterpret_cast<float2*>(w.out2 + int64_t(slot) * p.H + col) = make_float2(a0, a1);
-      } else {
-        float h0 = gemm::activate(p.activation, a0), h1 = gemm::activate(p.activation, a1);
-        if (MODE == kGemm1Gated) {
-          const int ju = j + BNS / 8;
-          h0 *= acc[4 * ju + 2 * h] * f;
-          h1 *= acc[4 * ju + 2 * h + 1] * f;
-        }
-        *reinterpret_cast<float2*>(w.h + pos * p.I + col) = make_float2(h0, h1);
-      }
-    }
+// Token codes in sorted order for variant 2's GEMM1: xqs[pos] = xq[slot / K],
+// or zeros (positions that hold no slot).
+__global__ void sort_codes_kernel(Fp8RunParams p, Work w) {
+  const int chunks = p.H / 16;  // 16-byte chunks per row
+  const int64_t total = w.n * chunks;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t pos = i / chunks;
+    const int c = int(i % chunks);
+    const int32_t slot = slot_at(p, w.n, pos);
+    uint4 v = make_uint4(0, 0, 0, 0);
+    if (slot >= 0) v = reinterpret_cast<const uint4*>(w.xq + int64_t(slot / p.K) * p.H)[c];
+    reinterpret_cast<uint4*>(w.xqs + pos * p.H)[c] = v;
   }
 }
 
 template <int MODE, bool BLOCK>
-cudaError_t launch_gemm(const Fp8RunParams& p, const Work& w, bool wide, dim3 grid, cudaStream_t stream) {
+__global__ void __launch_bounds__(WS_THREADS, 1)
+    fp8_wgmma_tma_kernel(Fp8RunParams p, Work w, const __grid_constant__ CUtensorMap map_a,
+                         const __grid_constant__ CUtensorMap map_b) {
+  using Math = Fp8WgMath<MODE, BLOCK>;
+  constexpr int BNS = Math::BNS;
+  extern __shared__ unsigned char fp8_wg_smem_raw[];
+  __shared__ __align__(8) uint64_t bars[2 * WG_STAGES];
+  const int tid = threadIdx.x;
+  const WgStaging st(fp8_wg_smem_raw, tid);  // only its aligned buffers are used here
+  const wg::Pipeline<WG_STAGES> pipe(bars);
+
+  Tile ti;
+  if (!gemm::find_tile<WG_BM>(w.tile_start, p.offsets, p.E_loc, w.n, blockIdx.x, ti)) return;
+  const int n0 = blockIdx.y * BNS;
+  const int Kdim = MODE == kGemm2 ? p.I : p.H;
+  const int KT = (Kdim + BK - 1) / BK;
+  if (tid == 0) pipe.init(2);
+  __syncthreads();
+
+  if (tid < 128) {  // producer warpgroup
+    wg::setmaxnreg_dec<40>();
+    if (tid == 0) {
+      const int rows_w = MODE == kGemm2 ? p.H : (Math::NSETS * p.I);
+      const int b_row0 = ti.e * rows_w + weight_row<MODE>(p, 0, n0);
+      const int b_row1 = ti.e * rows_w + weight_row<MODE>(p, Math::NSETS - 1, n0);
+      for (int kt = 0; kt < KT; ++kt) {
+        const int s = kt % WG_STAGES;
+        const uint32_t bar = pipe.produce(kt, WgStaging::STAGE_BYTES);
+        const int k0 = kt * BK;
+        wg::tma_load_2d(st.a_tile(s), &map_a, k0, ti.row_begin, bar);
+        wg::tma_load_2d(st.b_tile(s), &map_b, k0, b_row0, bar);
+        if (MODE == kGemm1Gated)
+          wg::tma_load_2d(st.b_tile(s) + uint32_t(BNS) * wg::kRowBytes, &map_b, k0, b_row1, bar);
+      }
+    }
+    return;
+  }
+
+  wg::setmaxnreg_inc<232>();
+  Math m(p, w, ti, n0, tid / 128 - 1);
+  for (int kt = 0; kt < KT; ++kt) {
+    const int s = kt % WG_STAGES;
+    float sa[2], sw[Math::NSETS];
+    m.scales(kt, sa, sw);
+    pipe.consume(kt);
+    m.mma(st.a_tile(s), st.b_tile(s));
+    if (tid % 128 == 0) pipe.release(kt);  // this step's MMAs are done
+    m.promote(sa, sw);
+  }
+  m.store(p, w, ti, n0);
+}
+
+// Variant 2: false when a tensor map cannot be made (the caller falls back).
+template <int MODE, bool BLOCK>
+bool launch_gemm_tma(const Fp8RunParams& p, const Work& w, dim3 grid, cudaStream_t stream) {
+  constexpr int NSETS = MODE == kGemm1Gated ? 2 : 1;
+  constexpr CUtensorMapDataType type = CU_TENSOR_MAP_DATA_TYPE_UINT8;
+  CUtensorMap map_a, map_b;
+  bool ok;
+  if (MODE == kGemm2) {
+    ok = tma::map_rows_2d(&map_a, w.hq, uint64_t(w.n), uint64_t(p.I), WG_BM, type, 1) &&
+         tma::map_rows_2d(&map_b, p.w2, uint64_t(p.E_loc) * p.H, uint64_t(p.I), WG_BN, type, 1);
+  } else {
+    ok = tma::map_rows_2d(&map_a, w.xqs, uint64_t(w.n), uint64_t(p.H), WG_BM, type, 1) &&
+         tma::map_rows_2d(&map_b, p.w13, uint64_t(p.E_loc) * NSETS * p.I, uint64_t(p.H), WG_BN / NSETS, type,
+                          1);
+  }
+  if (!ok) return false;
+  auto kernel = fp8_wgmma_tma_kernel<MODE, BLOCK>;
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(WgStaging::SMEM_BYTES)) !=
+      cudaSuccess)
+    return false;
+  kernel<<<grid, WS_THREADS, WgStaging::SMEM_BYTES, stream>>>(p, w, map_a, map_b);
+  return true;
+}
+
+// mode: 0 the mma.sync kernel (64-row tiles), 1 or 2 the wgmma variants (128-row tiles).
+template <int MODE, bool BLOCK>
+cudaError_t launch_gemm(const Fp8RunParams& p, const Work& w, int mode, dim3 grid, cudaStream_t stream) {
   constexpr int NSETS = MODE == kGemm1Gated ? 2 : 1;
   constexpr int smem = STAGES * (BM + NSETS * BN) * LD;
   // Over the 48 KB static limit: raise the dynamic limit (no stream work; capture-safe).
-  if (wide) {
+  if (mode == 2 && launch_gemm_tma<MODE, BLOCK>(p, w, grid, stream)) return cudaGetLastError();
+  if (mode != 0) {
     cudaError_t err = cudaFuncSetAttribute(fp8_wgmma_kernel<MODE, BLOCK>,
                                            cudaFuncAttributeMaxDynamicSharedMemorySize, int(WgStaging::SMEM_BYTES));
     if (err != cudaSuccess) return err;
@@ -599,15 +731,18 @@ cudaError_t launch_gemm(const Fp8RunParams& p, const Work& w, bool wide, dim3 gr
 }
 
 template <bool BLOCK>
-cudaError_t launch_gemms(const Fp8RunParams& p, const Work& w, bool wide, dim3 grid1, dim3 grid2,
+cudaError_t launch_gemms(const Fp8RunParams& p, const Work& w, int mode, dim3 grid1, dim3 grid2,
                          const QuantJob& hjob, cudaStream_t stream) {
-  cudaError_t err = p.gated ? launch_gemm<kGemm1Gated, BLOCK>(p, w, wide, grid1, stream)
-                            : launch_gemm<kGemm1Plain, BLOCK>(p, w, wide, grid1, stream);
+  if (mode == 2)  // GEMM1 of the TMA variant reads the token codes in sorted order
+    sort_codes_kernel<<<unsigned(std::max<int64_t>(1, std::min<int64_t>((w.n * (p.H / 16) + 255) / 256, 8192))),
+                        256, 0, stream>>>(p, w);
+  cudaError_t err = p.gated ? launch_gemm<kGemm1Gated, BLOCK>(p, w, mode, grid1, stream)
+                            : launch_gemm<kGemm1Plain, BLOCK>(p, w, mode, grid1, stream);
   if (err != cudaSuccess) return err;
   launch_quantize<float>(hjob, stream);
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  return launch_gemm<kGemm2, BLOCK>(p, w, wide, grid2, stream);
+  return launch_gemm<kGemm2, BLOCK>(p, w, mode, grid2, stream);
 }
 
 // The bf16 runner's parameters for its id check and reduction.
@@ -658,12 +793,14 @@ cudaError_t launch_fp8_run(const Fp8RunParams& p, cudaStream_t stream) {
   w.h = reinterpret_cast<float*>(ws + l.h);
   w.hq = reinterpret_cast<uint8_t*>(ws + l.hq);
   w.hs = reinterpret_cast<float*>(ws + l.hs);
+  w.xqs = reinterpret_cast<uint8_t*>(ws + l.xqs);
   w.out2 = moe_run_slot_rows(rp);  // inside the bf16 runner's layout at the front
   w.n = n;
 
   // 128-row wgmma tiles when the slots per expert (were every slot local)
   // fill them on average; 64-row mma.sync tiles otherwise and off sm_90a.
-  const bool wide = wgmma_mode() != 0 && n >= int64_t(WG_BM) * p.E_loc;
+  const int mode = n >= int64_t(WG_BM) * p.E_loc ? wgmma_mode() : 0;
+  const bool wide = mode != 0;
   if (wide)
     gemm::tile_map_kernel<WG_BM><<<1, 32, 0, stream>>>(p.offsets, p.E_loc, n,
                                                        const_cast<int32_t*>(w.tile_start));
@@ -697,8 +834,8 @@ cudaError_t launch_fp8_run(const Fp8RunParams& p, cudaStream_t stream) {
   const int bn1 = wide ? WG_BN / (p.gated ? 2 : 1) : BN, bn2 = wide ? WG_BN : BN;
   const dim3 grid1(unsigned(tiles), unsigned(ceil_div(p.I, bn1)));
   const dim3 grid2(unsigned(tiles), unsigned(ceil_div(p.H, bn2)));
-  cudaError_t err = p.block128 ? launch_gemms<true>(p, w, wide, grid1, grid2, hjob, stream)
-                               : launch_gemms<false>(p, w, wide, grid1, grid2, hjob, stream);
+  cudaError_t err = p.block128 ? launch_gemms<true>(p, w, mode, grid1, grid2, hjob, stream)
+                               : launch_gemms<false>(p, w, mode, grid1, grid2, hjob, stream);
   if (err != cudaSuccess) return err;
   return launch_moe_reduce(rp, stream);
 }

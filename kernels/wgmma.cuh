@@ -139,6 +139,39 @@ __device__ __forceinline__ void tma_load_2d(uint32_t dst, const void* map, int c
 #endif
 }
 
+// Full/empty mbarrier pairs of a STAGES-deep pipeline: one producer thread
+// fills buffer kt % STAGES for k step kt by bulk copies once the consumer
+// warpgroups have released its previous use (one release per warpgroup).
+// `bars` is 2 * STAGES barriers in shared memory.
+template <int STAGES>
+struct Pipeline {
+  uint32_t full0, empty0;
+
+  __device__ __forceinline__ explicit Pipeline(uint64_t* bars)
+      : full0(uint32_t(__cvta_generic_to_shared(bars))), empty0(full0 + 8 * STAGES) {}
+  // By one thread, before a barrier across the block.
+  __device__ __forceinline__ void init(uint32_t consumer_groups) const {
+    for (int s = 0; s < STAGES; ++s) {
+      mbar_init(full0 + 8 * s, 1);  // the producer's arrive (plus the copies' bytes)
+      mbar_init(empty0 + 8 * s, consumer_groups);
+    }
+    mbar_init_fence();
+  }
+  // Producer: the full barrier of step kt once its buffer is free, announced
+  // to receive `bytes` of copies.
+  __device__ __forceinline__ uint32_t produce(int kt, uint32_t bytes) const {
+    const int s = kt % STAGES;
+    if (kt >= STAGES) mbar_wait(empty0 + 8 * s, uint32_t((kt / STAGES - 1) & 1));
+    const uint32_t bar = full0 + 8 * s;
+    mbar_arrive_expect_tx(bar, bytes);
+    return bar;
+  }
+  __device__ __forceinline__ void consume(int kt) const {
+    mbar_wait(full0 + 8 * (kt % STAGES), uint32_t((kt / STAGES) & 1));
+  }
+  __device__ __forceinline__ void release(int kt) const { mbar_arrive(empty0 + 8 * (kt % STAGES)); }
+};
+
 // Register budget of a warpgroup (sm_90a; the kernel needs a register cap at entry).
 template <int N>
 __device__ __forceinline__ void setmaxnreg_inc() {

@@ -1,21 +1,20 @@
 #!/usr/bin/env bash
-# Two device calls (each under the 10-minute limit; the build folder stays on
-# the warm machine between them) that verify and measure the wgmma kernels
+# Three device calls (each under the 10-minute limit; the build folder stays
+# on the warm machine between them) that verify and measure the wgmma kernels
 # (branch `wgmma`), from the repository root on an H100 with .deps carried:
-#   bash scripts/wgmma_trial.sh check   # 1-3
-#   bash scripts/wgmma_trial.sh bench   # 4-5, after check passed
+#   bash scripts/wgmma_trial.sh check    # 1-3, variant 1 (cp.async)
+#   bash scripts/wgmma_trial.sh check2   # 1-3, variant 2 (TMA)
+#   bash scripts/wgmma_trial.sh bench    # 4-5, after both passed
 # Steps, each with its own time limit, logged to $OUT (8 files at most):
 #   1. build (Release, sm_90a, NCCL off) and count HGMMA/QGMMA/HMMA in SASS;
-#   2. the runner and FP8 GPU tests on the cp.async wgmma variant
-#      (MOE_RUNNER_WGMMA=1), the runner tests on the TMA variant (=2), and,
-#      only if one failed, the wide-tile cases on mma.sync (=0), to tell the
-#      new paths from the rest;
-#   3. compute-sanitizer memcheck and racecheck on the wide-tile cases, both
-#      variants;
+#   2. the runner, graph and FP8 GPU tests on the phase's variant
+#      (MOE_RUNNER_WGMMA=1 or 2) and, only if they failed, the wide-tile cases
+#      on mma.sync (=0), to tell the new path from the rest;
+#   3. compute-sanitizer memcheck and racecheck on the wide-tile cases;
 #   4. the whole GPU suite;
 #   5. when it passed: moe_bench.py at the prefill sizes with the peers
 #      (variant 1), libmoe-only runs with the TMA variant and with mma.sync,
-#      and fp8_bench.py.
+#      and fp8_bench.py with variant 1 and (T >= 8192) variant 2.
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 build=${MOE_TRIAL_BUILD_DIR:-$root/build-trial}
@@ -45,29 +44,26 @@ run_tests() {  # LABEL CASES ENV...
   local label=$1 cases=$2
   shift 2
   start=$SECONDS
-  env "$@" timeout 150 "$tests" -tc="$cases" >> "$out/gpu_tests.log" 2>&1
+  env "$@" timeout 200 "$tests" -tc="$cases" >> "$out/gpu_tests.log" 2>&1
   local r=$?
   note "$label rc=$r $((SECONDS - start))s: $(grep -E '^\[doctest\] test cases' "$out/gpu_tests.log" | tail -n 1)"
   return $r
 }
 status=0
-if [ "$phase" = check ]; then
+if [ "$phase" = check ] || [ "$phase" = check2 ]; then
+  mode=$([ "$phase" = check ] && echo 1 || echo 2)
   wide='gpu.runner.wide_tiles_odd_sizes,gpu.fp8.wide_tiles'
-  run_tests "runner+fp8 (wgmma, cp.async)" 'gpu.runner.*,gpu.fp8.*' MOE_RUNNER_WGMMA=1 || status=1
-  run_tests "runner+graph (wgmma, TMA)" 'gpu.runner.*,gpu.graph*' MOE_RUNNER_WGMMA=2 || status=1
-  [ $status -eq 0 ] || run_tests "wide-tile cases (mma.sync)" "$wide" MOE_RUNNER_WGMMA=0
-
-  for mode in 1 2; do
-    for tool in memcheck racecheck; do
-      start=$SECONDS
-      MOE_RUNNER_WGMMA=$mode timeout 60 compute-sanitizer --tool "$tool" --error-exitcode 9 "$tests" \
-        -tc="$wide" >> "$out/sanitize.log" 2>&1
-      r=$?
-      [ $r -eq 0 ] || status=1
-      note "$tool (variant $mode) rc=$r $((SECONDS - start))s: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$out/sanitize.log" | tail -n 1)"
-    done
+  run_tests "runner+graph+fp8 (variant $mode)" 'gpu.runner.*,gpu.graph*,gpu.fp8.*' MOE_RUNNER_WGMMA=$mode ||
+    { status=1; run_tests "wide-tile cases (mma.sync)" "$wide" MOE_RUNNER_WGMMA=0; }
+  for tool in memcheck racecheck; do
+    start=$SECONDS
+    MOE_RUNNER_WGMMA=$mode timeout 90 compute-sanitizer --tool "$tool" --error-exitcode 9 "$tests" \
+      -tc="$wide" >> "$out/sanitize.log" 2>&1
+    r=$?
+    [ $r -eq 0 ] || status=1
+    note "$tool (variant $mode) rc=$r $((SECONDS - start))s: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$out/sanitize.log" | tail -n 1)"
   done
-  [ $status -eq 0 ] && note "check: all passed" || note "check: FAILURES"
+  [ $status -eq 0 ] && note "$phase: all passed" || note "$phase: FAILURES"
   exit $status
 fi
 
@@ -93,6 +89,10 @@ for mode in 2 0; do
 done
 timeout 100 python3 bench/fp8_bench.py --tokens 1,64,1024,8192,16384 --reps 10 \
   --out "$out/fp8_bench.json" >> "$out/bench.log" 2>&1
-note "fp8_bench rc=$?"
+note "fp8_bench (variant 1) rc=$?"
+echo "--- fp8, MOE_RUNNER_WGMMA=2" >> "$out/bench.log"
+MOE_RUNNER_WGMMA=2 timeout 60 python3 bench/fp8_bench.py --tokens 8192,16384 --reps 10 \
+  --out /tmp/fp8_mode2.json >> "$out/bench.log" 2>&1
+note "fp8_bench (variant 2) rc=$?"
 grep -E '^(mixtral|qwen3|deepseek)' "$out/bench.log" | cut -c1-160 >> "$summary"
 cat "$summary"
