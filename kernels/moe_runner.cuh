@@ -42,9 +42,9 @@ struct MoeRunParams {
 // multiples of 8).
 bool moe_run_supported(int H, int I);
 
-// Which kernels the 128-row tiles use: 0 mma.sync, 1 wgmma (cp.async
-// staging), 2 wgmma (TMA, warp-specialised; bf16/f16 runner only). See
-// moe_runner.cu for when each applies.
+// Which kernels the 128-row tiles of both runners use: 0 mma.sync, 1 wgmma
+// (cp.async staging), 2 wgmma (TMA, warp-specialised). See moe_runner.cu for
+// when each applies.
 int wgmma_mode();
 
 size_t moe_run_workspace_bytes(DType dtype, int E_loc, int H, int I, int64_t n_slots);
