@@ -5,6 +5,9 @@
 #   bash scripts/wgmma_trial.sh check    # 1-3, variant 1 (cp.async)
 #   bash scripts/wgmma_trial.sh check2   # 1-3, variant 2 (TMA)
 #   bash scripts/wgmma_trial.sh bench    # 4-5, after both passed
+#   bash scripts/wgmma_trial.sh verify   # after fixes: the FP8 errors of each
+#     variant side by side, variant 2 on the runner tests, the sanitizers on
+#     both variants, then 4-5
 # Steps, each with its own time limit, logged to $OUT (8 files at most):
 #   1. build (Release, sm_90a, NCCL off) and count HGMMA/QGMMA/HMMA in SASS;
 #   2. the runner, graph and FP8 GPU tests on the phase's variant
@@ -65,6 +68,28 @@ if [ "$phase" = check ] || [ "$phase" = check2 ]; then
   done
   [ $status -eq 0 ] && note "$phase: all passed" || note "$phase: FAILURES"
   exit $status
+fi
+
+if [ "$phase" = verify ]; then
+  # FP8 errors of every check_case under each variant, side by side.
+  for mode in 0 1 2; do
+    MOE_TEST_PRINT_ERRORS=1 MOE_RUNNER_WGMMA=$mode timeout 100 "$tests" -tc='gpu.fp8.*' \
+      > "$build/fp8_mode$mode.log" 2>&1
+    note "fp8 cases, MOE_RUNNER_WGMMA=$mode rc=$? $(grep -E '^\[doctest\] test cases' "$build/fp8_mode$mode.log")"
+    grep '^fp8 case' "$build/fp8_mode$mode.log" | sed "s/^/mode $mode: /" >> "$summary"
+  done
+  run_tests "runner+graph (variant 2)" 'gpu.runner.*,gpu.graph*' MOE_RUNNER_WGMMA=2 || status=1
+  wide='gpu.runner.wide_tiles_odd_sizes,gpu.fp8.wide_tiles'
+  for mode in 1 2; do
+    for tool in memcheck racecheck; do
+      start=$SECONDS
+      MOE_RUNNER_WGMMA=$mode timeout 90 compute-sanitizer --tool "$tool" --error-exitcode 9 "$tests" \
+        -tc="$wide" >> "$out/sanitize.log" 2>&1
+      r=$?
+      [ $r -eq 0 ] || status=1
+      note "$tool (variant $mode) rc=$r $((SECONDS - start))s: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$out/sanitize.log" | tail -n 1)"
+    done
+  done
 fi
 
 start=$SECONDS

@@ -4,6 +4,7 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <initializer_list>
 #include <string>
@@ -143,9 +144,12 @@ void dispatch(const DispatchPlan& plan, const DispatchArgs& args, void* stream) 
 size_t runner_workspace_bytes(const RunnerPlan& plan, int64_t max_tokens, int K) {
   if (plan.quant_mode != MOE_QUANT_NONE) return fp8_runner_workspace_bytes(plan, max_tokens, K);
   check_runner_supported(plan);
-  // Sized for f32 intermediates, so the answer holds for any activation dtype.
-  return kernels::moe_run_workspace_bytes(DType::f32, plan.E_loc, plan.H, plan.I,
-                                          max_tokens * K);
+  // The answer must hold for any activation dtype: f32 intermediates are the
+  // widest h, and 16-bit activations may add the sorted copy of the token
+  // rows (the TMA variant of the wgmma kernels), so take the larger.
+  const int64_t n = max_tokens * K;
+  return std::max(kernels::moe_run_workspace_bytes(DType::f32, plan.E_loc, plan.H, plan.I, n),
+                  kernels::moe_run_workspace_bytes(DType::bf16, plan.E_loc, plan.H, plan.I, n));
 }
 
 void run(const RunnerPlan& plan, const RunArgs& args, void* stream) {

@@ -6,6 +6,8 @@
 // Inf confined to their token; batch independence; graph capture; refused sizes.
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <thread>
 
@@ -17,10 +19,13 @@ using namespace moe_test;
 namespace {
 
 // The activation quantization is the CPU's (same scale and rounding rules),
-// so the GPU differs from it and from the float64 reference only by f32
-// summation order and the rare E4M3 rounding flip of h that it causes
-// (the CPU suite measures <= 2e-3 against the reference); the contract is 3e-2.
-constexpr double kTol = 5e-3;
+// so the GPU differs from it and from the float64 reference by summation
+// order, the accumulation of the tensor cores and the E4M3 rounding flips of
+// h that these cause. mma.sync accumulates in f32 (run 21: <= 5e-4 against
+// the CPU); wgmma's FP8 MMAs keep fewer mantissa bits inside each 128-deep K
+// block, which is promoted to f32 as DeepGEMM does (run 21, 128-row tiles:
+// 3.4e-3 to 5.9e-3 against the CPU). The contract is 3e-2.
+constexpr double kTol = 1e-2;
 
 struct Case {
   const char* name = "case";
@@ -259,6 +264,10 @@ std::vector<double> check_case(const Case& c, int64_t T, bool with_ref) {
   CHECK(nonzero_empty == 0);
   const double e_cpu = rel_error(gv, cv);
   INFO("rel error vs CPU ", e_cpu);
+  if (std::getenv("MOE_TEST_PRINT_ERRORS"))  // one line per case, for comparing kernel variants
+    std::printf("fp8 case %s %s act %d gated %d swap %d H %d I %d T %lld: rel error vs CPU %.3e\n",
+                c.name, quant_name(c), c.activation, int(c.gated), int(c.swap), c.H, c.I,
+                static_cast<long long>(T), e_cpu);
   CHECK(e_cpu < kTol);
   if (with_ref) {
     const std::vector<double> ref =
