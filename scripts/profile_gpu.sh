@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Nsight Compute over the layer's kernels, one benchmark case at a time, on
+# the device machine from the repository root (.deps carried):
+#   scripts/profile_gpu.sh [shape:T ...]    # default mixtral:4096 qwen3:4096 deepseek:4096
+# Builds like scripts/bench_gpu.sh (Release, sm_90a, NCCL off; an existing
+# build folder is reused), then runs `bench/moe_bench.py --no-peers` for each
+# case under ncu, profiling the first MOE_PROFILE_LAUNCHES (default 8) launches
+# of libmoe's kernels: duration, speed of light, memory, warp stalls.
+# Reports go to $OUT/ncu_<shape>_<T>.txt (or build-bench/out).
+set -uo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+build=${MOE_BENCH_BUILD_DIR:-$root/build-bench}
+out=${OUT:-$build/out}
+mkdir -p "$out"
+cd "$root"
+if [ ! -f "$build/build.ninja" ]; then
+  cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90a \
+    -DMOE_DEPS_DIR="$root/.deps" -DMOE_ENABLE_NCCL=OFF > "$out/build.log" 2>&1 || exit 1
+fi
+cmake --build "$build" -j "$(nproc)" --target moe >> "$out/build.log" 2>&1 || { tail -n 30 "$out/build.log"; exit 1; }
+export PYTHONUNBUFFERED=1 PYTHONPATH="$root/bindings/python" MOE_LIB_PATH="$build"
+cases=${*:-mixtral:4096 qwen3:4096 deepseek:4096}
+status=0
+for c in $cases; do
+  shape=${c%%:*} T=${c#*:}
+  report="$out/ncu_${shape}_${T}.txt"
+  timeout 200 ncu --kernel-name-base function \
+    --kernel-name 'regex:gemm|reduce|tile_map|validate|sort_rows|dispatch' \
+    --launch-count "${MOE_PROFILE_LAUNCHES:-8}" \
+    --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
+    --section LaunchStats --section Occupancy \
+    python3 bench/moe_bench.py --no-peers --shapes "$shape" --tokens "$T" --reps 1 \
+    --out /tmp/profile.json > "$report" 2>&1
+  rc=$?
+  [ $rc -eq 0 ] || status=1
+  echo "$c: ncu rc=$rc"
+  grep -E '^  [a-z_:<>, ]*(gemm|reduce|tile_map|validate|sort_rows|dispatch)|Duration|Compute \(SM\) Throughput|Memory Throughput|DRAM Throughput|L2 Hit' "$report" | head -n 80
+done
+exit $status
