@@ -168,6 +168,27 @@ __device__ __forceinline__ bool find_tile(const int32_t* tile_start, const int32
   return t.rows > 0;
 }
 
+// Block order of the wgmma GEMMs (grid: row tiles x column tiles). Blocks
+// start in launch order (x fastest); this walks groups of `group` row tiles,
+// all column tiles of a group before the next, row tiles fastest inside it,
+// so that the blocks in flight share a few experts' token rows and weight
+// slices in L2 instead of streaming every row tile once per column tile.
+struct BlockPos {
+  int tile, col;
+};
+
+__device__ __forceinline__ BlockPos grouped_block(int group) {
+  const int tiles = int(gridDim.x), cols = int(gridDim.y);
+  const int64_t linear = int64_t(blockIdx.y) * tiles + blockIdx.x;
+  const int64_t per_group = int64_t(group) * cols;
+  const int g = int(linear / per_group);
+  const int first = g * group;
+  const int rows_here = min(group, tiles - first);  // the last group may be short
+  const int r = int(linear - g * per_group);
+  return {first + r % rows_here, r / rows_here};
+}
+constexpr int kRasterGroup = 8;
+
 // Upper bound on the tiles of n sorted rows over E experts (one partial tile each).
 inline int64_t max_tiles(int64_t n, int E, int BM) {
   return (n + BM - 1) / BM + (E < n ? E : n);

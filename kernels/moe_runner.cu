@@ -85,7 +85,13 @@ __device__ __forceinline__ int32_t clamped_offset(const MoeRunParams& p, int64_t
 __global__ void tile_map_kernel(MoeRunParams p, int64_t n, int bm_small, int bm_large,
                                 int small_max_avg, int32_t* tile_start, int32_t* rows) {
   const int lane = threadIdx.x;
-  const int64_t valid = clamped_offset(p, n, p.E_loc) - clamped_offset(p, n, 0);
+  // The rows the tiles will cover (sum of the per-expert counts, so that the
+  // small candidate's grid bound in launch_gemms_typed holds for any offsets).
+  int64_t valid = 0;
+  for (int e = lane; e < p.E_loc; e += 32)
+    valid += max(0, clamped_offset(p, n, e + 1) - clamped_offset(p, n, e));
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) valid += __shfl_xor_sync(kFullMask, valid, o);
   const int bm = valid <= int64_t(small_max_avg) * p.E_loc ? bm_small : bm_large;
   if (lane == 0) *rows = bm;
   int32_t carry = 0;
@@ -432,8 +438,9 @@ __global__ void __launch_bounds__(WG_THREADS, 1) gemm_wgmma_kernel(MoeRunParams 
   const WgStaging st(wg_smem_raw, tid);
 
   TileInfo ti;
-  if (!find_tile<WG_BM>(p, w, blockIdx.x, ti)) return;
-  const int n0 = blockIdx.y * BN;
+  const gemm::BlockPos bp = gemm::grouped_block(gemm::kRasterGroup);
+  if (!find_tile<WG_BM>(p, w, bp.tile, ti)) return;
+  const int n0 = bp.col * BN;
   const int Kdim = MODE == kGemm2 ? p.I : p.H;
   const int KT = (Kdim + WG_BK - 1) / WG_BK;
 
@@ -545,8 +552,9 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
   const wg::Pipeline<WG_STAGES> pipe(bars);
 
   TileInfo ti;
-  if (!find_tile<WG_BM>(p, w, blockIdx.x, ti)) return;
-  const int n0 = blockIdx.y * BN;
+  const gemm::BlockPos bp = gemm::grouped_block(gemm::kRasterGroup);
+  if (!find_tile<WG_BM>(p, w, bp.tile, ti)) return;
+  const int n0 = bp.col * BN;
   const int Kdim = MODE == kGemm2 ? p.I : p.H;
   const int KT = (Kdim + WG_BK - 1) / WG_BK;
   if (tid == 0) pipe.init(2);
@@ -873,9 +881,11 @@ void launch_wgmma_stage(const MoeRunParams& p, const Work& w, unsigned tiles, bo
     launch_wgmma_mode<T, kGemm1Plain>(p, w, tiles, p.I, mode, stream);
 }
 
+// rows_bound: the most rows the tiles of this candidate can cover.
 template <class T>
-void launch_tc_rows(const MoeRunParams& p, const Work& w, int bm, bool second, cudaStream_t stream) {
-  const unsigned tiles = max_tiles(p, w.n, bm);
+void launch_tc_rows(const MoeRunParams& p, const Work& w, int bm, int64_t rows_bound, bool second,
+                    cudaStream_t stream) {
+  const unsigned tiles = max_tiles(p, rows_bound, bm);
   switch (bm) {
     case 16: launch_tc_stage<T, CfgDecode16, CfgDecode16>(p, w, tiles, second, stream); break;
     case 32: launch_tc_stage<T, CfgDecode32, CfgDecode32>(p, w, tiles, second, stream); break;
@@ -904,9 +914,14 @@ void launch_gemms_typed(const MoeRunParams& p, const Work& w, const RowChoice& r
     gemm_f32_kernel<kGemm2><<<grid2, F_THREADS, 0, stream>>>(p, w);
   } else {
     // Both candidates are launched; blocks of the one not chosen exit at once.
+    // The tile map picks the small one only for at most small_max_avg rows
+    // per expert on average, which bounds its grid (run 23's profile: at
+    // Qwen3 T=4096 the unbounded grids of exiting blocks took ~70 us).
+    const int64_t small_rows =
+        rc.large != rc.small ? std::min<int64_t>(w.n, int64_t(rc.small_max_avg) * p.E_loc) : w.n;
     for (const bool second : {false, true}) {
-      launch_tc_rows<T>(p, w, rc.small, second, stream);
-      if (rc.large != rc.small) launch_tc_rows<T>(p, w, rc.large, second, stream);
+      launch_tc_rows<T>(p, w, rc.small, small_rows, second, stream);
+      if (rc.large != rc.small) launch_tc_rows<T>(p, w, rc.large, w.n, second, stream);
     }
   }
 }

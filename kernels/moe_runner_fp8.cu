@@ -553,8 +553,9 @@ __global__ void __launch_bounds__(WG_THREADS, 1) fp8_wgmma_kernel(Fp8RunParams p
   const WgStaging st(fp8_wg_smem_raw, tid);
 
   Tile ti;
-  if (!gemm::find_tile<WG_BM>(w.tile_start, p.offsets, p.E_loc, w.n, blockIdx.x, ti)) return;
-  const int n0 = blockIdx.y * BNS;
+  const gemm::BlockPos bp = gemm::grouped_block(gemm::kRasterGroup);
+  if (!gemm::find_tile<WG_BM>(w.tile_start, p.offsets, p.E_loc, w.n, bp.tile, ti)) return;
+  const int n0 = bp.col * BNS;
   const int N = MODE == kGemm2 ? p.H : p.I;
   const int Kdim = MODE == kGemm2 ? p.I : p.H;
   const int rows_w = MODE == kGemm2 ? p.H : (Math::NSETS * p.I);
@@ -645,8 +646,9 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
   const wg::Pipeline<WG_STAGES> pipe(bars);
 
   Tile ti;
-  if (!gemm::find_tile<WG_BM>(w.tile_start, p.offsets, p.E_loc, w.n, blockIdx.x, ti)) return;
-  const int n0 = blockIdx.y * BNS;
+  const gemm::BlockPos bp = gemm::grouped_block(gemm::kRasterGroup);
+  if (!gemm::find_tile<WG_BM>(w.tile_start, p.offsets, p.E_loc, w.n, bp.tile, ti)) return;
+  const int n0 = bp.col * BNS;
   const int Kdim = MODE == kGemm2 ? p.I : p.H;
   const int KT = (Kdim + BK - 1) / BK;
   if (tid == 0) pipe.init(2);
