@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Three device calls (each under the 10-minute limit; the build folder stays
-# on the warm machine between them) that verify and measure the wgmma kernels
-# (branch `wgmma`), from the repository root on an H100 with .deps carried:
+# Device calls (each under the 10-minute limit; each builds, since a machine
+# goes back 30 s after a call) that verify and measure the wgmma kernel
+# variants against each other (runs 20-22), from the repository root on an
+# H100 with .deps carried:
 #   bash scripts/wgmma_trial.sh check    # 1-3, variant 1 (cp.async)
 #   bash scripts/wgmma_trial.sh check2   # 1-3, variant 2 (TMA)
 #   bash scripts/wgmma_trial.sh bench    # 4-5, after both passed
