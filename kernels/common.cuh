@@ -177,15 +177,17 @@ struct BlockPos {
   int tile, col;
 };
 
-__device__ __forceinline__ BlockPos grouped_block(int group) {
-  const int tiles = int(gridDim.x), cols = int(gridDim.y);
-  const int64_t linear = int64_t(blockIdx.y) * tiles + blockIdx.x;
+// Position `linear` of that walk over a rows x cols grid.
+__device__ __forceinline__ BlockPos grouped_pos(int64_t linear, int rows, int cols, int group) {
   const int64_t per_group = int64_t(group) * cols;
   const int g = int(linear / per_group);
   const int first = g * group;
-  const int rows_here = min(group, tiles - first);  // the last group may be short
+  const int rows_here = min(group, rows - first);  // the last group may be short
   const int r = int(linear - g * per_group);
   return {first + r % rows_here, r / rows_here};
+}
+__device__ __forceinline__ BlockPos grouped_block(int group) {
+  return grouped_pos(int64_t(blockIdx.y) * gridDim.x + blockIdx.x, int(gridDim.x), int(gridDim.y), group);
 }
 constexpr int kRasterGroup = 8;
 

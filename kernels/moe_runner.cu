@@ -509,15 +509,31 @@ __global__ void __launch_bounds__(WG_THREADS, 1) gemm_wgmma_kernel(MoeRunParams 
   wg_epilogue<T, MODE>(p, w, ti, n0, group, acc);
 }
 
-// Variant 2 (MOE_RUNNER_WGMMA=2): the same tiles, warp-specialised. A
-// producer warpgroup (one thread) streams both operands with the bulk
-// tensor copy (TMA) into WG_STAGES buffers: A from the token rows copied in
-// sorted order (sort_rows_kernel) or from h, B from the weights; two
-// consumer warpgroups run the MMAs and hand each buffer back through an
-// mbarrier once their MMAs on it are done. Rows that a box reads past an
-// expert's range (other experts' rows or weights) only reach accumulator
-// rows and columns the epilogue discards; past the matrix, the copy engine
-// reads zeros.
+// Variant 2 (MOE_RUNNER_WGMMA=2, and GEMM2 of variant 3): the same tiles,
+// warp-specialised. A producer warpgroup (one thread) streams both operands
+// with the bulk tensor copy (TMA) into WG_STAGES buffers: A from the token
+// rows copied in sorted order (sort_rows_kernel) or from h, B from the
+// weights; two consumer warpgroups run the MMAs and hand each buffer back
+// through an mbarrier once their MMAs on it are done. Rows that a box reads
+// past an expert's range (other experts' rows or weights) only reach
+// accumulator rows and columns the epilogue discards; past the matrix, the
+// copy engine reads zeros.
+// Persistent 2-block clusters (one cluster per two SMs) walk the pairs of
+// row tiles 2j, 2j + 1 with one column tile, in the grouped order. When both
+// tiles belong to one expert they need the same weight tile: each block's
+// producer loads half of it (128 weight rows) and the copy engine writes it
+// into both blocks (multicast), halving the weight bytes each block pulls
+// from L2 (run 23: the wgmma GEMMs are L2-bound). Otherwise each block loads
+// its own. The two blocks keep one pipeline in step (a buffer is refilled
+// once the consumers of both blocks are done with it), and a block whose
+// tile is empty still runs the steps, storing nothing. The producer runs
+// ahead into the next tile while the consumers store the last one.
+// Run 30 (Mixtral, T = 4096 and 16384): as fast as variant 1 at T = 4096
+// and faster at T = 16384 (0.83 of the floor against 0.75-0.79), with or
+// without the multicast: the gain is the persistent loop's overlap of one
+// tile's stores with the next tile's loads. MOE_CLUSTER_EXP (diagnostic,
+// read once): 0 as described, 1 no multicast (each block loads its whole
+// weight tile), 2 also independent pipelines (no cross-block barriers).
 constexpr int WS_THREADS = 384;
 constexpr uint32_t WS_TX_BYTES = WgStaging::STAGE_BYTES;  // one k step of A and B
 
@@ -539,76 +555,132 @@ __global__ void sort_rows_kernel(MoeRunParams p, Work w) {
   }
 }
 
+// One work item of the persistent cluster kernel: this block's tile and
+// what both blocks of the pair know about it.
+struct PairItem {
+  TileInfo ti;
+  bool mine, paired;
+  int col;
+};
+
+template <int TM>
+__device__ __forceinline__ bool pair_item(const MoeRunParams& p, const Work& w, int64_t u, int pairs, int cols,
+                                          uint32_t rank, PairItem& it) {
+  const gemm::BlockPos pos = gemm::grouped_pos(u, pairs, cols, gemm::kRasterGroup / 2);
+  TileInfo other;
+  it.mine = find_tile<TM>(p, w, 2 * pos.tile + int(rank), it.ti);
+  const bool theirs = find_tile<TM>(p, w, 2 * pos.tile + int(rank ^ 1u), other);
+  it.paired = it.mine && theirs && other.e == it.ti.e;
+  it.col = pos.col;
+  if (!it.mine && theirs) it.ti = other;  // a valid tile to read, nothing stored
+  return it.mine || theirs;               // false: both blocks skip the item
+}
+
 template <class T, int MODE>
 __global__ void __launch_bounds__(WS_THREADS, 1)
     gemm_wgmma_tma_kernel(MoeRunParams p, Work w, const __grid_constant__ CUtensorMap map_a,
-                          const __grid_constant__ CUtensorMap map_b) {
+                          const __grid_constant__ CUtensorMap map_b, int tiles, int cols, int exp) {
   constexpr int NSETS = MODE == kGemm1Gated ? 2 : 1;
   constexpr int BN = WG_BN / NSETS;
+  constexpr int HALF = WG_BN / 2;  // weight rows per box (map_b's box)
   extern __shared__ unsigned char wg_smem_raw[];
   __shared__ __align__(8) uint64_t bars[2 * WG_STAGES];
   const int tid = threadIdx.x;
   const WgStaging st(wg_smem_raw, tid);  // only its aligned buffers are used here
   const wg::Pipeline<WG_STAGES> pipe(bars);
+  if (*w.rows != WG_BM) return;  // the other row tile was chosen: every block leaves
 
-  TileInfo ti;
-  const gemm::BlockPos bp = gemm::grouped_block(gemm::kRasterGroup);
-  if (!find_tile<WG_BM>(p, w, bp.tile, ti)) return;
-  const int n0 = bp.col * BN;
+  const uint32_t rank = wg::cluster_rank();
+  const int pairs = (tiles + 1) / 2;
+  const int64_t items = int64_t(pairs) * cols;
+  const int64_t first = blockIdx.x / 2, stride = gridDim.x / 2;
   const int Kdim = MODE == kGemm2 ? p.I : p.H;
   const int KT = (Kdim + WG_BK - 1) / WG_BK;
-  if (tid == 0) pipe.init(2);
+  const bool coupled = exp != 2;
+  if (tid == 0) pipe.init(coupled ? 4 : 2);  // both blocks' consumer warpgroups release every buffer
   __syncthreads();
+  wg::cluster_sync();  // both blocks' barriers initialised before any copy or arrival
 
   if (tid < 128) {  // producer warpgroup
     wg::setmaxnreg_dec<40>();
     if (tid == 0) {
-      const int a_row0 = ti.row_begin;  // sorted position of the tile's first row
-      int b_row0, b_row1 = 0;           // first weight row of each box
-      if (MODE == kGemm2) {
-        b_row0 = ti.e * p.H + n0;
-      } else if (MODE == kGemm1Plain) {
-        b_row0 = ti.e * p.I + n0;
-      } else {
-        const int gate = p.swap_gate_up ? p.I : 0;
-        b_row0 = ti.e * 2 * p.I + gate + n0;
-        b_row1 = ti.e * 2 * p.I + (p.I - gate) + n0;
-      }
-      for (int kt = 0; kt < KT; ++kt) {
-        const int s = kt % WG_STAGES;
-        const uint32_t bar = pipe.produce(kt, WS_TX_BYTES);
-        const int k0 = kt * WG_BK;
-        wg::tma_load_2d(st.a_tile(s), &map_a, k0, a_row0, bar);
-        wg::tma_load_2d(st.b_tile(s), &map_b, k0, b_row0, bar);
-        if (MODE == kGemm1Gated)
-          wg::tma_load_2d(st.b_tile(s) + uint32_t(BN) * wg::kRowBytes, &map_b, k0, b_row1, bar);
+      int g = 0;  // pipeline step, over all items
+      for (int64_t u = first; u < items; u += stride) {
+        PairItem it;
+        if (!pair_item<WG_BM>(p, w, u, pairs, cols, rank, it)) continue;
+        if (exp != 0) it.paired = false;
+        const int n0 = it.col * BN;
+        const int e = it.ti.e;
+        int b_row[2];  // first weight row of each half of the weight tile
+        if (MODE == kGemm2) {
+          b_row[0] = e * p.H + n0;
+          b_row[1] = b_row[0] + HALF;
+        } else if (MODE == kGemm1Plain) {
+          b_row[0] = e * p.I + n0;
+          b_row[1] = b_row[0] + HALF;
+        } else {
+          const int gate = p.swap_gate_up ? p.I : 0;
+          b_row[0] = e * 2 * p.I + gate + n0;
+          b_row[1] = e * 2 * p.I + (p.I - gate) + n0;
+        }
+        for (int kt = 0; kt < KT; ++kt, ++g) {
+          const int s = g % WG_STAGES;
+          const int k0 = kt * WG_BK;
+          const uint32_t bar = coupled ? pipe.produce_pair(g, WS_TX_BYTES) : pipe.produce(g, WS_TX_BYTES);
+          wg::tma_load_2d(st.a_tile(s), &map_a, k0, it.ti.row_begin, bar);
+          if (it.paired) {
+            const uint32_t half = st.b_tile(s) + rank * uint32_t(HALF) * wg::kRowBytes;
+            wg::tma_load_2d_multicast(half, &map_b, k0, rank ? b_row[1] : b_row[0], bar, 0x3);
+          } else {
+            wg::tma_load_2d(st.b_tile(s), &map_b, k0, b_row[0], bar);
+            wg::tma_load_2d(st.b_tile(s) + uint32_t(HALF) * wg::kRowBytes, &map_b, k0, b_row[1], bar);
+          }
+        }
       }
     }
+    __syncwarp();
+    wg::cluster_sync();  // the partner's copies and arrivals into this block are done
     return;
   }
 
   wg::setmaxnreg_inc<232>();
   const int group = tid / 128 - 1;  // consumer warpgroup: sorted rows 64 group ..
-  float acc[128];
+  int g = 0;
+  for (int64_t u = first; u < items; u += stride) {
+    PairItem it;
+    if (!pair_item<WG_BM>(p, w, u, pairs, cols, rank, it)) continue;
+    float acc[128];
 #pragma unroll
-  for (int i = 0; i < 128; ++i) acc[i] = 0.0f;
-  for (int kt = 0; kt < KT; ++kt) {
-    const int s = kt % WG_STAGES;
-    pipe.consume(kt);
-    const uint32_t a_tile = st.a_tile(s, group * 64), b_tile = st.b_tile(s);
+    for (int i = 0; i < 128; ++i) acc[i] = 0.0f;
+    for (int kt = 0; kt < KT; ++kt, ++g) {
+      const int s = g % WG_STAGES;
+      pipe.consume(g);
+      const uint32_t a_tile = st.a_tile(s, group * 64), b_tile = st.b_tile(s);
+      wg::fence_operands(acc);
+      wg::fence();
+#pragma unroll
+      for (int kk = 0; kk < WG_BK / 16; ++kk)
+        wg::mma_m64n256k16<T>(acc, wg::desc_sw128(a_tile + kk * 32), wg::desc_sw128(b_tile + kk * 32), 1);
+      wg::commit();
+      wg::wait<1>();  // step g - 1's MMAs are done: hand its buffer back
+      if (kt > 0 && tid % 128 == 0) {
+        if (coupled)
+          pipe.release_pair(g - 1, rank);
+        else
+          pipe.release(g - 1);
+      }
+    }
+    wg::wait<0>();
     wg::fence_operands(acc);
-    wg::fence();
-#pragma unroll
-    for (int kk = 0; kk < WG_BK / 16; ++kk)
-      wg::mma_m64n256k16<T>(acc, wg::desc_sw128(a_tile + kk * 32), wg::desc_sw128(b_tile + kk * 32), 1);
-    wg::commit();
-    wg::wait<1>();  // step kt - 1's MMAs are done: hand its buffer back
-    if (kt > 0 && tid % 128 == 0) pipe.release(kt - 1);
+    if (tid % 128 == 0) {  // the item's last step
+      if (coupled)
+        pipe.release_pair(g - 1, rank);
+      else
+        pipe.release(g - 1);
+    }
+    if (it.mine) wg_epilogue<T, MODE>(p, w, it.ti, it.col * BN, group, acc);
   }
-  wg::wait<0>();
-  wg::fence_operands(acc);
-
-  wg_epilogue<T, MODE>(p, w, ti, n0, group, acc);
+  wg::cluster_sync();
 }
 
 // --- f32 SIMT path -----------------------------------------------------------------
@@ -845,24 +917,58 @@ bool launch_wgmma_tma(const MoeRunParams& p, const Work& w, unsigned tiles, int 
   bool ok;
   if (MODE == kGemm2) {
     ok = tma::map_rows_2d(&map_a, w.h, uint64_t(w.n), uint64_t(p.I), WG_BM, type, 2) &&
-         tma::map_rows_2d(&map_b, p.w2, uint64_t(p.E_loc) * p.H, uint64_t(p.I), WG_BN, type, 2);
+         tma::map_rows_2d(&map_b, p.w2, uint64_t(p.E_loc) * p.H, uint64_t(p.I), WG_BN / 2, type, 2);
   } else {
     const uint64_t rows13 = uint64_t(MODE == kGemm1Gated ? 2 : 1) * p.I;
     ok = tma::map_rows_2d(&map_a, w.xs, uint64_t(w.n), uint64_t(p.H), WG_BM, type, 2) &&
-         tma::map_rows_2d(&map_b, p.w13, uint64_t(p.E_loc) * rows13, uint64_t(p.H), BN, type, 2);
+         tma::map_rows_2d(&map_b, p.w13, uint64_t(p.E_loc) * rows13, uint64_t(p.H), WG_BN / 2, type, 2);
   }
   if (!ok) return false;
   auto kernel = gemm_wgmma_tma_kernel<T, MODE>;
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(WgStaging::SMEM_BYTES));
-  const dim3 grid(tiles, unsigned(ceil_div(N, BN)));
-  kernel<<<grid, WS_THREADS, WgStaging::SMEM_BYTES, stream>>>(p, w, map_a, map_b);
+  cudaLaunchConfig_t cfg = {};
+  cfg.blockDim = dim3(WS_THREADS);
+  cfg.dynamicSmemBytes = WgStaging::SMEM_BYTES;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = 2;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  // Persistent: as many clusters as can be resident at once (asked once per
+  // device), never more than there are items.
+  const int cols = ceil_div(N, BN);
+  int dev = 0, clusters = 0;
+  cudaGetDevice(&dev);
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> resident[kMaxDevices];
+  if (dev >= 0 && dev < kMaxDevices) clusters = resident[dev].load(std::memory_order_relaxed);
+  if (clusters <= 0) {
+    cfg.gridDim = dim3(2 * 66);
+    if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) != cudaSuccess || clusters <= 0) {
+      cudaGetLastError();  // clear it; fall back to one cluster per two SMs
+      int sms = 0;
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+      clusters = std::max(1, sms / 2);
+    }
+    if (dev >= 0 && dev < kMaxDevices) resident[dev].store(clusters, std::memory_order_relaxed);
+  }
+  const int64_t items = int64_t((tiles + 1) / 2) * cols;
+  cfg.gridDim = dim3(unsigned(2 * std::min<int64_t>(clusters, items)));
+  static const int exp = [] {
+    const char* v = std::getenv("MOE_CLUSTER_EXP");
+    return v ? std::atoi(v) : 0;
+  }();
+  cudaLaunchKernelEx(&cfg, kernel, p, w, map_a, map_b, int(tiles), cols, exp);
   return true;
 }
 
 template <class T, int MODE>
 void launch_wgmma_mode(const MoeRunParams& p, const Work& w, unsigned tiles, int N, int mode,
                        cudaStream_t stream) {
-  if (mode == 2) {
+  if (mode == 2 || (mode == 3 && MODE == kGemm2)) {
     if (MODE != kGemm2)  // GEMM1 reads the token rows in sorted order
       sort_rows_kernel<T><<<grid_limit(w.n * (p.H / 8), 256), 256, 0, stream>>>(p, w);
     if (launch_wgmma_tma<T, MODE>(p, w, tiles, N, stream)) return;
@@ -929,15 +1035,18 @@ void launch_gemms_typed(const MoeRunParams& p, const Work& w, const RowChoice& r
 }  // namespace
 
 // Which kernels the 128-row tiles use (both runners): 0 mma.sync, 1 wgmma
-// with cp.async staging, 2 wgmma with TMA and warp specialisation. Not 0
-// only when the library was built for sm_90a alone among the 9.x targets
-// (MOE_CUDA_WGMMA, set by CMake) and the current device is compute
-// capability 9.0; MOE_RUNNER_WGMMA=0|1|2 chooses (1 when unset).
+// with cp.async staging, 2 wgmma with TMA and warp specialisation (bf16:
+// 2-block clusters sharing weight tiles), 3 the bf16 runner's GEMM1 as 1
+// and its GEMM2 as 2 (GEMM2's rows need no sorted copy; the FP8 runner
+// takes 3 as 1). Not 0 only when the library was built for sm_90a alone
+// among the 9.x targets (MOE_CUDA_WGMMA, set by CMake) and the current
+// device is compute capability 9.0; MOE_RUNNER_WGMMA=0|1|2|3 chooses (1
+// when unset).
 int wgmma_mode() {
 #if defined(MOE_CUDA_WGMMA)
   static const int env_mode = [] {
     const char* v = std::getenv("MOE_RUNNER_WGMMA");
-    return (v && (v[0] == '0' || v[0] == '2') && v[1] == 0) ? v[0] - '0' : 1;
+    return (v && (v[0] == '0' || v[0] == '2' || v[0] == '3') && v[1] == 0) ? v[0] - '0' : 1;
   }();
   if (env_mode == 0) return 0;
   int dev = 0;

@@ -128,6 +128,65 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
       : "memory");
 #endif
 }
+// --- 2-block clusters ---------------------------------------------------------
+
+__device__ __forceinline__ uint32_t cluster_rank() {
+  uint32_t r = 0;
+#if MOE_HAS_WGMMA
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+#endif
+  return r;
+}
+// Every thread of every block of the cluster (warp-converged).
+__device__ __forceinline__ void cluster_sync() {
+#if MOE_HAS_WGMMA
+  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+#endif
+}
+// The same shared-memory offset in block `rank` of the cluster.
+__device__ __forceinline__ uint32_t map_to_rank(uint32_t saddr, uint32_t rank) {
+  uint32_t r = saddr;
+#if MOE_HAS_WGMMA
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(r) : "r"(saddr), "r"(rank));
+#endif
+  return r;
+}
+// An arrival on a barrier of any block of the cluster (address from
+// map_to_rank), with the default (.release.cta) semantics: what it orders is
+// this warpgroup's finished wgmma reads of a buffer before the partner's
+// copy engine refills it, which the wgmma wait before the arrival already
+// guarantees. Cluster-scope release here, and a cluster-scope acquire in
+// mbar_wait_cluster, made the cluster kernel 1.3-1.8x slower (runs 26-30).
+__device__ __forceinline__ void mbar_arrive_cluster(uint32_t cluster_bar) {
+#if MOE_HAS_WGMMA
+  asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];\n" ::"r"(cluster_bar) : "memory");
+#endif
+}
+// mbar_wait for a barrier that other blocks of the cluster arrive on (see
+// mbar_arrive_cluster for the scope).
+__device__ __forceinline__ void mbar_wait_cluster(uint32_t bar, uint32_t parity) {
+#if MOE_HAS_WGMMA
+  asm volatile(
+      "{\n.reg .pred done;\nwait_again:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra wait_again;\n}\n" ::"r"(bar),
+      "r"(parity)
+      : "memory");
+#endif
+}
+// tma_load_2d into the same offset `dst` of every block in `mask`, each
+// block's barrier at offset `bar` receiving the bytes that land there.
+__device__ __forceinline__ void tma_load_2d_multicast(uint32_t dst, const void* map, int c0, int c1,
+                                                      uint32_t bar, uint16_t mask) {
+#if MOE_HAS_WGMMA
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster"
+      " [%0], [%1, {%2, %3}], [%4], %5;\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar), "h"(mask)
+      : "memory");
+#endif
+}
+
 // Box at (c0 = inner coordinate, c1 = row) of a 2-D tensor map into shared
 // memory at `dst`, completing `bytes` on barrier `bar`.
 __device__ __forceinline__ void tma_load_2d(uint32_t dst, const void* map, int c0, int c1, uint32_t bar) {
@@ -170,6 +229,22 @@ struct Pipeline {
     mbar_wait(full0 + 8 * (kt % STAGES), uint32_t((kt / STAGES) & 1));
   }
   __device__ __forceinline__ void release(int kt) const { mbar_arrive(empty0 + 8 * (kt % STAGES)); }
+
+  // The same for a pair of blocks (a 2-block cluster) whose producers each
+  // fill part of both blocks' buffers: empty barriers count the consumer
+  // groups of both blocks (init(2 * groups)), consumers arrive on both.
+  __device__ __forceinline__ uint32_t produce_pair(int kt, uint32_t bytes) const {
+    const int s = kt % STAGES;
+    if (kt >= STAGES) mbar_wait_cluster(empty0 + 8 * s, uint32_t((kt / STAGES - 1) & 1));
+    const uint32_t bar = full0 + 8 * s;
+    mbar_arrive_expect_tx(bar, bytes);
+    return bar;
+  }
+  __device__ __forceinline__ void release_pair(int kt, uint32_t rank) const {
+    const uint32_t bar = empty0 + 8 * (kt % STAGES);
+    mbar_arrive_cluster(map_to_rank(bar, rank));
+    mbar_arrive_cluster(map_to_rank(bar, rank ^ 1u));
+  }
 };
 
 // Register budget of a warpgroup (sm_90a; the kernel needs a register cap at entry).

@@ -6,6 +6,8 @@
 #   bash scripts/wgmma_trial.sh check    # 1-3, variant 1 (cp.async)
 #   bash scripts/wgmma_trial.sh check2   # 1-3, variant 2 (TMA)
 #   bash scripts/wgmma_trial.sh bench    # 4-5, after both passed
+#   bash scripts/wgmma_trial.sh modes    # variants 2 and 3 (MOE_TRIAL_MODES):
+#     tests, sanitizers, then prefill timings beside variant 1
 #   bash scripts/wgmma_trial.sh verify   # after fixes: the FP8 errors of each
 #     variant side by side, variant 2 on the runner tests, the sanitizers on
 #     both variants, then 4-5
@@ -48,7 +50,7 @@ run_tests() {  # LABEL CASES ENV...
   local label=$1 cases=$2
   shift 2
   start=$SECONDS
-  env "$@" timeout 200 "$tests" -tc="$cases" >> "$out/gpu_tests.log" 2>&1
+  env "$@" timeout "${MOE_TRIAL_TEST_TIMEOUT:-200}" "$tests" -tc="$cases" >> "$out/gpu_tests.log" 2>&1
   local r=$?
   note "$label rc=$r $((SECONDS - start))s: $(grep -E '^\[doctest\] test cases' "$out/gpu_tests.log" | tail -n 1)"
   return $r
@@ -68,6 +70,35 @@ if [ "$phase" = check ] || [ "$phase" = check2 ]; then
     note "$tool (variant $mode) rc=$r $((SECONDS - start))s: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$out/sanitize.log" | tail -n 1)"
   done
   [ $status -eq 0 ] && note "$phase: all passed" || note "$phase: FAILURES"
+  exit $status
+fi
+
+if [ "$phase" = modes ]; then
+  # The bf16 runner's cases, the sanitizers on the 128-row cases, then
+  # libmoe-only prefill timings, for variant 1 and each of MOE_TRIAL_MODES.
+  modes=${MOE_TRIAL_MODES:-2 3}
+  export MOE_TRIAL_TEST_TIMEOUT=${MOE_TRIAL_TEST_TIMEOUT:-120}  # a hang must not eat the call
+  wide='gpu.runner.wide_tiles_odd_sizes,gpu.fp8.wide_tiles'
+  for mode in $modes; do
+    run_tests "runner+graph+fp8 (variant $mode)" 'gpu.runner.*,gpu.graph*,gpu.fp8.*' MOE_RUNNER_WGMMA=$mode || status=1
+    for tool in memcheck racecheck; do
+      start=$SECONDS
+      MOE_RUNNER_WGMMA=$mode timeout 60 compute-sanitizer --tool "$tool" --error-exitcode 9 "$tests" \
+        -tc="$wide" >> "$out/sanitize.log" 2>&1
+      r=$?
+      [ $r -eq 0 ] || status=1
+      note "$tool (variant $mode) rc=$r $((SECONDS - start))s: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$out/sanitize.log" | tail -n 1)"
+    done
+  done
+  export PYTHONUNBUFFERED=1 PYTHONPATH="$root/bindings/python" MOE_LIB_PATH="$build"
+  for mode in 1 $modes; do
+    echo "--- MOE_RUNNER_WGMMA=$mode" >> "$out/bench.log"
+    MOE_RUNNER_WGMMA=$mode timeout 90 python3 bench/moe_bench.py --no-peers --tokens 1024,4096,16384 \
+      --reps 10 --out "$out/modes_$mode.json" >> "$out/bench.log" 2>&1
+    note "moe_bench libmoe only, MOE_RUNNER_WGMMA=$mode rc=$?"
+    grep -E '^(mixtral|qwen3|deepseek)' "$out/bench.log" | tail -n 9 | cut -c1-100 >> "$summary"
+  done
+  [ $status -eq 0 ] && note "modes: all passed" || note "modes: FAILURES"
   exit $status
 fi
 
