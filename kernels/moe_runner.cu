@@ -626,7 +626,7 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
         for (int kt = 0; kt < KT; ++kt, ++g) {
           const int s = g % WG_STAGES;
           const int k0 = kt * WG_BK;
-          const uint32_t bar = coupled ? pipe.produce_pair(g, WS_TX_BYTES) : pipe.produce(g, WS_TX_BYTES);
+          const uint32_t bar = pipe.produce(g, WS_TX_BYTES);
           wg::tma_load_2d(st.a_tile(s), &map_a, k0, it.ti.row_begin, bar);
           if (it.paired) {
             const uint32_t half = st.b_tile(s) + rank * uint32_t(HALF) * wg::kRowBytes;

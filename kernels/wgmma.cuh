@@ -155,23 +155,12 @@ __device__ __forceinline__ uint32_t map_to_rank(uint32_t saddr, uint32_t rank) {
 // map_to_rank), with the default (.release.cta) semantics: what it orders is
 // this warpgroup's finished wgmma reads of a buffer before the partner's
 // copy engine refills it, which the wgmma wait before the arrival already
-// guarantees. Cluster-scope release here, and a cluster-scope acquire in
-// mbar_wait_cluster, made the cluster kernel 1.3-1.8x slower (runs 26-30).
+// guarantees, and the producer's plain mbar_wait (CTA acquire) pairs with
+// it. Cluster-scope release here and a cluster-scope acquire in the wait
+// made the cluster kernel 1.3-1.8x slower (runs 26-30).
 __device__ __forceinline__ void mbar_arrive_cluster(uint32_t cluster_bar) {
 #if MOE_HAS_WGMMA
   asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];\n" ::"r"(cluster_bar) : "memory");
-#endif
-}
-// mbar_wait for a barrier that other blocks of the cluster arrive on (see
-// mbar_arrive_cluster for the scope).
-__device__ __forceinline__ void mbar_wait_cluster(uint32_t bar, uint32_t parity) {
-#if MOE_HAS_WGMMA
-  asm volatile(
-      "{\n.reg .pred done;\nwait_again:\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-      "@!done bra wait_again;\n}\n" ::"r"(bar),
-      "r"(parity)
-      : "memory");
 #endif
 }
 // tma_load_2d into the same offset `dst` of every block in `mask`, each
@@ -230,16 +219,10 @@ struct Pipeline {
   }
   __device__ __forceinline__ void release(int kt) const { mbar_arrive(empty0 + 8 * (kt % STAGES)); }
 
-  // The same for a pair of blocks (a 2-block cluster) whose producers each
-  // fill part of both blocks' buffers: empty barriers count the consumer
-  // groups of both blocks (init(2 * groups)), consumers arrive on both.
-  __device__ __forceinline__ uint32_t produce_pair(int kt, uint32_t bytes) const {
-    const int s = kt % STAGES;
-    if (kt >= STAGES) mbar_wait_cluster(empty0 + 8 * s, uint32_t((kt / STAGES - 1) & 1));
-    const uint32_t bar = full0 + 8 * s;
-    mbar_arrive_expect_tx(bar, bytes);
-    return bar;
-  }
+  // A pair of blocks (a 2-block cluster) whose producers each fill part of
+  // both blocks' buffers: empty barriers count the consumer groups of both
+  // blocks (init(2 * groups)), consumers arrive on both; the producer side
+  // is produce() as for one block (see mbar_arrive_cluster for the scope).
   __device__ __forceinline__ void release_pair(int kt, uint32_t rank) const {
     const uint32_t bar = empty0 + 8 * (kt % STAGES);
     mbar_arrive_cluster(map_to_rank(bar, rank));
