@@ -8,6 +8,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <utility>
 
 #include "moe/moe.h"
 #include "plan.h"
@@ -200,5 +201,51 @@ inline int64_t max_tiles(int64_t n, int E, int BM) {
 
 // Launch status after the kernels a launcher enqueued.
 inline cudaError_t launch_status() { return cudaGetLastError(); }
+
+// --- programmatic dependent launch (Hopper) ---------------------------------
+// The kernels of one layer step (dispatch, tile map, GEMMs, reduction) are
+// launched with programmatic stream serialization: a kernel may be scheduled
+// while the one before it in the stream still runs, and each of them starts
+// with pdl_wait(), which returns once every kernel before it in the stream
+// has completed and its writes are visible. Every block of such a kernel must
+// reach pdl_wait() before it reads anything an earlier kernel wrote and
+// before it exits (a block that exits first would let the next kernel's wait
+// return while the kernel before this one may still be running): so it is the
+// first statement of every kernel launched by launch_pdl. pdl_trigger() lets
+// the next kernel be scheduled once every block of this one has issued it
+// (its blocks then wait in their own pdl_wait); it never makes data visible
+// early. On a launch without the attribute both are no-ops.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+// Whether launch_pdl asks for the overlap: compute capability >= 9.0 and
+// MOE_PDL not "0" (the switch exists to measure it; results never differ).
+bool pdl_enabled();
+
+// kernel<<<grid, block, smem, stream>>>(args...) with programmatic stream
+// serialization when pdl_enabled(), a plain launch otherwise.
+template <class... Params, class... Args>
+cudaError_t launch_pdl(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+                       cudaStream_t stream, Args&&... args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl_enabled() ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
+}
 
 }  // namespace moe::kernels

@@ -33,6 +33,8 @@ __device__ __forceinline__ int32_t* tile_counters(int32_t* smem, int32_t* hist, 
 
 // hist[e * nt + b] = slots of tile b that go to local expert e; also writes local_ids.
 __global__ void dispatch_histogram_kernel(DispatchParams p, int nt, int32_t* hist) {
+  pdl_wait();
+  pdl_trigger();
   extern __shared__ int32_t smem[];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int b = blockIdx.x * kWarpsPerBlock + warp;
@@ -78,6 +80,7 @@ __device__ __forceinline__ void scan_histogram(const DispatchParams& p, int nt, 
   // 1. Slots per expert (one warp per histogram row, coalesced).
   for (int e = warp; e < p.E_loc; e += warps) {
     int32_t sum = 0;
+#pragma unroll 4
     for (int j = lane; j < nt; j += 32) sum += hist[int64_t(e) * nt + j];
     sum = warp_sum_int(sum);
     if (lane == 0) totals[e] = sum;
@@ -136,9 +139,32 @@ __device__ __forceinline__ void scan_histogram(const DispatchParams& p, int nt, 
   }
 }
 
+// The histogram is staged in shared memory when it fits (up to
+// kScanSmemBytes): all 1024 threads load it at once, so the row sums and row
+// scans that follow cost shared-memory latency instead of one dependent L2
+// round trip per 32 tiles and expert row per warp (Qwen3, 128 experts at
+// T=4096: four rows of 128 tiles per warp).
+constexpr size_t kScanSmemBytes = 160 * 1024;
+
+// Shared memory for a staged histogram: [E_loc][nt] cells and E_loc totals.
+size_t hist_smem_bytes(int nt, int E_loc) { return size_t(E_loc) * size_t(nt + 1) * sizeof(int32_t); }
+
 __global__ void __launch_bounds__(1024)
-    dispatch_scan_kernel(DispatchParams p, int nt, int32_t* hist, int32_t* totals) {
-  scan_histogram(p, nt, hist, totals);
+    dispatch_scan_kernel(DispatchParams p, int nt, int32_t* hist, int32_t* totals, bool staged) {
+  pdl_wait();
+  pdl_trigger();
+  if (!staged) {
+    scan_histogram(p, nt, hist, totals);
+    return;
+  }
+  extern __shared__ int32_t smem[];
+  const int64_t cells = int64_t(p.E_loc) * nt;
+#pragma unroll 4
+  for (int64_t i = threadIdx.x; i < cells; i += blockDim.x) smem[i] = hist[i];
+  __syncthreads();
+  scan_histogram(p, nt, smem, smem + cells);
+  __syncthreads();
+  for (int64_t i = threadIdx.x; i < cells; i += blockDim.x) hist[i] = smem[i];
 }
 
 // One warp's tile: slots in order, each to its expert's next position
@@ -170,6 +196,8 @@ __device__ __forceinline__ void scatter_tile(const DispatchParams& p, const int3
 // Stable scatter: each warp walks its tile in slot order, so slots of one
 // expert land in (t, j) order. Positions past the total get -1.
 __global__ void dispatch_scatter_kernel(DispatchParams p, int nt, int32_t* hist) {
+  pdl_wait();
+  pdl_trigger();
   extern __shared__ int32_t smem[];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int b = blockIdx.x * kWarpsPerBlock + warp;
@@ -198,9 +226,10 @@ constexpr int kFusedMaxTiles = 32;  // warps of the block
 constexpr int kFusedTiles = 8;
 constexpr size_t kFusedSmem = 48 * 1024;
 
-size_t fused_smem_bytes(int nt, int E_loc) { return size_t(E_loc) * size_t(nt + 1) * sizeof(int32_t); }
 
 __global__ void __launch_bounds__(32 * kFusedMaxTiles) dispatch_fused_kernel(DispatchParams p, int nt) {
+  pdl_wait();
+  pdl_trigger();
   extern __shared__ int32_t smem[];
   int32_t* hist = smem;                           // [E_loc][nt]
   int32_t* totals = smem + size_t(p.E_loc) * nt;  // [E_loc]
@@ -251,9 +280,9 @@ cudaError_t launch_dispatch(const DispatchParams& p, cudaStream_t stream) {
   const int nt = num_tiles(p.n);
   int32_t* hist = static_cast<int32_t*>(p.workspace);
   int32_t* totals = reinterpret_cast<int32_t*>(static_cast<char*>(p.workspace) + hist_bytes(p.n, p.E_loc));
-  if (nt > 0 && nt <= kFusedTiles && fused_smem_bytes(nt, p.E_loc) <= kFusedSmem) {
-    dispatch_fused_kernel<<<1, 32 * kFusedMaxTiles, fused_smem_bytes(nt, p.E_loc), stream>>>(p, nt);
-    return launch_status();
+  if (nt > 0 && nt <= kFusedTiles && hist_smem_bytes(nt, p.E_loc) <= kFusedSmem) {
+    return launch_pdl(dispatch_fused_kernel, dim3(1), dim3(32 * kFusedMaxTiles),
+                      hist_smem_bytes(nt, p.E_loc), stream, p, nt);
   }
   const bool smem = p.E_loc <= kSmemExperts;
   if (!smem && nt > 0) {
@@ -263,12 +292,22 @@ cudaError_t launch_dispatch(const DispatchParams& p, cudaStream_t stream) {
   }
   const size_t smem_bytes = smem ? size_t(kWarpsPerBlock) * p.E_loc * sizeof(int32_t) : 0;
   const int blocks = ceil_div(nt, kWarpsPerBlock);
+  cudaError_t err = cudaSuccess;
   if (nt > 0)
-    dispatch_histogram_kernel<<<blocks, 32 * kWarpsPerBlock, smem_bytes, stream>>>(p, nt, hist);
-  dispatch_scan_kernel<<<1, 1024, 0, stream>>>(p, nt, hist, totals);
-  if (nt > 0)
-    dispatch_scatter_kernel<<<blocks, 32 * kWarpsPerBlock, smem_bytes, stream>>>(p, nt, hist);
-  return launch_status();
+    err = launch_pdl(dispatch_histogram_kernel, dim3(blocks), dim3(32 * kWarpsPerBlock), smem_bytes,
+                     stream, p, nt, hist);
+  const size_t scan_smem = hist_smem_bytes(nt, p.E_loc);
+  const bool staged = nt > 0 && scan_smem <= kScanSmemBytes;
+  if (err == cudaSuccess && staged && scan_smem > 48 * 1024)  // opt-in; legal during capture
+    err = cudaFuncSetAttribute(dispatch_scan_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               int(kScanSmemBytes));
+  if (err == cudaSuccess)
+    err = launch_pdl(dispatch_scan_kernel, dim3(1), dim3(1024), staged ? scan_smem : 0, stream, p, nt,
+                     hist, totals, staged);
+  if (err == cudaSuccess && nt > 0)
+    err = launch_pdl(dispatch_scatter_kernel, dim3(blocks), dim3(32 * kWarpsPerBlock), smem_bytes,
+                     stream, p, nt, hist);
+  return err;
 }
 
 }  // namespace moe::kernels

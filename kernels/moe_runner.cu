@@ -84,6 +84,8 @@ __device__ __forceinline__ int32_t clamped_offset(const MoeRunParams& p, int64_t
 // ceil(count[e'] / bm), e in [0, E_loc].
 __global__ void tile_map_kernel(MoeRunParams p, int64_t n, int bm_small, int bm_large,
                                 int small_max_avg, int32_t* tile_start, int32_t* rows) {
+  pdl_wait();  // first: see launch_pdl
+  pdl_trigger();
   const int lane = threadIdx.x;
   // The rows the tiles will cover (sum of the per-expert counts, so that the
   // small candidate's grid bound in launch_gemms_typed holds for any offsets).
@@ -252,6 +254,8 @@ constexpr size_t tc_smem_bytes() {
 
 template <class T, int MODE, class Cfg>
 __global__ void __launch_bounds__(Cfg::THREADS) gemm_tc_kernel(MoeRunParams p, Work w) {
+  pdl_wait();  // first: see launch_pdl
+  pdl_trigger();
   constexpr int BM = Cfg::BM, BN = Cfg::BN, BK = Cfg::BK, STAGES = Cfg::STAGES, LD = Cfg::LD;
   constexpr int THREADS = Cfg::THREADS;
   constexpr int NSETS = MODE == kGemm1Gated ? 2 : 1;
@@ -431,6 +435,8 @@ __device__ __forceinline__ void wg_epilogue(const MoeRunParams& p, const Work& w
 
 template <class T, int MODE>
 __global__ void __launch_bounds__(WG_THREADS, 1) gemm_wgmma_kernel(MoeRunParams p, Work w) {
+  pdl_wait();  // first: see launch_pdl
+  pdl_trigger();
   constexpr int NSETS = MODE == kGemm1Gated ? 2 : 1;
   constexpr int BN = WG_BN / NSETS;  // output columns per weight set
   extern __shared__ unsigned char wg_smem_raw[];
@@ -541,6 +547,8 @@ constexpr uint32_t WS_TX_BYTES = WgStaging::STAGE_BYTES;  // one k step of A and
 // tile map chose the 128-row tiles): xs[pos] = x[slot / K], or zeros.
 template <class T>
 __global__ void sort_rows_kernel(MoeRunParams p, Work w) {
+  pdl_wait();  // first: see launch_pdl
+  pdl_trigger();
   if (*w.rows != WG_BM) return;
   const int chunks = p.H / 8;  // 16-byte chunks per row
   const int64_t total = w.n * chunks;
@@ -580,6 +588,8 @@ template <class T, int MODE>
 __global__ void __launch_bounds__(WS_THREADS, 1)
     gemm_wgmma_tma_kernel(MoeRunParams p, Work w, const __grid_constant__ CUtensorMap map_a,
                           const __grid_constant__ CUtensorMap map_b, int tiles, int cols, int exp) {
+  pdl_wait();  // first: see launch_pdl
+  pdl_trigger();
   constexpr int NSETS = MODE == kGemm1Gated ? 2 : 1;
   constexpr int BN = WG_BN / NSETS;
   constexpr int HALF = WG_BN / 2;  // weight rows per box (map_b's box)
@@ -690,6 +700,8 @@ constexpr int F_THREADS = 256;
 
 template <int MODE>
 __global__ void __launch_bounds__(F_THREADS) gemm_f32_kernel(MoeRunParams p, Work w) {
+  pdl_wait();  // first: see launch_pdl
+  pdl_trigger();
   constexpr int NSETS = MODE == kGemm1Gated ? 2 : 1;
   __shared__ float As[F_BK][BM + 4];
   __shared__ float Bs[F_BK][NSETS * BN + 4];
@@ -772,6 +784,8 @@ __global__ void __launch_bounds__(F_THREADS) gemm_f32_kernel(MoeRunParams p, Wor
 // y[t, c..c+3] = output_scale * sum_{j valid, in order} w[t, j] * out2[t*K + j, c..c+3].
 template <class T>
 __global__ void reduce_kernel(MoeRunParams p, Work w) {
+  pdl_wait();  // first: see launch_pdl
+  pdl_trigger();
   const int quads = p.H / 4;
   const int64_t total = p.T * quads;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
@@ -849,7 +863,7 @@ void launch_tc(const MoeRunParams& p, const Work& w, unsigned tiles, int N, cuda
   if (smem > 48 * 1024)
     cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
   const dim3 grid(tiles, unsigned(ceil_div(N, Cfg::BN)));
-  kernel<<<grid, Cfg::THREADS, smem, stream>>>(p, w);
+  launch_pdl(kernel, grid, dim3(Cfg::THREADS), smem, stream, p, w);
 }
 
 // GEMM1 (second = false) or GEMM2 of one configuration pair.
@@ -904,7 +918,7 @@ void launch_wgmma(const MoeRunParams& p, const Work& w, unsigned tiles, int N, c
   auto kernel = gemm_wgmma_kernel<T, MODE>;
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(WgStaging::SMEM_BYTES));
   const dim3 grid(tiles, unsigned(ceil_div(N, BN)));
-  kernel<<<grid, WG_THREADS, WgStaging::SMEM_BYTES, stream>>>(p, w);
+  launch_pdl(kernel, grid, dim3(WG_THREADS), WgStaging::SMEM_BYTES, stream, p, w);
 }
 
 // Variant 2: false when a tensor map cannot be made (the caller falls back).
@@ -970,7 +984,7 @@ void launch_wgmma_mode(const MoeRunParams& p, const Work& w, unsigned tiles, int
                        cudaStream_t stream) {
   if (mode == 2 || (mode == 3 && MODE == kGemm2)) {
     if (MODE != kGemm2)  // GEMM1 reads the token rows in sorted order
-      sort_rows_kernel<T><<<grid_limit(w.n * (p.H / 8), 256), 256, 0, stream>>>(p, w);
+      launch_pdl(sort_rows_kernel<T>, dim3(grid_limit(w.n * (p.H / 8), 256)), dim3(256), 0, stream, p, w);
     if (launch_wgmma_tma<T, MODE>(p, w, tiles, N, stream)) return;
   }
   launch_wgmma<T, MODE>(p, w, tiles, N, stream);
@@ -1013,11 +1027,9 @@ void launch_gemms_typed(const MoeRunParams& p, const Work& w, const RowChoice& r
     const unsigned tiles = max_tiles(p, w.n, BM);
     const dim3 grid1(tiles, unsigned(ceil_div(p.I, BN)));
     const dim3 grid2(tiles, unsigned(ceil_div(p.H, BN)));
-    if (p.gated)
-      gemm_f32_kernel<kGemm1Gated><<<grid1, F_THREADS, 0, stream>>>(p, w);
-    else
-      gemm_f32_kernel<kGemm1Plain><<<grid1, F_THREADS, 0, stream>>>(p, w);
-    gemm_f32_kernel<kGemm2><<<grid2, F_THREADS, 0, stream>>>(p, w);
+    launch_pdl(p.gated ? gemm_f32_kernel<kGemm1Gated> : gemm_f32_kernel<kGemm1Plain>, grid1,
+               dim3(F_THREADS), 0, stream, p, w);
+    launch_pdl(gemm_f32_kernel<kGemm2>, grid2, dim3(F_THREADS), 0, stream, p, w);
   } else {
     // Both candidates are launched; blocks of the one not chosen exit at once.
     // The tile map picks the small one only for at most small_max_avg rows
@@ -1090,9 +1102,8 @@ cudaError_t launch_moe_gemms(const MoeRunParams& p, cudaStream_t stream) {
   if (p.T == 0) return cudaSuccess;
   const Work w = make_work(p);
   const RowChoice rc = p.dtype == DType::f32 ? RowChoice{BM, BM, 0} : pick_rows(p, w.n);
-  tile_map_kernel<<<1, 32, 0, stream>>>(p, w.n, rc.small, rc.large, rc.small_max_avg,
-                                        const_cast<int32_t*>(w.tile_start),
-                                        const_cast<int32_t*>(w.rows));
+  launch_pdl(tile_map_kernel, dim3(1), dim3(32), 0, stream, p, w.n, rc.small, rc.large,
+             rc.small_max_avg, const_cast<int32_t*>(w.tile_start), const_cast<int32_t*>(w.rows));
   switch (p.dtype) {
     case DType::bf16: launch_gemms_typed<__nv_bfloat16>(p, w, rc, stream); break;
     case DType::f16: launch_gemms_typed<__half>(p, w, rc, stream); break;
@@ -1106,9 +1117,9 @@ cudaError_t launch_moe_reduce(const MoeRunParams& p, cudaStream_t stream) {
   const Work w = make_work(p);
   const int blocks = grid_limit(p.T * (p.H / 4), 256);
   switch (p.dtype) {
-    case DType::bf16: reduce_kernel<__nv_bfloat16><<<blocks, 256, 0, stream>>>(p, w); break;
-    case DType::f16: reduce_kernel<__half><<<blocks, 256, 0, stream>>>(p, w); break;
-    default: reduce_kernel<float><<<blocks, 256, 0, stream>>>(p, w); break;
+    case DType::bf16: launch_pdl(reduce_kernel<__nv_bfloat16>, dim3(blocks), dim3(256), 0, stream, p, w); break;
+    case DType::f16: launch_pdl(reduce_kernel<__half>, dim3(blocks), dim3(256), 0, stream, p, w); break;
+    default: launch_pdl(reduce_kernel<float>, dim3(blocks), dim3(256), 0, stream, p, w); break;
   }
   return launch_status();
 }

@@ -53,6 +53,8 @@ size_t smem_floats_per_warp(int E, int n_group, int method) {
 
 template <class T>
 __global__ void route_kernel(RouteParams p, int warps_per_block, int stride_floats) {
+  pdl_wait();  // first: see launch_pdl
+  pdl_trigger();
   extern __shared__ float smem[];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t t = int64_t(blockIdx.x) * warps_per_block + warp;
@@ -325,6 +327,8 @@ __device__ __forceinline__ void lane_best(const uint32_t (&key)[V], const float 
 template <class T, int V>
 __global__ void __launch_bounds__(32 * kFastWarps, V <= 8 ? 8 : 4)
     route_dsv3_kernel(RouteParams p) {
+  pdl_wait();  // first: see launch_pdl
+  pdl_trigger();
   constexpr int E = 32 * V;
   const int lane = threadIdx.x & 31;
   const int64_t t = int64_t(blockIdx.x) * kFastWarps + (threadIdx.x >> 5);
@@ -466,8 +470,7 @@ bool use_fast_path(const RouteParams& p) {
 template <class T, int V>
 cudaError_t launch_fast_v(const RouteParams& p, cudaStream_t stream) {
   const int blocks = ceil_div(p.T, kFastWarps);
-  route_dsv3_kernel<T, V><<<blocks, 32 * kFastWarps, 0, stream>>>(p);
-  return launch_status();
+  return launch_pdl(route_dsv3_kernel<T, V>, dim3(blocks), dim3(32 * kFastWarps), 0, stream, p);
 }
 
 template <class T>
@@ -520,8 +523,7 @@ cudaError_t launch_typed(const RouteParams& p, cudaStream_t stream) {
     if (err != cudaSuccess) return err;
   }
   const int blocks = ceil_div(p.T, wpb);
-  route_kernel<T><<<blocks, 32 * wpb, smem, stream>>>(p, wpb, stride);
-  return launch_status();
+  return launch_pdl(route_kernel<T>, dim3(blocks), dim3(32 * wpb), smem, stream, p, wpb, stride);
 }
 
 }  // namespace

@@ -26,10 +26,23 @@ fi
 export PYTHONUNBUFFERED=1 PYTHONPATH="$root/bindings/python" MOE_LIB_PATH="$build"
 python3 bench/moe_bench.py --plots --out "$out/moe_bench.json" "$@" 2>&1 | tee -a "$out/bench.log"
 rc=${PIPESTATUS[0]}
-# Optional sweep, libmoe only: MOE_BENCH_SWEEP="ENV=VALUE:tokens ..." (one run per entry).
+# Optional sweep, libmoe only: MOE_BENCH_SWEEP="ENV=VALUE:tokens ..." (one run per
+# entry; JSON in sweep_<i>.json).
+i=0
 for entry in ${MOE_BENCH_SWEEP:-}; do
+  i=$((i + 1))
   echo "--- sweep $entry" | tee -a "$out/sweep.log"
   env "${entry%%:*}" python3 bench/moe_bench.py --no-peers --reps 10 --tokens "${entry#*:}" \
-    --out /tmp/sweep.json 2>&1 | grep -E '^(mixtral|qwen3|deepseek)' | cut -c1-120 | tee -a "$out/sweep.log"
+    --out "$out/sweep_$i.json" 2>&1 | grep -E '^(mixtral|qwen3|deepseek)' | cut -c1-165 | tee -a "$out/sweep.log"
+done
+# Optional kernel timelines (bench/layer_timeline.py):
+# MOE_BENCH_TIMELINE="ENV=VALUE:shape:T,shape:T ..." (one run per entry).
+i=0
+for entry in ${MOE_BENCH_TIMELINE:-}; do
+  i=$((i + 1))
+  echo "--- timeline $entry" | tee -a "$out/timeline.log"
+  cases=${entry#*:}
+  env "${entry%%:*}" python3 bench/layer_timeline.py ${cases//,/ } --json "$out/timeline_$i.json" 2>&1 |
+    tee -a "$out/timeline.log"
 done
 exit "$rc"
