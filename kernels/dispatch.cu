@@ -2,6 +2,8 @@
 
 #include "common.cuh"
 
+#include <cstdlib>
+
 namespace moe::kernels {
 namespace {
 
@@ -266,6 +268,131 @@ __global__ void __launch_bounds__(32 * kFusedMaxTiles) dispatch_fused_kernel(Dis
   if (owner) scatter_tile(p, local, base, hist + b, nt, p.offsets[p.E_loc]);
 }
 
+// --- one block per local expert (one launch) -------------------------------
+//
+// Block e reads every slot's id twice from L2: pass A builds the whole
+// per-expert histogram in shared memory (so that it knows its own offset,
+// the count of every expert before it, and the total); pass B walks the
+// slots in order in chunks, each warp a contiguous stretch, and writes the
+// slots of expert e at their stable positions (ballot ranks within a warp,
+// a block scan of the warp counts across warps). No global histogram, no
+// grid-wide step: one launch instead of three. Reads grow as E_loc * n, so
+// the launcher takes it only while that product stays small (kExpertReads).
+constexpr int kExpertThreads = 512;
+constexpr int kExpertWarps = kExpertThreads / 32;
+constexpr int kExpertV = 16;  // ids per lane and chunk in pass B (a chunk: 8192 slots)
+constexpr int kExpertBatch = 8;  // loads in flight per thread in pass A
+constexpr int kExpertMaxLocal = 1024;
+constexpr int64_t kExpertReads = int64_t(1) << 25;
+
+__global__ void __launch_bounds__(kExpertThreads) dispatch_by_expert_kernel(DispatchParams p) {
+  pdl_wait();  // first: see launch_pdl
+  pdl_trigger();
+  extern __shared__ int32_t hist[];  // [E_loc]
+  __shared__ int32_t warp_base[kExpertWarps];
+  __shared__ int32_t offset_sh, total_sh;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int e = blockIdx.x;
+  for (int i = tid; i < p.E_loc; i += kExpertThreads) hist[i] = 0;
+  if (tid == 0) offset_sh = total_sh = 0;
+  __syncthreads();
+  // Pass A: histogram of every local expert; this block also writes local_ids
+  // of its share of the batches.
+  constexpr int64_t kBatch = int64_t(kExpertThreads) * kExpertBatch;
+  for (int64_t b0 = 0, bi = 0; b0 < p.n; b0 += kBatch, ++bi) {
+    int32_t id[kExpertBatch];
+#pragma unroll
+    for (int u = 0; u < kExpertBatch; ++u) {
+      const int64_t s = b0 + int64_t(u) * kExpertThreads + tid;
+      id[u] = s < p.n ? p.topk_ids[s] : -1;
+    }
+    const bool writer = bi % gridDim.x == blockIdx.x;
+#pragma unroll
+    for (int u = 0; u < kExpertBatch; ++u) {
+      const int64_t s = b0 + int64_t(u) * kExpertThreads + tid;
+      const int32_t l = to_local(p.mapping, p.E, p.E_loc, id[u]);
+      if (writer && s < p.n) p.local_ids[s] = l;
+      const unsigned same = __match_any_sync(kFullMask, l);  // one atomic per expert and warp
+      if (l >= 0 && lane == __ffs(same) - 1) atomicAdd(&hist[l], __popc(same));
+    }
+  }
+  __syncthreads();
+  // This expert's offset and the total.
+  int32_t before = 0, all = 0;
+  for (int i = tid; i < p.E_loc; i += kExpertThreads) {
+    const int32_t c = hist[i];
+    all += c;
+    if (i < e) before += c;
+  }
+  before = warp_sum_int(before);
+  all = warp_sum_int(all);
+  if (lane == 0) {
+    atomicAdd(&offset_sh, before);
+    atomicAdd(&total_sh, all);
+  }
+  __syncthreads();
+  const int32_t offset = offset_sh, total = total_sh;
+  if (tid == 0) {
+    p.counts[e] = hist[e];
+    p.offsets[e] = offset;
+    if (e == p.E_loc - 1) p.offsets[p.E_loc] = total;
+  }
+  // Positions past the total: -1 (shared out over the blocks).
+  for (int64_t q = total + int64_t(blockIdx.x) * kExpertThreads + tid; q < p.n;
+       q += int64_t(gridDim.x) * kExpertThreads)
+    p.sorted_slots[q] = -1;
+  if (hist[e] == 0) return;  // uniform: nothing of this expert to place
+  // Pass B: stable placement of this expert's slots, 8192 slots per chunk.
+  constexpr int64_t kChunk = int64_t(kExpertThreads) * kExpertV;
+  int32_t placed = offset;  // position of the chunk's first slot of expert e
+  for (int64_t c0 = 0; c0 < p.n; c0 += kChunk) {
+    const int64_t base = c0 + int64_t(warp) * (32 * kExpertV);  // this warp's stretch
+    int32_t id[kExpertV];
+#pragma unroll
+    for (int v = 0; v < kExpertV; ++v) {
+      const int64_t s = base + v * 32 + lane;
+      id[v] = s < p.n ? p.topk_ids[s] : -1;
+    }
+    unsigned mask[kExpertV];
+    int32_t count = 0;
+#pragma unroll
+    for (int v = 0; v < kExpertV; ++v) {
+      mask[v] = __ballot_sync(kFullMask, to_local(p.mapping, p.E, p.E_loc, id[v]) == e);
+      count += __popc(mask[v]);
+    }
+    if (lane == 0) warp_base[warp] = count;
+    __syncthreads();
+    int32_t mine = 0, chunk_total = 0;
+#pragma unroll
+    for (int w = 0; w < kExpertWarps; ++w) {
+      const int32_t c = warp_base[w];
+      if (w < warp) mine += c;
+      chunk_total += c;
+    }
+    __syncthreads();  // warp_base is rewritten by the next chunk
+    int32_t pos = placed + mine;
+    const unsigned below = (1u << lane) - 1u;
+#pragma unroll
+    for (int v = 0; v < kExpertV; ++v) {
+      if (mask[v] >> lane & 1u) p.sorted_slots[pos + __popc(mask[v] & below)] = int32_t(base + v * 32 + lane);
+      pos += __popc(mask[v]);
+    }
+    placed += chunk_total;
+  }
+}
+
+// Which algorithm launch_dispatch uses: 1 one block per expert where it
+// applies (the default), 0 the histogram/scan/scatter kernels (and the fused
+// one-block kernel for small batches) everywhere. MOE_DISPATCH_ALGO=0|1
+// chooses; results never differ.
+bool by_expert_allowed() {
+  static const bool on = [] {
+    const char* v = std::getenv("MOE_DISPATCH_ALGO");
+    return !(v && v[0] == '0' && v[1] == 0);
+  }();
+  return on;
+}
+
 size_t hist_bytes(int64_t n, int E_loc) {
   return (size_t(num_tiles(n)) * size_t(E_loc) * sizeof(int32_t) + 255) / 256 * 256;
 }
@@ -280,6 +407,10 @@ cudaError_t launch_dispatch(const DispatchParams& p, cudaStream_t stream) {
   const int nt = num_tiles(p.n);
   int32_t* hist = static_cast<int32_t*>(p.workspace);
   int32_t* totals = reinterpret_cast<int32_t*>(static_cast<char*>(p.workspace) + hist_bytes(p.n, p.E_loc));
+  if (p.n > 0 && p.E_loc > 0 && p.E_loc <= kExpertMaxLocal && int64_t(p.E_loc) * p.n <= kExpertReads &&
+      by_expert_allowed())
+    return launch_pdl(dispatch_by_expert_kernel, dim3(p.E_loc), dim3(kExpertThreads),
+                      size_t(p.E_loc) * sizeof(int32_t), stream, p);
   if (nt > 0 && nt <= kFusedTiles && hist_smem_bytes(nt, p.E_loc) <= kFusedSmem) {
     return launch_pdl(dispatch_fused_kernel, dim3(1), dim3(32 * kFusedMaxTiles),
                       hist_smem_bytes(nt, p.E_loc), stream, p, nt);

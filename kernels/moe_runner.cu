@@ -165,7 +165,9 @@ __device__ __forceinline__ void epilogue_pair(const MoeRunParams& p, const Work&
   if (slot < 0) return;
   if (MODE == kGemm2) {
     if (col >= p.H) return;
-    *reinterpret_cast<float2*>(w.out2 + int64_t(slot) * p.H + col) = make_float2(a0, a1);
+    // f32 rows for f32 runs, else rows of the activation dtype (never
+    // slot_rows_f32 here: only the FP8 runner sets it, with its own GEMMs).
+    store_pair<T>(reinterpret_cast<T*>(w.out2), int64_t(slot) * p.H + col, a0, a1);
     return;
   }
   if (col >= p.I) return;
@@ -781,8 +783,20 @@ __global__ void __launch_bounds__(F_THREADS) gemm_f32_kernel(MoeRunParams p, Wor
 
 // --- reduction and id check ---------------------------------------------------------
 
-// y[t, c..c+3] = output_scale * sum_{j valid, in order} w[t, j] * out2[t*K + j, c..c+3].
-template <class T>
+// y[t, c..c+3] = output_scale * sum_{j valid, in order} w[t, j] * out2[t*K + j, c..c+3],
+// out2 rows of type S (f32, or the 16-bit activation type).
+template <class S>
+__device__ __forceinline__ float4 load_slot4(const void* rows, int64_t idx) {
+  if constexpr (std::is_same_v<S, float>) {
+    return *reinterpret_cast<const float4*>(static_cast<const float*>(rows) + idx);
+  } else {
+    const uint2 v = *reinterpret_cast<const uint2*>(static_cast<const S*>(rows) + idx);
+    const S* h = reinterpret_cast<const S*>(&v);
+    return make_float4(to_f32(h[0]), to_f32(h[1]), to_f32(h[2]), to_f32(h[3]));
+  }
+}
+
+template <class T, class S>
 __global__ void reduce_kernel(MoeRunParams p, Work w) {
   pdl_wait();  // first: see launch_pdl
   pdl_trigger();
@@ -799,7 +813,7 @@ __global__ void reduce_kernel(MoeRunParams p, Work w) {
       const int32_t id = p.local_ids[s];
       if (id < 0 || id >= p.E_loc) continue;  // -1, and bad ids treated as -1
       const float wt = (p.weight_on_input || !p.weights) ? 1.0f : p.weights[s];
-      const float4 o = *reinterpret_cast<const float4*>(w.out2 + s * p.H + c);
+      const float4 o = load_slot4<S>(w.out2, s * p.H + c);
       acc.x += wt * o.x;
       acc.y += wt * o.y;
       acc.z += wt * o.z;
@@ -850,6 +864,18 @@ int grid_limit(int64_t work, int threads) {
 // (only when forced). Prefill: 128 rows, eight warps, 64-deep k, 3 stages
 // (run 10: 13-29% faster than 32-deep k with 4 stages at T >= 1024).
 using CfgDecode16 = TcCfg<16, 16, 1, 2, 64, 12>;
+// The same tiles with fewer stages (more blocks resident per SM), selectable
+// with MOE_RUNNER_DECODE_STAGES=6|4 for measurement; bitwise the same results.
+using CfgDecode16s6 = TcCfg<16, 16, 1, 2, 64, 6>;
+using CfgDecode16s4 = TcCfg<16, 16, 1, 2, 64, 4>;
+int decode_stages() {
+  static const int v = [] {
+    const char* e = std::getenv("MOE_RUNNER_DECODE_STAGES");
+    const int s = e ? std::atoi(e) : 0;
+    return (s == 6 || s == 4) ? s : 12;
+  }();
+  return v;
+}
 using CfgDecode32 = TcCfg<32, 32, 1, 4, 64, 8>;
 using CfgMid = TcCfg<64, 64, 2, 2, 32, 4>;
 using CfgWide1 = TcCfg<128, 64, 4, 2, 64, 3>;   // gated GEMM1: 2 x 64 weight rows
@@ -1007,7 +1033,13 @@ void launch_tc_rows(const MoeRunParams& p, const Work& w, int bm, int64_t rows_b
                     cudaStream_t stream) {
   const unsigned tiles = max_tiles(p, rows_bound, bm);
   switch (bm) {
-    case 16: launch_tc_stage<T, CfgDecode16, CfgDecode16>(p, w, tiles, second, stream); break;
+    case 16:
+      switch (decode_stages()) {
+        case 6: launch_tc_stage<T, CfgDecode16s6, CfgDecode16s6>(p, w, tiles, second, stream); break;
+        case 4: launch_tc_stage<T, CfgDecode16s4, CfgDecode16s4>(p, w, tiles, second, stream); break;
+        default: launch_tc_stage<T, CfgDecode16, CfgDecode16>(p, w, tiles, second, stream); break;
+      }
+      break;
     case 32: launch_tc_stage<T, CfgDecode32, CfgDecode32>(p, w, tiles, second, stream); break;
     case 64: launch_tc_stage<T, CfgMid, CfgMid>(p, w, tiles, second, stream); break;
     default:
@@ -1116,10 +1148,18 @@ cudaError_t launch_moe_reduce(const MoeRunParams& p, cudaStream_t stream) {
   if (p.T == 0) return cudaSuccess;
   const Work w = make_work(p);
   const int blocks = grid_limit(p.T * (p.H / 4), 256);
+  const dim3 grid(blocks), block(256);
+  const bool f32_rows = p.slot_rows_f32;
   switch (p.dtype) {
-    case DType::bf16: launch_pdl(reduce_kernel<__nv_bfloat16>, dim3(blocks), dim3(256), 0, stream, p, w); break;
-    case DType::f16: launch_pdl(reduce_kernel<__half>, dim3(blocks), dim3(256), 0, stream, p, w); break;
-    default: launch_pdl(reduce_kernel<float>, dim3(blocks), dim3(256), 0, stream, p, w); break;
+    case DType::bf16:
+      launch_pdl(f32_rows ? reduce_kernel<__nv_bfloat16, float> : reduce_kernel<__nv_bfloat16, __nv_bfloat16>,
+                 grid, block, 0, stream, p, w);
+      break;
+    case DType::f16:
+      launch_pdl(f32_rows ? reduce_kernel<__half, float> : reduce_kernel<__half, __half>, grid, block, 0,
+                 stream, p, w);
+      break;
+    default: launch_pdl(reduce_kernel<float, float>, grid, block, 0, stream, p, w); break;
   }
   return launch_status();
 }

@@ -1,7 +1,7 @@
 // Fused MoE runner on the device: a tile map over the dispatcher's offsets,
 // grouped GEMM1 (gather of token rows through sorted_slots fused into the
 // A loads, activation in the epilogue, h in the workspace), grouped GEMM2
-// (per-slot f32 outputs), and a deterministic per-token reduction. Every
+// (per-slot outputs), and a deterministic per-token reduction. Every
 // size the kernels read on the device (counts, offsets) stays there: the
 // grids are sized from the host-known T * K, and blocks with no work exit,
 // so a run can be captured in a CUDA graph.
@@ -36,6 +36,10 @@ struct MoeRunParams {
   void* y;                    // [T, H]
   float output_scale;
   void* workspace;            // >= moe_run_workspace_bytes(...)
+  // The per-slot rows GEMM2 writes and the reduction reads: f32 when set or
+  // when dtype is f32, else dtype (bf16/f16: half the bytes of f32 rows,
+  // each slot's output rounded once before the f32 weighted sum).
+  bool slot_rows_f32;
 };
 
 // Whether the kernels handle these sizes (rows of 16 bytes: H and I
@@ -59,8 +63,9 @@ cudaError_t launch_moe_run(const MoeRunParams& p, cudaStream_t stream);
 // The two halves (the FP8 runner has its own GEMMs and shares the reduction).
 cudaError_t launch_moe_gemms(const MoeRunParams& p, cudaStream_t stream);
 cudaError_t launch_moe_reduce(const MoeRunParams& p, cudaStream_t stream);
-// The per-slot f32 rows [T * K, H] inside p.workspace that GEMM2 writes and
-// launch_moe_reduce reads (the FP8 runner's GEMM2 writes them too).
+// The per-slot rows [T * K, H] inside p.workspace that GEMM2 writes and
+// launch_moe_reduce reads (the FP8 runner's GEMM2 writes them too, in f32:
+// its params set slot_rows_f32). Room for f32 rows in every dtype.
 float* moe_run_slot_rows(const MoeRunParams& p);
 
 }  // namespace moe::kernels

@@ -750,6 +750,7 @@ cudaError_t launch_gemms(const Fp8RunParams& p, const Work& w, int mode, dim3 gr
 // The bf16 runner's parameters for its id check and reduction.
 MoeRunParams reduce_params(const Fp8RunParams& p) {
   MoeRunParams r{};
+  r.slot_rows_f32 = true;  // this runner's GEMM2 writes f32 rows
   r.dtype = p.dtype;
   r.E_loc = p.E_loc;
   r.H = p.H;
