@@ -864,17 +864,25 @@ int grid_limit(int64_t work, int threads) {
 // (only when forced). Prefill: 128 rows, eight warps, 64-deep k, 3 stages
 // (run 10: 13-29% faster than 32-deep k with 4 stages at T >= 1024).
 using CfgDecode16 = TcCfg<16, 16, 1, 2, 64, 12>;
-// The same tiles with fewer stages (more blocks resident per SM), selectable
-// with MOE_RUNNER_DECODE_STAGES=6|4 for measurement; bitwise the same results.
+// The same tiles with fewer stages (more blocks resident per SM; bitwise the
+// same results). Run 33 (H100, 16-row tiles, both GEMMs): 4 stages took the
+// Qwen3 layer from 58.7 to 51.8 us at T=1 and 210.9 to 204.1 us at T=8, and
+// made Mixtral slower (271 -> 291 us at T=1): short, small expert matrices
+// gain from more blocks in flight, long ones from deep pipelines. So 4
+// stages for a GEMM whose expert matrix has at most kShallowElems elements
+// (Qwen3's 1536 x 2048 and 2048 x 768), 12 otherwise;
+// MOE_RUNNER_DECODE_STAGES=12|6|4 forces one.
 using CfgDecode16s6 = TcCfg<16, 16, 1, 2, 64, 6>;
 using CfgDecode16s4 = TcCfg<16, 16, 1, 2, 64, 4>;
-int decode_stages() {
-  static const int v = [] {
+constexpr int64_t kShallowElems = int64_t(1) << 22;
+int decode_stages(int64_t matrix_elems) {
+  static const int forced = [] {
     const char* e = std::getenv("MOE_RUNNER_DECODE_STAGES");
     const int s = e ? std::atoi(e) : 0;
-    return (s == 6 || s == 4) ? s : 12;
+    return (s == 12 || s == 6 || s == 4) ? s : 0;
   }();
-  return v;
+  if (forced) return forced;
+  return matrix_elems <= kShallowElems ? 4 : 12;
 }
 using CfgDecode32 = TcCfg<32, 32, 1, 4, 64, 8>;
 using CfgMid = TcCfg<64, 64, 2, 2, 32, 4>;
@@ -1034,7 +1042,7 @@ void launch_tc_rows(const MoeRunParams& p, const Work& w, int bm, int64_t rows_b
   const unsigned tiles = max_tiles(p, rows_bound, bm);
   switch (bm) {
     case 16:
-      switch (decode_stages()) {
+      switch (decode_stages(int64_t(p.H) * p.I * (!second && p.gated ? 2 : 1))) {
         case 6: launch_tc_stage<T, CfgDecode16s6, CfgDecode16s6>(p, w, tiles, second, stream); break;
         case 4: launch_tc_stage<T, CfgDecode16s4, CfgDecode16s4>(p, w, tiles, second, stream); break;
         default: launch_tc_stage<T, CfgDecode16, CfgDecode16>(p, w, tiles, second, stream); break;
