@@ -1,8 +1,9 @@
 // Standard dispatch on the device: global -> local ids, per-expert counts and
 // offsets, and the slot permutation grouped by local expert, stable in (t, j)
-// order. Three launches (tile histogram, one-block scan, stable scatter), or
-// one block for up to 8 tiles of 256 slots; no
-// host synchronisation and no allocation.
+// order. Up to 8192 slots (and 1024 local experts): one launch, one block per
+// local expert. Beyond: three launches (tile histogram, one-block scan, stable
+// scatter), or one block for up to 8 tiles of 256 slots when
+// MOE_DISPATCH_ALGO=0. No host synchronisation and no allocation.
 #pragma once
 
 #include <cuda_runtime.h>
