@@ -4,7 +4,8 @@
 # Builds libmoe (Release, sm_90a, Ninja, staged deps in .deps, NCCL off),
 # runs the GPU test suite (a variant is timed only if it passes), then
 # bench/moe_bench.py with plots. Logs, JSON and PNGs go to $OUT
-# (or build-bench/out). MOE_BENCH_SKIP_TESTS=1 skips ctest.
+# (or build-bench/out). MOE_BENCH_SKIP_TESTS=1 skips ctest; MOE_BENCH_SWEEP and
+# MOE_BENCH_TIMELINE add libmoe-only sweeps and kernel timelines (see below).
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 build=${MOE_BENCH_BUILD_DIR:-$root/build-bench}
