@@ -5,11 +5,13 @@
 
 namespace moe::kernels {
 
+bool env_is_zero(const char* name) {
+  const char* v = std::getenv(name);
+  return v && v[0] == '0' && v[1] == 0;
+}
+
 bool pdl_enabled() {
-  static const bool env_on = [] {
-    const char* v = std::getenv("MOE_PDL");
-    return !(v && v[0] == '0' && v[1] == 0);
-  }();
+  static const bool env_on = !env_is_zero("MOE_PDL");
   if (!env_on) return false;
   int dev = 0;
   if (cudaGetDevice(&dev) != cudaSuccess) return false;

@@ -192,6 +192,23 @@ __device__ __forceinline__ BlockPos grouped_block(int group) {
 }
 constexpr int kRasterGroup = 8;
 
+// Grid-stride copy of token rows into sorted order: dst row pos = src row
+// (sorted_slots[pos] / K) for pos in [0, n), in 16-byte chunks (row_chunks
+// per row), zeros where the position holds no valid slot index.
+__device__ __forceinline__ void gather_rows_sorted(const void* src, void* dst, int row_chunks,
+                                                   const int32_t* sorted_slots, int64_t n, int K) {
+  const int64_t total = n * row_chunks;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t pos = i / row_chunks;
+    const int c = int(i % row_chunks);
+    const int32_t slot = sorted_slots[pos];
+    uint4 v = make_uint4(0, 0, 0, 0);
+    if (slot >= 0 && slot < n) v = static_cast<const uint4*>(src)[int64_t(slot / K) * row_chunks + c];
+    static_cast<uint4*>(dst)[pos * row_chunks + c] = v;
+  }
+}
+
 // Upper bound on the tiles of n sorted rows over E experts (one partial tile each).
 inline int64_t max_tiles(int64_t n, int E, int BM) {
   return (n + BM - 1) / BM + (E < n ? E : n);
@@ -229,6 +246,10 @@ __device__ __forceinline__ void pdl_trigger() {
 // Whether launch_pdl asks for the overlap: compute capability >= 9.0 and
 // MOE_PDL not "0" (the switch exists to measure it; results never differ).
 bool pdl_enabled();
+
+// True when environment variable `name` is exactly "0" (the off switch of a
+// default-on kernel choice).
+bool env_is_zero(const char* name);
 
 // kernel<<<grid, block, smem, stream>>>(args...) with programmatic stream
 // serialization when pdl_enabled(), a plain launch otherwise.

@@ -2,8 +2,6 @@
 
 #include "common.cuh"
 
-#include <cstdlib>
-
 namespace moe::kernels {
 namespace {
 
@@ -141,32 +139,14 @@ __device__ __forceinline__ void scan_histogram(const DispatchParams& p, int nt, 
   }
 }
 
-// The histogram is staged in shared memory when it fits (up to
-// kScanSmemBytes): all 1024 threads load it at once, so the row sums and row
-// scans that follow cost shared-memory latency instead of one dependent L2
-// round trip per 32 tiles and expert row per warp (Qwen3, 128 experts at
-// T=4096: four rows of 128 tiles per warp).
-constexpr size_t kScanSmemBytes = 160 * 1024;
-
-// Shared memory for a staged histogram: [E_loc][nt] cells and E_loc totals.
+// Shared memory for a histogram kept there: [E_loc][nt] cells and E_loc totals.
 size_t hist_smem_bytes(int nt, int E_loc) { return size_t(E_loc) * size_t(nt + 1) * sizeof(int32_t); }
 
 __global__ void __launch_bounds__(1024)
-    dispatch_scan_kernel(DispatchParams p, int nt, int32_t* hist, int32_t* totals, bool staged) {
-  pdl_wait();
+    dispatch_scan_kernel(DispatchParams p, int nt, int32_t* hist, int32_t* totals) {
+  pdl_wait();  // first: see launch_pdl
   pdl_trigger();
-  if (!staged) {
-    scan_histogram(p, nt, hist, totals);
-    return;
-  }
-  extern __shared__ int32_t smem[];
-  const int64_t cells = int64_t(p.E_loc) * nt;
-#pragma unroll 4
-  for (int64_t i = threadIdx.x; i < cells; i += blockDim.x) smem[i] = hist[i];
-  __syncthreads();
-  scan_histogram(p, nt, smem, smem + cells);
-  __syncthreads();
-  for (int64_t i = threadIdx.x; i < cells; i += blockDim.x) hist[i] = smem[i];
+  scan_histogram(p, nt, hist, totals);
 }
 
 // One warp's tile: slots in order, each to its expert's next position
@@ -388,10 +368,7 @@ __global__ void __launch_bounds__(kExpertThreads) dispatch_by_expert_kernel(Disp
 // one-block kernel for small batches) everywhere. MOE_DISPATCH_ALGO=0|1
 // chooses; results never differ.
 bool by_expert_allowed() {
-  static const bool on = [] {
-    const char* v = std::getenv("MOE_DISPATCH_ALGO");
-    return !(v && v[0] == '0' && v[1] == 0);
-  }();
+  static const bool on = !env_is_zero("MOE_DISPATCH_ALGO");
   return on;
 }
 
@@ -429,14 +406,8 @@ cudaError_t launch_dispatch(const DispatchParams& p, cudaStream_t stream) {
   if (nt > 0)
     err = launch_pdl(dispatch_histogram_kernel, dim3(blocks), dim3(32 * kWarpsPerBlock), smem_bytes,
                      stream, p, nt, hist);
-  const size_t scan_smem = hist_smem_bytes(nt, p.E_loc);
-  const bool staged = nt > 0 && scan_smem <= kScanSmemBytes;
-  if (err == cudaSuccess && staged && scan_smem > 48 * 1024)  // opt-in; legal during capture
-    err = cudaFuncSetAttribute(dispatch_scan_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               int(kScanSmemBytes));
   if (err == cudaSuccess)
-    err = launch_pdl(dispatch_scan_kernel, dim3(1), dim3(1024), staged ? scan_smem : 0, stream, p, nt,
-                     hist, totals, staged);
+    err = launch_pdl(dispatch_scan_kernel, dim3(1), dim3(1024), 0, stream, p, nt, hist, totals);
   if (err == cudaSuccess && nt > 0)
     err = launch_pdl(dispatch_scatter_kernel, dim3(blocks), dim3(32 * kWarpsPerBlock), smem_bytes,
                      stream, p, nt, hist);

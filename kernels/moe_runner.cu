@@ -552,17 +552,7 @@ __global__ void sort_rows_kernel(MoeRunParams p, Work w) {
   pdl_wait();  // first: see launch_pdl
   pdl_trigger();
   if (*w.rows != WG_BM) return;
-  const int chunks = p.H / 8;  // 16-byte chunks per row
-  const int64_t total = w.n * chunks;
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
-       i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t pos = i / chunks;
-    const int c = int(i % chunks);
-    const int32_t slot = slot_at(p, w, pos);
-    uint4 v = make_uint4(0, 0, 0, 0);
-    if (slot >= 0) v = reinterpret_cast<const uint4*>(static_cast<const T*>(p.x) + int64_t(slot / p.K) * p.H)[c];
-    reinterpret_cast<uint4*>(static_cast<T*>(w.xs) + pos * p.H)[c] = v;
-  }
+  gemm::gather_rows_sorted(p.x, w.xs, p.H * int(sizeof(T)) / 16, p.sorted_slots, w.n, p.K);
 }
 
 // One work item of the persistent cluster kernel: this block's tile and

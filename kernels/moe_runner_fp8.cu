@@ -620,17 +620,7 @@ __global__ void __launch_bounds__(WG_THREADS, 1) fp8_wgmma_kernel(Fp8RunParams p
 // Token codes in sorted order for variant 2's GEMM1: xqs[pos] = xq[slot / K],
 // or zeros (positions that hold no slot).
 __global__ void sort_codes_kernel(Fp8RunParams p, Work w) {
-  const int chunks = p.H / 16;  // 16-byte chunks per row
-  const int64_t total = w.n * chunks;
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
-       i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t pos = i / chunks;
-    const int c = int(i % chunks);
-    const int32_t slot = slot_at(p, w.n, pos);
-    uint4 v = make_uint4(0, 0, 0, 0);
-    if (slot >= 0) v = reinterpret_cast<const uint4*>(w.xq + int64_t(slot / p.K) * p.H)[c];
-    reinterpret_cast<uint4*>(w.xqs + pos * p.H)[c] = v;
-  }
+  gemm::gather_rows_sorted(w.xq, w.xqs, p.H / 16, p.sorted_slots, w.n, p.K);
 }
 
 template <int MODE, bool BLOCK>
