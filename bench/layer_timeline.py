@@ -11,6 +11,7 @@ into GEMM time and fixed costs, which the benchmark's single number cannot.
 
   PYTHONPATH=bindings/python MOE_LIB_PATH=build-bench python3 bench/layer_timeline.py qwen3:1 deepseek:1
   ... --json bench/results/layer_timeline.json
+  ... --quant block deepseek:8192 mixtral:64     (FP8 runner, weights of bench/fp8_bench.py)
 """
 import argparse
 import json
@@ -20,21 +21,29 @@ import sys
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+import fp8_bench
 import libmoe
 from moe_bench import SHAPES
 from timing import graph_of
 
 
-def build_layer(cfg, T):
+def build_layer(cfg, T, quant=None):
     E, E_loc, k, H, I = cfg["E"], cfg["E_loc"], cfg["k"], cfg["H"], cfg["I"]
     dev = torch.device("cuda")
     bf16 = torch.bfloat16
-    w13 = (torch.randn(E_loc, 2 * I, H, device=dev) / H ** 0.5).to(bf16)
-    w2 = (torch.randn(E_loc, H, I, device=dev) / I ** 0.5).to(bf16)
     router = libmoe.Router(cfg["method"], E, k, **cfg["router"])
     disp = libmoe.Dispatcher(E, ep_rank=0, ep_size=cfg["ep_size"], device="cuda")
-    runner = libmoe.Runner(E_loc, H, I)
-    runner.set_weights(w13, w2)
+    if quant:
+        gen = torch.Generator(device="cuda")
+        gen.manual_seed(1)
+        w13, w2, s13, s2 = fp8_bench.make_weights(E_loc, H, I, quant == "block", gen)
+        runner = libmoe.Runner(E_loc, H, I, quant_mode=fp8_bench.MODES[quant])
+        runner.set_weights(w13, w2, s13, s2)
+    else:
+        w13 = (torch.randn(E_loc, 2 * I, H, device=dev) / H ** 0.5).to(bf16)
+        w2 = (torch.randn(E_loc, H, I, device=dev) / I ** 0.5).to(bf16)
+        runner = libmoe.Runner(E_loc, H, I)
+        runner.set_weights(w13, w2)
     x = torch.randn(T, H, device=dev).to(bf16)
     logits = torch.randn(T, E, device=dev)
     bias = (0.1 * torch.randn(E, device=dev)) if cfg["method"] == "deepseek_v3" else None
@@ -56,12 +65,13 @@ def build_layer(cfg, T):
 
     layer()
     torch.cuda.synchronize()
+    build_layer.valid_slots = int((local >= 0).sum())  # printed with the timeline
     keep = (w13, w2, x, logits, bias, ids, wts, local, counts, offsets, slots, y, ws_d, ws_r)
     return layer, (router, disp, runner), keep
 
 
-def timeline(name, T, reps):
-    layer, handles, keep = build_layer(SHAPES[name], T)
+def timeline(name, T, reps, quant=None):
+    layer, handles, keep = build_layer(SHAPES[name], T, quant)
     g = graph_of(layer)
     for _ in range(5):
         g.replay()
@@ -93,14 +103,17 @@ def timeline(name, T, reps):
         rows.append(dict(kernel=replays[0][i].name[:90], us=statistics.median(durs),
                          gap_before_us=statistics.median(gaps)))
     span = statistics.median(r[-1].time_range.end - r[0].time_range.start for r in replays)
-    print(f"{name} T={T}: {len(replays)} replays, {n} kernels, first start to last end {span:.1f} us "
+    slots = build_layer.valid_slots
+    print(f"{name}{' fp8 ' + quant if quant else ''} T={T} ({slots} local slots, GEMM1+GEMM2 "
+          f"{2.0 * slots * 3 * SHAPES[name]['I'] * SHAPES[name]['H'] / 1e9:.1f} GFLOP): "
+          f"{len(replays)} replays, {n} kernels, first start to last end {span:.1f} us "
           f"(kernels {sum(r['us'] for r in rows):.1f} us, gaps {sum(r['gap_before_us'] for r in rows):.1f} us)")
     for r in rows:
         print(f"  {r['us']:8.1f} us  gap {r['gap_before_us']:6.1f} us  {r['kernel']}")
     for h in handles:
         h.close()
     del keep
-    return dict(shape=name, T=T, span_us=span, kernels=rows)
+    return dict(shape=name, T=T, quant=quant or "bf16", valid_slots=slots, span_us=span, kernels=rows)
 
 
 def main():
@@ -108,12 +121,13 @@ def main():
     ap.add_argument("cases", nargs="*", default=["qwen3:1", "deepseek:1", "mixtral:1"])
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--json")
+    ap.add_argument("--quant", choices=sorted(fp8_bench.MODES), help="FP8 runner (default: bf16)")
     args = ap.parse_args()
     torch.manual_seed(0)
     out = []
     for c in args.cases:
         name, T = c.split(":")
-        out.append(timeline(name, int(T), args.reps))
+        out.append(timeline(name, int(T), args.reps, args.quant))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(device=torch.cuda.get_device_name(), results=out), f, indent=1)

@@ -864,16 +864,6 @@ using CfgDecode16 = TcCfg<16, 16, 1, 2, 64, 12>;
 // MOE_RUNNER_DECODE_STAGES=12|6|4 forces one.
 using CfgDecode16s6 = TcCfg<16, 16, 1, 2, 64, 6>;
 using CfgDecode16s4 = TcCfg<16, 16, 1, 2, 64, 4>;
-constexpr int64_t kShallowElems = int64_t(1) << 22;
-int decode_stages(int64_t matrix_elems) {
-  static const int forced = [] {
-    const char* e = std::getenv("MOE_RUNNER_DECODE_STAGES");
-    const int s = e ? std::atoi(e) : 0;
-    return (s == 12 || s == 6 || s == 4) ? s : 0;
-  }();
-  if (forced) return forced;
-  return matrix_elems <= kShallowElems ? 4 : 12;
-}
 using CfgDecode32 = TcCfg<32, 32, 1, 4, 64, 8>;
 using CfgMid = TcCfg<64, 64, 2, 2, 32, 4>;
 using CfgWide1 = TcCfg<128, 64, 4, 2, 64, 3>;   // gated GEMM1: 2 x 64 weight rows
@@ -1075,6 +1065,18 @@ void launch_gemms_typed(const MoeRunParams& p, const Work& w, const RowChoice& r
 }
 
 }  // namespace
+
+// Stages of the 16-row decode tiles (both runners; see CfgDecode16s4 above).
+constexpr int64_t kShallowElems = int64_t(1) << 22;
+int decode_stages(int64_t matrix_elems) {
+  static const int forced = [] {
+    const char* e = std::getenv("MOE_RUNNER_DECODE_STAGES");
+    const int s = e ? std::atoi(e) : 0;
+    return (s == 12 || s == 6 || s == 4) ? s : 0;
+  }();
+  if (forced) return forced;
+  return matrix_elems <= kShallowElems ? 4 : 12;
+}
 
 // Which kernels the 128-row tiles use (both runners): 0 mma.sync, 1 wgmma
 // with cp.async staging, 2 wgmma with TMA and warp specialisation (bf16:

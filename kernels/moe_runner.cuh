@@ -51,6 +51,11 @@ bool moe_run_supported(int H, int I);
 // when each applies.
 int wgmma_mode();
 
+// Stages of the 16-row decode tiles for a GEMM whose expert matrix has
+// matrix_elems elements: 4 for small matrices (<= 4M elements), 12 otherwise;
+// MOE_RUNNER_DECODE_STAGES=12|6|4 forces one (both runners).
+int decode_stages(int64_t matrix_elems);
+
 size_t moe_run_workspace_bytes(DType dtype, int E_loc, int H, int I, int64_t n_slots);
 
 // Enqueues the id check (validate_ids only). *bad_slot_dev gets the first

@@ -16,11 +16,7 @@ namespace {
 using gemm::Tile;
 
 constexpr int kGroup = 128;     // BLOCK_128: weight block edge and activation group
-constexpr int BM = 64;          // sorted rows per tile
-constexpr int BN = 64;          // output columns per tile (within one 128-row weight block)
-constexpr int BK = 128;         // K bytes per stage: one scale block
-constexpr int STAGES = 3;
-constexpr int THREADS = 128;    // 2 x 2 warps of 32 x 32
+constexpr int BK = 128;         // K bytes per stage (mma.sync tiles): one scale block
 constexpr int LD = BK + 16;     // padded smem row (144 bytes): conflict-free ldmatrix
 constexpr int QUANT_THREADS = 256;
 
@@ -231,11 +227,44 @@ __device__ __forceinline__ int weight_row(const Fp8RunParams& p, int set, int c)
   return c + ((is_up != p.swap_gate_up) ? p.I : 0);
 }
 
-template <int MODE, bool BLOCK>
-__global__ void __launch_bounds__(THREADS) fp8_gemm_kernel(Fp8RunParams p, Work w) {
+// Tile configuration of the mma.sync kernel: BM sorted rows x BN columns per
+// weight set, WM x WN warps, STAGES cp.async stages of one K block (BK bytes)
+// each. Every configuration walks K in the same order with the same m16n8k32
+// fragments and promotes every 128 columns, so an output element gets
+// bitwise the same value whichever configuration (batch size) computed it.
+template <int BM_, int BN_, int WM_, int WN_, int STAGES_>
+struct Fp8Cfg {
+  static constexpr int BM = BM_, BN = BN_, WM = WM_, WN = WN_, STAGES = STAGES_;
+  static constexpr int THREADS = WM * WN * 32;
+};
+// 64-row tiles (2 x 2 warps of 32 x 32); 16- and 32-row decode tiles with
+// narrow column slices and deep pipelines, so that a handful of rows per
+// expert still keeps many weight bytes in flight on every SM (the bf16
+// runner's decode tiles, kernels/moe_runner.cu).
+using Fp8CfgMid = Fp8Cfg<64, 64, 2, 2, 3>;
+using Fp8CfgDecode32 = Fp8Cfg<32, 32, 1, 4, 8>;
+using Fp8CfgDecode16 = Fp8Cfg<16, 16, 1, 2, 12>;
+using Fp8CfgDecode16s6 = Fp8Cfg<16, 16, 1, 2, 6>;
+using Fp8CfgDecode16s4 = Fp8Cfg<16, 16, 1, 2, 4>;  // stages: decode_stages (moe_runner.cuh)
+
+template <class Cfg, int NSETS>
+constexpr int fp8_smem_bytes() {
+  return Cfg::STAGES * (Cfg::BM + NSETS * Cfg::BN) * LD;
+}
+
+template <int MODE, bool BLOCK, class Cfg>
+__global__ void __launch_bounds__(Cfg::THREADS) fp8_gemm_kernel(Fp8RunParams p, Work w) {
+  constexpr int BM = Cfg::BM, BN = Cfg::BN, STAGES = Cfg::STAGES, THREADS = Cfg::THREADS;
   constexpr int NSETS = MODE == kGemm1Gated ? 2 : 1;
+  constexpr int WTM = BM / Cfg::WM, WTN = BN / Cfg::WN;  // warp tile
+  constexpr int MI = WTM / 16, NI = WTN / 8;
+  static_assert(WTM % 16 == 0 && WTN % 8 == 0 && (NI == 1 || NI % 2 == 0), "warp tile");
+  static_assert(kGroup % BN == 0, "a column tile lies inside one 128-row weight block");
+  static_assert(THREADS % (BK / 16) == 0, "whole rows per pass");
   constexpr int A_CHUNKS = BM * BK / 16 / THREADS;  // 16-byte chunks per thread
   constexpr int B_CHUNKS = NSETS * BN * BK / 16 / THREADS;
+  static_assert(A_CHUNKS * THREADS * 16 == BM * BK && B_CHUNKS * THREADS * 16 == NSETS * BN * BK,
+                "whole chunks per thread");
   extern __shared__ __align__(128) uint8_t smem[];
   auto As = reinterpret_cast<uint8_t (*)[BM][LD]>(smem);
   auto Bs = reinterpret_cast<uint8_t (*)[NSETS * BN][LD]>(smem + STAGES * BM * LD);
@@ -252,7 +281,7 @@ __global__ void __launch_bounds__(THREADS) fp8_gemm_kernel(Fp8RunParams p, Work 
   const int tid = threadIdx.x;
 
   // Per-thread copy sources, resolved once (the gather through sorted_slots).
-  // Chunk i of a thread: row tid / 8 + 16 i, bytes kc..kc+15 of the stage.
+  // Chunk i of a thread: row tid / 8 + ROW_STEP i, bytes kc..kc+15 of the stage.
   constexpr int ROW_STEP = THREADS / (BK / 16);
   const int r0 = tid / (BK / 16), kc = (tid % (BK / 16)) * 16;
   const uint8_t* a_src[A_CHUNKS];
@@ -286,16 +315,16 @@ __global__ void __launch_bounds__(THREADS) fp8_gemm_kernel(Fp8RunParams p, Work 
   };
 
   const int lane = tid & 31, warp = tid >> 5;
-  const int wm = warp >> 1, wn = warp & 1;
+  const int wm = warp / Cfg::WN, wn = warp % Cfg::WN;
   const int g = lane >> 2, c2 = (lane & 3) * 2;
 
-  // Scale rows of this thread's 4 accumulator rows (wm * 32 + mi * 16 + g + half * 8).
-  const float* srow[2][2];
+  // Scale rows of this thread's accumulator rows (wm * WTM + mi * 16 + g + half * 8).
+  const float* srow[MI][2];
 #pragma unroll
-  for (int mi = 0; mi < 2; ++mi)
+  for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-      const int r = wm * 32 + mi * 16 + g + half * 8;
+      const int r = wm * WTM + mi * 16 + g + half * 8;
       const uint8_t* unused;
       srow[mi][half] = nullptr;
       if (r < ti.rows) a_row<MODE>(p, w, ti.row_begin + r, unused, srow[mi][half]);
@@ -308,14 +337,14 @@ __global__ void __launch_bounds__(THREADS) fp8_gemm_kernel(Fp8RunParams p, Work 
     wsrow[s] = BLOCK ? wscale + (int64_t(ti.e) * (rows_w / kGroup) + rb) * (Kdim / kGroup) : wscale;
   }
 
-  float acc[NSETS][2][4][4];
-  float part[NSETS][2][4][4];
+  float acc[NSETS][MI][NI][4];
+  float part[NSETS][MI][NI][4];
 #pragma unroll
   for (int s = 0; s < NSETS; ++s)
 #pragma unroll
-    for (int mi = 0; mi < 2; ++mi)
+    for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
-      for (int ni = 0; ni < 4; ++ni)
+      for (int ni = 0; ni < NI; ++ni)
 #pragma unroll
         for (int r = 0; r < 4; ++r) acc[s][mi][ni][r] = 0.0f;
 
@@ -326,10 +355,10 @@ __global__ void __launch_bounds__(THREADS) fp8_gemm_kernel(Fp8RunParams p, Work 
   }
   for (int kt = 0; kt < KT; ++kt) {
     // Scales of this K block, loaded early: consumed after the MMAs.
-    float sa[2][2], sw[NSETS];
+    float sa[MI][2], sw[NSETS];
     if (BLOCK) {
 #pragma unroll
-      for (int mi = 0; mi < 2; ++mi)
+      for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
         for (int half = 0; half < 2; ++half)
           sa[mi][half] = srow[mi][half] ? srow[mi][half][kt] : 0.0f;
@@ -345,30 +374,37 @@ __global__ void __launch_bounds__(THREADS) fp8_gemm_kernel(Fp8RunParams p, Work 
 #pragma unroll
     for (int s = 0; s < NSETS; ++s)
 #pragma unroll
-      for (int mi = 0; mi < 2; ++mi)
+      for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
-        for (int ni = 0; ni < 4; ++ni)
+        for (int ni = 0; ni < NI; ++ni)
 #pragma unroll
           for (int r = 0; r < 4; ++r) part[s][mi][ni][r] = 0.0f;
 #pragma unroll
     for (int kk = 0; kk < BK; kk += 32) {
       // 8-bit fragments of m16n8k32 have the byte layout of the 16-bit ones
       // of m16n8k16, so ldmatrix.b16 addresses them with byte offsets.
-      uint32_t a[2][4];
+      uint32_t a[MI][4];
 #pragma unroll
-      for (int mi = 0; mi < 2; ++mi)
-        gemm::ldmatrix_x4(a[mi], &As[st][wm * 32 + mi * 16 + (lane & 15)][kk + (lane >> 4) * 16]);
+      for (int mi = 0; mi < MI; ++mi)
+        gemm::ldmatrix_x4(a[mi], &As[st][wm * WTM + mi * 16 + (lane & 15)][kk + (lane >> 4) * 16]);
 #pragma unroll
       for (int s = 0; s < NSETS; ++s) {
+        if constexpr (NI == 1) {
+          uint32_t b[2];
+          gemm::ldmatrix_x2(b, &Bs[st][s * BN + wn * WTN + (lane & 7)][kk + ((lane >> 3) & 1) * 16]);
 #pragma unroll
-        for (int nj = 0; nj < 2; ++nj) {
-          uint32_t b[4];
-          const int nrow = s * BN + wn * 32 + nj * 16 + (lane & 7) + (lane >> 4) * 8;
-          gemm::ldmatrix_x4(b, &Bs[st][nrow][kk + ((lane >> 3) & 1) * 16]);
+          for (int mi = 0; mi < MI; ++mi) mma_e4m3(part[s][mi][0], a[mi], b[0], b[1]);
+        } else {
 #pragma unroll
-          for (int mi = 0; mi < 2; ++mi) {
-            mma_e4m3(part[s][mi][nj * 2], a[mi], b[0], b[1]);
-            mma_e4m3(part[s][mi][nj * 2 + 1], a[mi], b[2], b[3]);
+          for (int nj = 0; nj < NI / 2; ++nj) {
+            uint32_t b[4];
+            const int nrow = s * BN + wn * WTN + nj * 16 + (lane & 7) + (lane >> 4) * 8;
+            gemm::ldmatrix_x4(b, &Bs[st][nrow][kk + ((lane >> 3) & 1) * 16]);
+#pragma unroll
+            for (int mi = 0; mi < MI; ++mi) {
+              mma_e4m3(part[s][mi][nj * 2], a[mi], b[0], b[1]);
+              mma_e4m3(part[s][mi][nj * 2 + 1], a[mi], b[2], b[3]);
+            }
           }
         }
       }
@@ -377,9 +413,9 @@ __global__ void __launch_bounds__(THREADS) fp8_gemm_kernel(Fp8RunParams p, Work 
 #pragma unroll
     for (int s = 0; s < NSETS; ++s)
 #pragma unroll
-      for (int mi = 0; mi < 2; ++mi)
+      for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
-        for (int ni = 0; ni < 4; ++ni)
+        for (int ni = 0; ni < NI; ++ni)
 #pragma unroll
           for (int r = 0; r < 4; ++r) {
             if (BLOCK)
@@ -392,10 +428,10 @@ __global__ void __launch_bounds__(THREADS) fp8_gemm_kernel(Fp8RunParams p, Work 
 
   const float w_tensor = BLOCK ? 1.0f : wscale[ti.e];
 #pragma unroll
-  for (int mi = 0; mi < 2; ++mi)
+  for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-      const int r = wm * 32 + mi * 16 + g + half * 8;
+      const int r = wm * WTM + mi * 16 + g + half * 8;
       if (r >= ti.rows || !srow[mi][half]) continue;
       const int64_t pos = ti.row_begin + r;
       const float f = BLOCK ? 1.0f : srow[mi][half][0] * w_tensor;
@@ -405,8 +441,8 @@ __global__ void __launch_bounds__(THREADS) fp8_gemm_kernel(Fp8RunParams p, Work 
         if (slot < 0) continue;
       }
 #pragma unroll
-      for (int ni = 0; ni < 4; ++ni) {
-        const int col = n0 + wn * 32 + ni * 8 + c2;
+      for (int ni = 0; ni < NI; ++ni) {
+        const int col = n0 + wn * WTN + ni * 8 + c2;
         if (col >= N) continue;  // N % 16 == 0: col + 1 < N as well
         const float a0 = acc[0][mi][ni][half * 2] * f, a1 = acc[0][mi][ni][half * 2 + 1] * f;
         if (MODE == kGemm2) {
@@ -449,7 +485,7 @@ struct Fp8WgMath {
   int group;                                 // 0 or 1: rows 64 group ..
   const float* srow[2];                      // scale rows of this thread's two rows
   const float* wsrow[NSETS];                 // BLOCK: the weight scale row of each set
-  float acc[64], part[64];
+  float acc[64], part[2][64];  // part: two K blocks in flight (issue / promote)
 
   __device__ __forceinline__ Fp8WgMath(const Fp8RunParams& p, const Work& w, const Tile& ti, int n0, int g)
       : group(g) {
@@ -470,24 +506,28 @@ struct Fp8WgMath {
       wsrow[s] = BLOCK ? wscale + (int64_t(ti.e) * (rows_w / kGroup) + rb) * (Kdim / kGroup) : wscale;
     }
 #pragma unroll
-    for (int i = 0; i < 64; ++i) acc[i] = part[i] = 0.0f;
+    for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
   }
 
-  // part = this K block's products (a_tile: the A tile's first row), waited for.
-  __device__ __forceinline__ void mma(uint32_t a_tile, uint32_t b_tile) {
-    wg::fence_operands(part);
+  // Issues this K block's MMAs into part[B] (a_tile: the A tile's first row)
+  // without waiting: the caller waits (wg::wait<1>) once the next block's
+  // MMAs are issued, so that the promotion of one K block overlaps the MMAs
+  // of the next on the tensor cores.
+  template <int B>
+  __device__ __forceinline__ void issue(uint32_t a_tile, uint32_t b_tile) {
+    wg::fence_operands(part[B]);
     wg::fence();
 #pragma unroll
     for (int kk = 0; kk < BK / 32; ++kk)
-      wg::mma_m64n128k32_e4m3(part, wg::desc_sw128(a_tile + group * 64 * wg::kRowBytes + kk * 32),
+      wg::mma_m64n128k32_e4m3(part[B], wg::desc_sw128(a_tile + group * 64 * wg::kRowBytes + kk * 32),
                               wg::desc_sw128(b_tile + kk * 32), kk > 0 ? 1 : 0);
     wg::commit();
-    wg::wait<0>();
-    wg::fence_operands(part);
   }
 
-  // acc += part, times the K block's scales (BLOCK; read before the MMAs).
+  // acc += part[B] (its MMAs waited for), times the K block's scales (BLOCK).
+  template <int B>
   __device__ __forceinline__ void promote(const float (&sa)[2], const float (&sw)[NSETS]) {
+    wg::fence_operands(part[B]);
 #pragma unroll
     for (int j = 0; j < 16; ++j)
 #pragma unroll
@@ -495,10 +535,43 @@ struct Fp8WgMath {
         const int i = 4 * j + q;
         const int s = NSETS == 2 && j >= 8 ? 1 : 0;
         if (BLOCK)
-          acc[i] = fmaf(part[i], sa[q >> 1] * sw[s], acc[i]);
+          acc[i] = fmaf(part[B][i], sa[q >> 1] * sw[s], acc[i]);
         else
-          acc[i] += part[i];
+          acc[i] += part[B][i];
       }
+  }
+
+  // The K loop: step(parity, kt) issues K block kt (its scales, staging and
+  // MMAs into part[kt % 2]); then the MMAs of kt - 1 are waited for, done(kt
+  // - 1) is called and they are promoted while those of kt run. Peeled so
+  // that every path has the same block in flight at each wait (ptxas
+  // serializes the MMAs when it cannot tell).
+  template <class Step, class Done>
+  __device__ __forceinline__ void fp8_pipeline(int KT, float (&sa)[2][2], float (&sw)[2][NSETS], Step&& step,
+                                               Done&& done) {
+    using Zero = std::integral_constant<int, 0>;
+    using One = std::integral_constant<int, 1>;
+    step(Zero{}, 0);
+    for (int kt = 1;; kt += 2) {
+      if (kt >= KT) {
+        wg::wait<0>();
+        promote<0>(sa[0], sw[0]);
+        return;
+      }
+      step(One{}, kt);
+      wg::wait<1>();
+      done(kt - 1);
+      promote<0>(sa[0], sw[0]);
+      if (kt + 1 >= KT) {
+        wg::wait<0>();
+        promote<1>(sa[1], sw[1]);
+        return;
+      }
+      step(Zero{}, kt + 1);
+      wg::wait<1>();
+      done(kt);
+      promote<1>(sa[1], sw[1]);
+    }
   }
 
   __device__ __forceinline__ void scales(int kt, float (&sa)[2], float (&sw)[NSETS]) const {
@@ -593,26 +666,29 @@ __global__ void __launch_bounds__(WG_THREADS, 1) fp8_wgmma_kernel(Fp8RunParams p
   };
 
   Math m(p, w, ti, n0, tid / 128);
-  // Every K block's MMAs are waited for (the promotion reads them), so the
-  // buffer refilled at step kt is the one step kt - 1 used.
-  constexpr int AHEAD = WG_STAGES - 1;
+  // Step kt issues K block kt's MMAs, then waits for those of kt - 1 and
+  // promotes them. So the buffer refilled at step kt (after the barrier) is
+  // the one step kt - 2 used: both warpgroups waited for its MMAs at step
+  // kt - 1.
+  constexpr int AHEAD = WG_STAGES - 2;
 #pragma unroll
   for (int s = 0; s < AHEAD; ++s) {
     if (s < KT) load_stage(s, s);
     gemm::cp_async_commit();
   }
-  for (int kt = 0; kt < KT; ++kt) {
-    float sa[2], sw[Math::NSETS];
-    m.scales(kt, sa, sw);
+  float sa[2][2], sw[2][Math::NSETS];  // scales of the K blocks in part[0] / part[1]
+  auto step = [&](auto parity, int kt) {
+    constexpr int B = decltype(parity)::value;
+    m.scales(kt, sa[B], sw[B]);
     gemm::cp_async_wait<AHEAD - 1>();
     wg::fence_proxy_async();
     __syncthreads();
     const int next = kt + AHEAD;
     if (next < KT) load_stage(next % WG_STAGES, next);
     gemm::cp_async_commit();
-    m.mma(st.a_tile(kt % WG_STAGES), st.b_tile(kt % WG_STAGES));
-    m.promote(sa, sw);
-  }
+    m.template issue<B>(st.a_tile(kt % WG_STAGES), st.b_tile(kt % WG_STAGES));
+  };
+  m.fp8_pipeline(KT, sa, sw, step, [](int) {});
   gemm::cp_async_wait<0>();
   m.store(p, w, ti, n0);
 }
@@ -665,15 +741,18 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
 
   wg::setmaxnreg_inc<232>();
   Math m(p, w, ti, n0, tid / 128 - 1);
-  for (int kt = 0; kt < KT; ++kt) {
-    const int s = kt % WG_STAGES;
-    float sa[2], sw[Math::NSETS];
-    m.scales(kt, sa, sw);
+  // As variant 1: issue K block kt, wait for kt - 1, return its buffer to
+  // the producer and promote it.
+  float sa[2][2], sw[2][Math::NSETS];
+  auto step = [&](auto parity, int kt) {
+    constexpr int B = decltype(parity)::value;
+    m.scales(kt, sa[B], sw[B]);
     pipe.consume(kt);
-    m.mma(st.a_tile(s), st.b_tile(s));
-    if (tid % 128 == 0) pipe.release(kt);  // this step's MMAs are done
-    m.promote(sa, sw);
-  }
+    m.template issue<B>(st.a_tile(kt % WG_STAGES), st.b_tile(kt % WG_STAGES));
+  };
+  m.fp8_pipeline(KT, sa, sw, step, [&](int done) {
+    if (tid % 128 == 0) pipe.release(done);  // K block done's MMAs are complete
+  });
   m.store(p, w, ti, n0);
 }
 
@@ -701,40 +780,71 @@ bool launch_gemm_tma(const Fp8RunParams& p, const Work& w, dim3 grid, cudaStream
   return true;
 }
 
-// mode: 0 the mma.sync kernel (64-row tiles), 1 or 2 the wgmma variants (128-row tiles).
-template <int MODE, bool BLOCK>
-cudaError_t launch_gemm(const Fp8RunParams& p, const Work& w, int mode, dim3 grid, cudaStream_t stream) {
-  constexpr int NSETS = MODE == kGemm1Gated ? 2 : 1;
-  constexpr int smem = STAGES * (BM + NSETS * BN) * LD;
+template <int MODE, bool BLOCK, class Cfg>
+cudaError_t launch_mma(const Fp8RunParams& p, const Work& w, unsigned tiles, cudaStream_t stream) {
+  constexpr int smem = fp8_smem_bytes<Cfg, MODE == kGemm1Gated ? 2 : 1>();
+  auto kernel = fp8_gemm_kernel<MODE, BLOCK, Cfg>;
   // Over the 48 KB static limit: raise the dynamic limit (no stream work; capture-safe).
-  if (mode == 2 && launch_gemm_tma<MODE, BLOCK>(p, w, grid, stream)) return cudaGetLastError();
-  if (mode != 0) {
-    cudaError_t err = cudaFuncSetAttribute(fp8_wgmma_kernel<MODE, BLOCK>,
-                                           cudaFuncAttributeMaxDynamicSharedMemorySize, int(WgStaging::SMEM_BYTES));
-    if (err != cudaSuccess) return err;
-    fp8_wgmma_kernel<MODE, BLOCK><<<grid, WG_THREADS, WgStaging::SMEM_BYTES, stream>>>(p, w);
-    return cudaGetLastError();
-  }
-  cudaError_t err = cudaFuncSetAttribute(fp8_gemm_kernel<MODE, BLOCK>,
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
-  fp8_gemm_kernel<MODE, BLOCK><<<grid, THREADS, smem, stream>>>(p, w);
+  const int N = MODE == kGemm2 ? p.H : p.I;
+  kernel<<<dim3(tiles, unsigned(ceil_div(N, Cfg::BN))), Cfg::THREADS, smem, stream>>>(p, w);
+  return cudaGetLastError();
+}
+
+// One GEMM on row tiles of `rows`: the mma.sync kernel of that tile (16, 32,
+// 64), or for 128 the wgmma variant `mode` (1 or 2).
+template <int MODE, bool BLOCK>
+cudaError_t launch_gemm(const Fp8RunParams& p, const Work& w, int rows, int mode, unsigned tiles,
+                        cudaStream_t stream) {
+  constexpr int NSETS = MODE == kGemm1Gated ? 2 : 1;
+  switch (rows) {
+    case 16:
+      switch (decode_stages(int64_t(p.H) * p.I * NSETS)) {
+        case 4: return launch_mma<MODE, BLOCK, Fp8CfgDecode16s4>(p, w, tiles, stream);
+        case 6: return launch_mma<MODE, BLOCK, Fp8CfgDecode16s6>(p, w, tiles, stream);
+        default: return launch_mma<MODE, BLOCK, Fp8CfgDecode16>(p, w, tiles, stream);
+      }
+    case 32: return launch_mma<MODE, BLOCK, Fp8CfgDecode32>(p, w, tiles, stream);
+    case 64: return launch_mma<MODE, BLOCK, Fp8CfgMid>(p, w, tiles, stream);
+    default: break;
+  }
+  const int N = MODE == kGemm2 ? p.H : p.I;
+  const dim3 grid(tiles, unsigned(ceil_div(N, WG_BN / NSETS)));
+  if (mode == 2 && launch_gemm_tma<MODE, BLOCK>(p, w, grid, stream)) return cudaGetLastError();
+  cudaError_t err = cudaFuncSetAttribute(fp8_wgmma_kernel<MODE, BLOCK>,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize, int(WgStaging::SMEM_BYTES));
+  if (err != cudaSuccess) return err;
+  fp8_wgmma_kernel<MODE, BLOCK><<<grid, WG_THREADS, WgStaging::SMEM_BYTES, stream>>>(p, w);
   return cudaGetLastError();
 }
 
 template <bool BLOCK>
-cudaError_t launch_gemms(const Fp8RunParams& p, const Work& w, int mode, dim3 grid1, dim3 grid2,
+cudaError_t launch_gemms(const Fp8RunParams& p, const Work& w, int rows, int mode, unsigned tiles,
                          const QuantJob& hjob, cudaStream_t stream) {
-  if (mode == 2)  // GEMM1 of the TMA variant reads the token codes in sorted order
+  if (rows == WG_BM && mode == 2)  // GEMM1 of the TMA variant reads the token codes in sorted order
     sort_codes_kernel<<<unsigned(std::max<int64_t>(1, std::min<int64_t>((w.n * (p.H / 16) + 255) / 256, 8192))),
                         256, 0, stream>>>(p, w);
-  cudaError_t err = p.gated ? launch_gemm<kGemm1Gated, BLOCK>(p, w, mode, grid1, stream)
-                            : launch_gemm<kGemm1Plain, BLOCK>(p, w, mode, grid1, stream);
+  cudaError_t err = p.gated ? launch_gemm<kGemm1Gated, BLOCK>(p, w, rows, mode, tiles, stream)
+                            : launch_gemm<kGemm1Plain, BLOCK>(p, w, rows, mode, tiles, stream);
   if (err != cudaSuccess) return err;
   launch_quantize<float>(hjob, stream);
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  return launch_gemm<kGemm2, BLOCK>(p, w, mode, grid2, stream);
+  return launch_gemm<kGemm2, BLOCK>(p, w, rows, mode, tiles, stream);
+}
+
+// Row tile from the slots per local expert were every slot local (the host
+// knows T * K, not the routing), as the bf16 runner's pick_rows: 16 rows up
+// to 10 per expert, 32 up to 24, 64 below 128, else 128 on the wgmma kernels
+// (sm_90a) or 64. Only speed depends on the 16/32/64 choice (bitwise the same
+// results); the 128-row wgmma tiles accumulate differently (docs/fp8.md).
+int pick_rows(int64_t n, int E_loc, int mode) {
+  const double per_expert = double(n) / E_loc;
+  if (per_expert <= 10) return 16;
+  if (per_expert <= 24) return 32;
+  if (per_expert < WG_BM || mode == 0) return 64;
+  return WG_BM;
 }
 
 // The bf16 runner's parameters for its id check and reduction.
@@ -790,16 +900,13 @@ cudaError_t launch_fp8_run(const Fp8RunParams& p, cudaStream_t stream) {
   w.out2 = moe_run_slot_rows(rp);  // inside the bf16 runner's layout at the front
   w.n = n;
 
-  // 128-row wgmma tiles when the slots per expert (were every slot local)
-  // fill them on average; 64-row mma.sync tiles otherwise and off sm_90a.
-  const int mode = n >= int64_t(WG_BM) * p.E_loc ? wgmma_mode() : 0;
-  const bool wide = mode != 0;
-  if (wide)
-    gemm::tile_map_kernel<WG_BM><<<1, 32, 0, stream>>>(p.offsets, p.E_loc, n,
-                                                       const_cast<int32_t*>(w.tile_start));
-  else
-    gemm::tile_map_kernel<BM><<<1, 32, 0, stream>>>(p.offsets, p.E_loc, n,
-                                                    const_cast<int32_t*>(w.tile_start));
+  const int mode = wgmma_mode();
+  const int rows = pick_rows(n, p.E_loc, mode);
+  auto tile_map = rows == 16   ? gemm::tile_map_kernel<16>
+                  : rows == 32 ? gemm::tile_map_kernel<32>
+                  : rows == 64 ? gemm::tile_map_kernel<64>
+                               : gemm::tile_map_kernel<WG_BM>;
+  tile_map<<<1, 32, 0, stream>>>(p.offsets, p.E_loc, n, const_cast<int32_t*>(w.tile_start));
   // Token rows (weight on input: x * w, one slot per token since K = 1).
   QuantJob xjob{};
   xjob.src = p.x;
@@ -823,12 +930,9 @@ cudaError_t launch_fp8_run(const Fp8RunParams& p, cudaStream_t stream) {
   hjob.q = w.hq;
   hjob.scales = w.hs;
 
-  const int64_t tiles = gemm::max_tiles(n, p.E_loc, wide ? WG_BM : BM);
-  const int bn1 = wide ? WG_BN / (p.gated ? 2 : 1) : BN, bn2 = wide ? WG_BN : BN;
-  const dim3 grid1(unsigned(tiles), unsigned(ceil_div(p.I, bn1)));
-  const dim3 grid2(unsigned(tiles), unsigned(ceil_div(p.H, bn2)));
-  cudaError_t err = p.block128 ? launch_gemms<true>(p, w, mode, grid1, grid2, hjob, stream)
-                               : launch_gemms<false>(p, w, mode, grid1, grid2, hjob, stream);
+  const unsigned tiles = unsigned(gemm::max_tiles(n, p.E_loc, rows));
+  cudaError_t err = p.block128 ? launch_gemms<true>(p, w, rows, mode, tiles, hjob, stream)
+                               : launch_gemms<false>(p, w, rows, mode, tiles, hjob, stream);
   if (err != cudaSuccess) return err;
   return launch_moe_reduce(rp, stream);
 }

@@ -284,7 +284,7 @@ struct Shape {
   int H, I;
 };
 const Shape kShapes[] = {{256, 256}, {512, 384}, {1024, 512}};
-const int64_t kTokens[] = {1, 7, 64, 300};
+const int64_t kTokens[] = {1, 7, 40, 64, 300};  // 16-, 16-, 32-, 64- and 128-row tiles (E_loc 8, k 4)
 
 // The float64 reference is slow: run it on the smaller problems only.
 bool ref_affordable(const Shape& s, int64_t T) { return int64_t(s.H) * s.I * T <= 256 * 256 * 64; }
