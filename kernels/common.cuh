@@ -192,20 +192,31 @@ __device__ __forceinline__ BlockPos grouped_block(int group) {
 }
 constexpr int kRasterGroup = 8;
 
+// Rows a 128-row TMA box may read past the last valid sorted position
+// (those of the last tile): written as zeros by the kernels that fill the
+// TMA variants' A operands, so that no box reads stale or unwritten memory.
+constexpr int kTmaPadRows = 128;
+
 // Grid-stride copy of token rows into sorted order: dst row pos = src row
-// (sorted_slots[pos] / K) for pos in [0, n), in 16-byte chunks (row_chunks
-// per row), zeros where the position holds no valid slot index.
+// (sorted_slots[pos] / K) for pos in [0, *valid) (valid: the dispatcher's
+// offsets[E_loc], clamped to [0, n]), in 16-byte chunks (row_chunks per
+// row), zeros where the position holds no valid slot index and in the
+// kTmaPadRows rows after *valid. Later rows are not written: no tile reads
+// them, and under expert parallelism they are most of the n rows.
 __device__ __forceinline__ void gather_rows_sorted(const void* src, void* dst, int row_chunks,
-                                                   const int32_t* sorted_slots, int64_t n, int K) {
-  const int64_t total = n * row_chunks;
+                                                   const int32_t* sorted_slots, int64_t n, int K,
+                                                   const int32_t* valid) {
+  const int64_t v = *valid;
+  const int64_t rows = v < 0 ? 0 : (v < n ? v : n);
+  const int64_t total = (rows + kTmaPadRows < n ? rows + kTmaPadRows : n) * row_chunks;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
        i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t pos = i / row_chunks;
     const int c = int(i % row_chunks);
-    const int32_t slot = sorted_slots[pos];
-    uint4 v = make_uint4(0, 0, 0, 0);
-    if (slot >= 0 && slot < n) v = static_cast<const uint4*>(src)[int64_t(slot / K) * row_chunks + c];
-    static_cast<uint4*>(dst)[pos * row_chunks + c] = v;
+    const int32_t slot = pos < rows ? sorted_slots[pos] : -1;
+    uint4 v4 = make_uint4(0, 0, 0, 0);
+    if (slot >= 0 && slot < n) v4 = static_cast<const uint4*>(src)[int64_t(slot / K) * row_chunks + c];
+    static_cast<uint4*>(dst)[pos * row_chunks + c] = v4;
   }
 }
 

@@ -165,8 +165,7 @@ __device__ __forceinline__ void epilogue_pair(const MoeRunParams& p, const Work&
   if (slot < 0) return;
   if (MODE == kGemm2) {
     if (col >= p.H) return;
-    // f32 rows for f32 runs, else rows of the activation dtype (never
-    // slot_rows_f32 here: only the FP8 runner sets it, with its own GEMMs).
+    // f32 rows for f32 runs, else rows of the activation dtype.
     store_pair<T>(reinterpret_cast<T*>(w.out2), int64_t(slot) * p.H + col, a0, a1);
     return;
   }
@@ -552,7 +551,7 @@ __global__ void sort_rows_kernel(MoeRunParams p, Work w) {
   pdl_wait();  // first: see launch_pdl
   pdl_trigger();
   if (*w.rows != WG_BM) return;
-  gemm::gather_rows_sorted(p.x, w.xs, p.H * int(sizeof(T)) / 16, p.sorted_slots, w.n, p.K);
+  gemm::gather_rows_sorted(p.x, w.xs, p.H * int(sizeof(T)) / 16, p.sorted_slots, w.n, p.K, p.offsets + p.E_loc);
 }
 
 // One work item of the persistent cluster kernel: this block's tile and
@@ -774,19 +773,19 @@ __global__ void __launch_bounds__(F_THREADS) gemm_f32_kernel(MoeRunParams p, Wor
 // --- reduction and id check ---------------------------------------------------------
 
 // y[t, c..c+3] = output_scale * sum_{j valid, in order} w[t, j] * out2[t*K + j, c..c+3],
-// out2 rows of type S (f32, or the 16-bit activation type).
-template <class S>
+// out2 rows of the activation type T.
+template <class T>
 __device__ __forceinline__ float4 load_slot4(const void* rows, int64_t idx) {
-  if constexpr (std::is_same_v<S, float>) {
+  if constexpr (std::is_same_v<T, float>) {
     return *reinterpret_cast<const float4*>(static_cast<const float*>(rows) + idx);
   } else {
-    const uint2 v = *reinterpret_cast<const uint2*>(static_cast<const S*>(rows) + idx);
-    const S* h = reinterpret_cast<const S*>(&v);
+    const uint2 v = *reinterpret_cast<const uint2*>(static_cast<const T*>(rows) + idx);
+    const T* h = reinterpret_cast<const T*>(&v);
     return make_float4(to_f32(h[0]), to_f32(h[1]), to_f32(h[2]), to_f32(h[3]));
   }
 }
 
-template <class T, class S>
+template <class T>
 __global__ void reduce_kernel(MoeRunParams p, Work w) {
   pdl_wait();  // first: see launch_pdl
   pdl_trigger();
@@ -803,7 +802,7 @@ __global__ void reduce_kernel(MoeRunParams p, Work w) {
       const int32_t id = p.local_ids[s];
       if (id < 0 || id >= p.E_loc) continue;  // -1, and bad ids treated as -1
       const float wt = (p.weight_on_input || !p.weights) ? 1.0f : p.weights[s];
-      const float4 o = load_slot4<S>(w.out2, s * p.H + c);
+      const float4 o = load_slot4<T>(w.out2, s * p.H + c);
       acc.x += wt * o.x;
       acc.y += wt * o.y;
       acc.z += wt * o.z;
@@ -1084,13 +1083,13 @@ int decode_stages(int64_t matrix_elems) {
 // and its GEMM2 as 2 (GEMM2's rows need no sorted copy; the FP8 runner
 // takes 3 as 1). Not 0 only when the library was built for sm_90a alone
 // among the 9.x targets (MOE_CUDA_WGMMA, set by CMake) and the current
-// device is compute capability 9.0; MOE_RUNNER_WGMMA=0|1|2|3 chooses (1
-// when unset).
-int wgmma_mode() {
+// device is compute capability 9.0; MOE_RUNNER_WGMMA=0|1|2|3 chooses
+// (unset: `unset`, 1 for the bf16 runner, 2 for the FP8 runner).
+int wgmma_mode(int unset) {
 #if defined(MOE_CUDA_WGMMA)
   static const int env_mode = [] {
     const char* v = std::getenv("MOE_RUNNER_WGMMA");
-    return (v && (v[0] == '0' || v[0] == '2' || v[0] == '3') && v[1] == 0) ? v[0] - '0' : 1;
+    return (v && v[0] >= '0' && v[0] <= '3' && v[1] == 0) ? v[0] - '0' : -1;
   }();
   if (env_mode == 0) return 0;
   int dev = 0;
@@ -1106,8 +1105,9 @@ int wgmma_mode() {
     v = ok && major == 9 && minor == 0 ? 1 : 2;
     known[dev].store(v, std::memory_order_relaxed);
   }
-  return v == 1 ? env_mode : 0;
+  return v == 1 ? (env_mode > 0 ? env_mode : unset) : 0;
 #else
+  (void)unset;
   return 0;
 #endif
 }
@@ -1149,17 +1149,10 @@ cudaError_t launch_moe_reduce(const MoeRunParams& p, cudaStream_t stream) {
   const Work w = make_work(p);
   const int blocks = grid_limit(p.T * (p.H / 4), 256);
   const dim3 grid(blocks), block(256);
-  const bool f32_rows = p.slot_rows_f32;
   switch (p.dtype) {
-    case DType::bf16:
-      launch_pdl(f32_rows ? reduce_kernel<__nv_bfloat16, float> : reduce_kernel<__nv_bfloat16, __nv_bfloat16>,
-                 grid, block, 0, stream, p, w);
-      break;
-    case DType::f16:
-      launch_pdl(f32_rows ? reduce_kernel<__half, float> : reduce_kernel<__half, __half>, grid, block, 0,
-                 stream, p, w);
-      break;
-    default: launch_pdl(reduce_kernel<float, float>, grid, block, 0, stream, p, w); break;
+    case DType::bf16: launch_pdl(reduce_kernel<__nv_bfloat16>, grid, block, 0, stream, p, w); break;
+    case DType::f16: launch_pdl(reduce_kernel<__half>, grid, block, 0, stream, p, w); break;
+    default: launch_pdl(reduce_kernel<float>, grid, block, 0, stream, p, w); break;
   }
   return launch_status();
 }

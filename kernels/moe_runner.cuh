@@ -36,10 +36,6 @@ struct MoeRunParams {
   void* y;                    // [T, H]
   float output_scale;
   void* workspace;            // >= moe_run_workspace_bytes(...)
-  // The per-slot rows GEMM2 writes and the reduction reads: f32 when set or
-  // when dtype is f32, else dtype (bf16/f16: half the bytes of f32 rows,
-  // each slot's output rounded once before the f32 weighted sum).
-  bool slot_rows_f32;
 };
 
 // Whether the kernels handle these sizes (rows of 16 bytes: H and I
@@ -47,9 +43,10 @@ struct MoeRunParams {
 bool moe_run_supported(int H, int I);
 
 // Which kernels the 128-row tiles of both runners use: 0 mma.sync, 1 wgmma
-// (cp.async staging), 2 wgmma (TMA, warp-specialised). See moe_runner.cu for
-// when each applies.
-int wgmma_mode();
+// (cp.async staging), 2 wgmma (TMA, warp-specialised), 3 (bf16: GEMM1 as 1,
+// GEMM2 as 2). MOE_RUNNER_WGMMA chooses; `unset` when it is not set. See
+// moe_runner.cu for when each applies.
+int wgmma_mode(int unset = 1);
 
 // Stages of the 16-row decode tiles for a GEMM whose expert matrix has
 // matrix_elems elements: 4 for small matrices (<= 4M elements), 12 otherwise;
@@ -69,8 +66,10 @@ cudaError_t launch_moe_run(const MoeRunParams& p, cudaStream_t stream);
 cudaError_t launch_moe_gemms(const MoeRunParams& p, cudaStream_t stream);
 cudaError_t launch_moe_reduce(const MoeRunParams& p, cudaStream_t stream);
 // The per-slot rows [T * K, H] inside p.workspace that GEMM2 writes and
-// launch_moe_reduce reads (the FP8 runner's GEMM2 writes them too, in f32:
-// its params set slot_rows_f32). Room for f32 rows in every dtype.
+// launch_moe_reduce reads (the FP8 runner's GEMM2 writes them too): rows of
+// the activation dtype (bf16/f16: half the bytes of f32 rows, each slot's
+// output rounded once before the f32 weighted sum). Room for f32 rows in
+// every dtype.
 float* moe_run_slot_rows(const MoeRunParams& p);
 
 }  // namespace moe::kernels

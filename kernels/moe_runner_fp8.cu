@@ -64,7 +64,7 @@ struct Work {
   float* h;     // [n, I] f32 h at each sorted position
   uint8_t* hq;  // [n, I] its codes
   float* hs;    // [n, GI] its scales
-  float* out2;  // [n, H] per-slot outputs (inside the bf16 runner's layout)
+  float* out2;  // [n, H] per-slot outputs, activation dtype (inside the bf16 runner's layout)
   int64_t n;
   uint8_t* xqs;  // [n, H] token codes in sorted order (TMA variant)
 };
@@ -88,84 +88,165 @@ struct QuantJob {
   float* scales;              // [rows, cols / group]
 };
 
+// Eight values from 16-byte aligned memory (one 16-byte load for 16-bit
+// types, two for f32).
 template <class T>
-__device__ __forceinline__ float4 load4(const T* p) {
+__device__ __forceinline__ void load8(const T* p, float (&v)[8]) {
   if constexpr (std::is_same_v<T, float>) {
-    return *reinterpret_cast<const float4*>(p);
+    const float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
+    v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
   } else {
-    const uint2 raw = *reinterpret_cast<const uint2*>(p);
-    const T* v = reinterpret_cast<const T*>(&raw);
-    return make_float4(to_f32(v[0]), to_f32(v[1]), to_f32(v[2]), to_f32(v[3]));
+    const uint4 raw = *reinterpret_cast<const uint4*>(p);
+    const T* h = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] = to_f32(h[i]);
   }
 }
 
-// Four values / s as E4M3 codes in one word (byte i = value i).
-__device__ __forceinline__ uint32_t quant4(float4 v, float s) {
-  const __nv_fp8x2_storage_t lo =
-      __nv_cvt_float2_to_fp8x2(make_float2(__fdiv_rn(v.x, s), __fdiv_rn(v.y, s)), __NV_SATFINITE,
-                               __NV_E4M3);
-  const __nv_fp8x2_storage_t hi =
-      __nv_cvt_float2_to_fp8x2(make_float2(__fdiv_rn(v.z, s), __fdiv_rn(v.w, s)), __NV_SATFINITE,
-                               __NV_E4M3);
-  return uint32_t(lo) | (uint32_t(hi) << 16);
+// Eight values / s as E4M3 codes (byte i = value i).
+__device__ __forceinline__ uint2 quant8(const float (&v)[8], float s) {
+  uint32_t w[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+    w[i] = __nv_cvt_float2_to_fp8x2(make_float2(__fdiv_rn(v[2 * i], s), __fdiv_rn(v[2 * i + 1], s)),
+                                    __NV_SATFINITE, __NV_E4M3);
+  return make_uint2(w[0] | (w[1] << 16), w[2] | (w[3] << 16));
 }
 
-// One warp per (row, group), four columns per lane per step.
+__device__ __forceinline__ float amax8(const float (&v)[8]) {
+  float m = 0.0f;  // fmaxf drops NaN: a NaN never sets the scale
+#pragma unroll
+  for (int i = 0; i < 8; ++i) m = fmaxf(m, fabsf(v[i]));
+  return m;
+}
+
+// Rows with values: all, or the device count (clamped). With a device count
+// the kTmaPadRows rows after it are written too, as zero codes (the TMA
+// variant's boxes read them; see gemm::kTmaPadRows).
+__device__ __forceinline__ int64_t quant_rows(const QuantJob& j) {
+  if (!j.rows_dev) return j.rows;
+  const int64_t r = *j.rows_dev;
+  return r < 0 ? 0 : (r < j.rows ? r : j.rows);
+}
+__device__ __forceinline__ int64_t quant_rows_written(const QuantJob& j, int64_t valid) {
+  if (!j.rows_dev) return valid;
+  return valid + gemm::kTmaPadRows < j.rows ? valid + gemm::kTmaPadRows : j.rows;
+}
+
+// The scale of a group from its amax (dynamic) or the static scale; `zero`:
+// a static scale of 0 (the group quantizes to zeros).
+__device__ __forceinline__ float group_scale(const QuantJob& j, float amax, bool& zero) {
+  zero = false;
+  if (j.static_scale) {
+    const float s = *j.static_scale;
+    zero = s == 0.0f;
+    return s;
+  }
+  const float s = __fdiv_rn(amax, 448.0f);
+  return s > 0.0f ? s : 1.0f;
+}
+
+// Groups of 128 columns (BLOCK_128): one half-warp per (row, group), eight
+// values per lane held in registers between the amax and the codes.
+template <class T>
+__global__ void __launch_bounds__(QUANT_THREADS) quantize128_kernel(QuantJob j) {
+  const int l = threadIdx.x & 15, half = (threadIdx.x >> 4) & 1;
+  const int64_t warp = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  const int64_t warps = (int64_t(gridDim.x) * blockDim.x) >> 5;
+  const int per_row = j.cols / kGroup;
+  const int64_t valid = quant_rows(j);
+  const int64_t total = quant_rows_written(j, valid) * per_row;
+  const T* src = static_cast<const T*>(j.src);
+  // Both halves of a warp run the same iterations (full-warp shuffles).
+  for (int64_t wi = warp; 2 * wi < total; wi += warps) {
+    const int64_t gi = 2 * wi + half;
+    const bool active = gi < total;
+    const int64_t row = active ? gi / per_row : 0;
+    const int64_t off = row * j.cols + (gi - row * per_row) * kGroup + l * 8;
+    float v[8];
+    if (active && row < valid) {
+      load8(src + off, v);
+      if (j.row_factor) {
+        const float f = j.row_factor[row * j.factor_stride];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) v[i] *= f;
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) v[i] = 0.0f;
+    }
+    float amax = amax8(v);
+#pragma unroll
+    for (int o = 8; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(kFullMask, amax, o));
+    bool zero;
+    const float s = group_scale(j, amax, zero);
+    if (!active) continue;
+    if (l == 0) j.scales[gi] = zero ? 0.0f : s;
+    *reinterpret_cast<uint2*>(j.q + off) = zero ? make_uint2(0, 0) : quant8(v, s);
+  }
+}
+
+// Any group size (per tensor: a whole row): one warp per (row, group), eight
+// columns per lane per step; the amax pass and the code pass both read the
+// group (the second from cache).
 template <class T>
 __global__ void __launch_bounds__(QUANT_THREADS) quantize_kernel(QuantJob j) {
   const int lane = threadIdx.x & 31;
   const int64_t warp = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
   const int64_t warps = (int64_t(gridDim.x) * blockDim.x) >> 5;
   const int per_row = j.cols / j.group;
-  int64_t rows = j.rows;
-  if (j.rows_dev) {
-    const int64_t r = *j.rows_dev;
-    rows = r < 0 ? 0 : (r < rows ? r : rows);
-  }
+  const int64_t valid = quant_rows(j);
+  const int64_t rows = quant_rows_written(j, valid);
   const T* src = static_cast<const T*>(j.src);
   for (int64_t gi = warp; gi < rows * per_row; gi += warps) {
     const int64_t row = gi / per_row;
     const int c0 = int(gi % per_row) * j.group;
+    const bool pad = row >= valid;  // a zero row after the valid ones
     const T* in = src + row * j.cols + c0;
-    const float f = j.row_factor ? j.row_factor[row * j.factor_stride] : 1.0f;
-    auto value4 = [&](int c) {
-      float4 v = load4(in + c);
-      if (j.row_factor) {
-        v.x *= f;
-        v.y *= f;
-        v.z *= f;
-        v.w *= f;
+    const float f = j.row_factor && !pad ? j.row_factor[row * j.factor_stride] : 1.0f;
+    auto values = [&](int c, float (&v)[8]) {
+      if (pad) {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) v[i] = 0.0f;
+        return;
       }
-      return v;
+      load8(in + c, v);
+      if (j.row_factor) {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) v[i] *= f;
+      }
     };
-    float s;
-    bool zero = false;
-    if (j.static_scale) {
-      s = *j.static_scale;
-      zero = s == 0.0f;
-    } else {
-      float amax = 0.0f;  // fmaxf drops NaN: a NaN never sets the scale
-      for (int c = lane * 4; c < j.group; c += 128) {
-        const float4 v = value4(c);
-        amax = fmaxf(amax, fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w))));
+    float amax = 0.0f;
+    if (!j.static_scale) {
+      for (int c = lane * 8; c < j.group; c += 256) {  // group % 16 == 0: whole chunks
+        float v[8];
+        values(c, v);
+        amax = fmaxf(amax, amax8(v));
       }
       amax = warp_max(amax);
-      s = __fdiv_rn(amax, 448.0f);
-      if (!(s > 0.0f)) s = 1.0f;
     }
+    bool zero;
+    const float s = group_scale(j, amax, zero);
     if (lane == 0) j.scales[row * per_row + c0 / j.group] = zero ? 0.0f : s;
     uint8_t* out = j.q + row * j.cols + c0;
-    for (int c = lane * 4; c < j.group; c += 128)
-      *reinterpret_cast<uint32_t*>(out + c) = zero ? 0u : quant4(value4(c), s);
+    for (int c = lane * 8; c < j.group; c += 256) {
+      float v[8];
+      values(c, v);
+      *reinterpret_cast<uint2*>(out + c) = zero ? make_uint2(0, 0) : quant8(v, s);
+    }
   }
 }
 
 template <class T>
 void launch_quantize(const QuantJob& j, cudaStream_t stream) {
   const int64_t groups = j.rows * (j.cols / j.group);
-  const int64_t blocks = std::min<int64_t>((groups + QUANT_THREADS / 32 - 1) / (QUANT_THREADS / 32),
-                                           16384);
-  quantize_kernel<T><<<unsigned(std::max<int64_t>(blocks, 1)), QUANT_THREADS, 0, stream>>>(j);
+  const int64_t warps = j.group == kGroup ? (groups + 1) / 2 : groups;
+  const int64_t blocks = std::min<int64_t>((warps + QUANT_THREADS / 32 - 1) / (QUANT_THREADS / 32), 16384);
+  const unsigned grid = unsigned(std::max<int64_t>(blocks, 1));
+  if (j.group == kGroup)
+    quantize128_kernel<T><<<grid, QUANT_THREADS, 0, stream>>>(j);
+  else
+    quantize_kernel<T><<<grid, QUANT_THREADS, 0, stream>>>(j);
 }
 
 void launch_quantize_dtype(DType dt, const QuantJob& j, cudaStream_t stream) {
@@ -196,6 +277,19 @@ __device__ __forceinline__ void mma_e4m3(float (&d)[4], const uint32_t (&a)[4], 
 __device__ __forceinline__ int32_t slot_at(const Fp8RunParams& p, int64_t n, int64_t pos) {
   const int32_t s = p.sorted_slots[pos];
   return (s >= 0 && s < n) ? s : -1;
+}
+
+// Columns (col, col + 1) of GEMM2's per-slot row: the activation dtype, as
+// the bf16 runner's rows (the reduction reads that type).
+__device__ __forceinline__ void store_slot_pair(const Fp8RunParams& p, const Work& w, int32_t slot, int col,
+                                                float a0, float a1) {
+  const int64_t idx = int64_t(slot) * p.H + col;
+  if (p.dtype == DType::bf16)
+    *reinterpret_cast<uint32_t*>(reinterpret_cast<__nv_bfloat16*>(w.out2) + idx) = pack2<__nv_bfloat16>(a0, a1);
+  else if (p.dtype == DType::f16)
+    *reinterpret_cast<uint32_t*>(reinterpret_cast<__half*>(w.out2) + idx) = pack2<__half>(a0, a1);
+  else
+    *reinterpret_cast<float2*>(w.out2 + idx) = make_float2(a0, a1);
 }
 
 // A row `pos` of the tile (GEMM1: the token's codes; GEMM2: h's codes) and
@@ -446,7 +540,7 @@ __global__ void __launch_bounds__(Cfg::THREADS) fp8_gemm_kernel(Fp8RunParams p, 
         if (col >= N) continue;  // N % 16 == 0: col + 1 < N as well
         const float a0 = acc[0][mi][ni][half * 2] * f, a1 = acc[0][mi][ni][half * 2 + 1] * f;
         if (MODE == kGemm2) {
-          *reinterpret_cast<float2*>(w.out2 + int64_t(slot) * p.H + col) = make_float2(a0, a1);
+          store_slot_pair(p, w, slot, col, a0, a1);
         } else {
           float h0 = gemm::activate(p.activation, a0), h1 = gemm::activate(p.activation, a1);
           if (MODE == kGemm1Gated) {
@@ -543,7 +637,8 @@ struct Fp8WgMath {
 
   // The K loop: step(parity, kt) issues K block kt (its scales, staging and
   // MMAs into part[kt % 2]); then the MMAs of kt - 1 are waited for, done(kt
-  // - 1) is called and they are promoted while those of kt run. Peeled so
+  // - 1) is called and they are promoted while those of kt run (the last
+  // block: waited for, done, promoted). Peeled so
   // that every path has the same block in flight at each wait (ptxas
   // serializes the MMAs when it cannot tell).
   template <class Step, class Done>
@@ -555,6 +650,7 @@ struct Fp8WgMath {
     for (int kt = 1;; kt += 2) {
       if (kt >= KT) {
         wg::wait<0>();
+        done(kt - 1);
         promote<0>(sa[0], sw[0]);
         return;
       }
@@ -564,6 +660,7 @@ struct Fp8WgMath {
       promote<0>(sa[0], sw[0]);
       if (kt + 1 >= KT) {
         wg::wait<0>();
+        done(kt);
         promote<1>(sa[1], sw[1]);
         return;
       }
@@ -602,7 +699,7 @@ struct Fp8WgMath {
         if (col >= N) continue;  // N % 16 == 0: col + 1 < N as well
         const float a0 = acc[4 * j + 2 * h] * f, a1 = acc[4 * j + 2 * h + 1] * f;
         if (MODE == kGemm2) {
-          *reinterpret_cast<float2*>(w.out2 + int64_t(slot) * p.H + col) = make_float2(a0, a1);
+          store_slot_pair(p, w, slot, col, a0, a1);
         } else {
           float h0 = gemm::activate(p.activation, a0), h1 = gemm::activate(p.activation, a1);
           if (MODE == kGemm1Gated) {
@@ -693,16 +790,17 @@ __global__ void __launch_bounds__(WG_THREADS, 1) fp8_wgmma_kernel(Fp8RunParams p
   m.store(p, w, ti, n0);
 }
 
-// Token codes in sorted order for variant 2's GEMM1: xqs[pos] = xq[slot / K],
-// or zeros (positions that hold no slot).
+// Token codes in sorted order for variant 2's GEMM1: xqs[pos] = xq[slot / K]
+// for the positions before offsets[E_loc], or zeros (positions that hold no
+// slot).
 __global__ void sort_codes_kernel(Fp8RunParams p, Work w) {
-  gemm::gather_rows_sorted(w.xq, w.xqs, p.H / 16, p.sorted_slots, w.n, p.K);
+  gemm::gather_rows_sorted(w.xq, w.xqs, p.H / 16, p.sorted_slots, w.n, p.K, p.offsets + p.E_loc);
 }
 
 template <int MODE, bool BLOCK>
 __global__ void __launch_bounds__(WS_THREADS, 1)
     fp8_wgmma_tma_kernel(Fp8RunParams p, Work w, const __grid_constant__ CUtensorMap map_a,
-                         const __grid_constant__ CUtensorMap map_b) {
+                         const __grid_constant__ CUtensorMap map_b, int tiles, int cols) {
   using Math = Fp8WgMath<MODE, BLOCK>;
   constexpr int BNS = Math::BNS;
   extern __shared__ unsigned char fp8_wg_smem_raw[];
@@ -710,13 +808,17 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
   const int tid = threadIdx.x;
   const WgStaging st(fp8_wg_smem_raw, tid);  // only its aligned buffers are used here
   const wg::Pipeline<WG_STAGES> pipe(bars);
-
-  Tile ti;
-  const gemm::BlockPos bp = gemm::grouped_block(gemm::kRasterGroup);
-  if (!gemm::find_tile<WG_BM>(w.tile_start, p.offsets, p.E_loc, w.n, bp.tile, ti)) return;
-  const int n0 = bp.col * BNS;
   const int Kdim = MODE == kGemm2 ? p.I : p.H;
   const int KT = (Kdim + BK - 1) / BK;
+  // Persistent: block b takes items b, b + gridDim.x, ... of the grouped
+  // order over (row tile, column tile); the pipeline runs on across items,
+  // so the next item's loads overlap this one's last MMAs and epilogue.
+  const int64_t items = int64_t(tiles) * cols;
+  auto item = [&](int64_t u, Tile& ti, int& n0) {
+    const gemm::BlockPos bp = gemm::grouped_pos(u, tiles, cols, gemm::kRasterGroup);
+    n0 = bp.col * BNS;
+    return gemm::find_tile<WG_BM>(w.tile_start, p.offsets, p.E_loc, w.n, bp.tile, ti);
+  };
   if (tid == 0) pipe.init(2);
   __syncthreads();
 
@@ -724,36 +826,49 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
     wg::setmaxnreg_dec<40>();
     if (tid == 0) {
       const int rows_w = MODE == kGemm2 ? p.H : (Math::NSETS * p.I);
-      const int b_row0 = ti.e * rows_w + weight_row<MODE>(p, 0, n0);
-      const int b_row1 = ti.e * rows_w + weight_row<MODE>(p, Math::NSETS - 1, n0);
-      for (int kt = 0; kt < KT; ++kt) {
-        const int s = kt % WG_STAGES;
-        const uint32_t bar = pipe.produce(kt, WgStaging::STAGE_BYTES);
-        const int k0 = kt * BK;
-        wg::tma_load_2d(st.a_tile(s), &map_a, k0, ti.row_begin, bar);
-        wg::tma_load_2d(st.b_tile(s), &map_b, k0, b_row0, bar);
-        if (MODE == kGemm1Gated)
-          wg::tma_load_2d(st.b_tile(s) + uint32_t(BNS) * wg::kRowBytes, &map_b, k0, b_row1, bar);
+      int g = 0;  // pipeline step over all items
+      for (int64_t u = blockIdx.x; u < items; u += gridDim.x) {
+        Tile ti;
+        int n0;
+        if (!item(u, ti, n0)) continue;
+        const int b_row0 = ti.e * rows_w + weight_row<MODE>(p, 0, n0);
+        const int b_row1 = ti.e * rows_w + weight_row<MODE>(p, Math::NSETS - 1, n0);
+        for (int kt = 0; kt < KT; ++kt, ++g) {
+          const int s = g % WG_STAGES;
+          const uint32_t bar = pipe.produce(g, WgStaging::STAGE_BYTES);
+          const int k0 = kt * BK;
+          wg::tma_load_2d(st.a_tile(s), &map_a, k0, ti.row_begin, bar);
+          wg::tma_load_2d(st.b_tile(s), &map_b, k0, b_row0, bar);
+          if (MODE == kGemm1Gated)
+            wg::tma_load_2d(st.b_tile(s) + uint32_t(BNS) * wg::kRowBytes, &map_b, k0, b_row1, bar);
+        }
       }
     }
     return;
   }
 
   wg::setmaxnreg_inc<232>();
-  Math m(p, w, ti, n0, tid / 128 - 1);
-  // As variant 1: issue K block kt, wait for kt - 1, return its buffer to
-  // the producer and promote it.
-  float sa[2][2], sw[2][Math::NSETS];
-  auto step = [&](auto parity, int kt) {
-    constexpr int B = decltype(parity)::value;
-    m.scales(kt, sa[B], sw[B]);
-    pipe.consume(kt);
-    m.template issue<B>(st.a_tile(kt % WG_STAGES), st.b_tile(kt % WG_STAGES));
-  };
-  m.fp8_pipeline(KT, sa, sw, step, [&](int done) {
-    if (tid % 128 == 0) pipe.release(done);  // K block done's MMAs are complete
-  });
-  m.store(p, w, ti, n0);
+  int g0 = 0;  // pipeline step of the item's first K block
+  for (int64_t u = blockIdx.x; u < items; u += gridDim.x) {
+    Tile ti;
+    int n0;
+    if (!item(u, ti, n0)) continue;
+    Math m(p, w, ti, n0, tid / 128 - 1);
+    // As variant 1: issue K block kt, wait for kt - 1, return its buffer to
+    // the producer and promote it.
+    float sa[2][2], sw[2][Math::NSETS];
+    auto step = [&](auto parity, int kt) {
+      constexpr int B = decltype(parity)::value;
+      m.scales(kt, sa[B], sw[B]);
+      pipe.consume(g0 + kt);
+      m.template issue<B>(st.a_tile((g0 + kt) % WG_STAGES), st.b_tile((g0 + kt) % WG_STAGES));
+    };
+    m.fp8_pipeline(KT, sa, sw, step, [&](int done) {
+      if (tid % 128 == 0) pipe.release(g0 + done);  // K block done's MMAs are complete
+    });
+    m.store(p, w, ti, n0);
+    g0 += KT;
+  }
 }
 
 // Variant 2: false when a tensor map cannot be made (the caller falls back).
@@ -776,7 +891,14 @@ bool launch_gemm_tma(const Fp8RunParams& p, const Work& w, dim3 grid, cudaStream
   if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(WgStaging::SMEM_BYTES)) !=
       cudaSuccess)
     return false;
-  kernel<<<grid, WS_THREADS, WgStaging::SMEM_BYTES, stream>>>(p, w, map_a, map_b);
+  // One block per SM (the buffers take most of its shared memory).
+  int dev = 0, sms = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || sms <= 0)
+    return false;
+  const int64_t items = int64_t(grid.x) * grid.y;
+  const unsigned blocks = unsigned(std::max<int64_t>(1, std::min<int64_t>(items, sms)));
+  kernel<<<blocks, WS_THREADS, WgStaging::SMEM_BYTES, stream>>>(p, w, map_a, map_b, int(grid.x), int(grid.y));
   return true;
 }
 
@@ -850,7 +972,6 @@ int pick_rows(int64_t n, int E_loc, int mode) {
 // The bf16 runner's parameters for its id check and reduction.
 MoeRunParams reduce_params(const Fp8RunParams& p) {
   MoeRunParams r{};
-  r.slot_rows_f32 = true;  // this runner's GEMM2 writes f32 rows
   r.dtype = p.dtype;
   r.E_loc = p.E_loc;
   r.H = p.H;
@@ -900,7 +1021,9 @@ cudaError_t launch_fp8_run(const Fp8RunParams& p, cudaStream_t stream) {
   w.out2 = moe_run_slot_rows(rp);  // inside the bf16 runner's layout at the front
   w.n = n;
 
-  const int mode = wgmma_mode();
+  // Variant 2 (persistent, TMA producer) unless MOE_RUNNER_WGMMA says
+  // otherwise (3: the bf16 runner's mix, here 1).
+  const int mode = wgmma_mode(2) == 3 ? 1 : wgmma_mode(2);
   const int rows = pick_rows(n, p.E_loc, mode);
   auto tile_map = rows == 16   ? gemm::tile_map_kernel<16>
                   : rows == 32 ? gemm::tile_map_kernel<32>

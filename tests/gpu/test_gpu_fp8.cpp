@@ -445,6 +445,29 @@ TEST_CASE("gpu.fp8.wide_tiles") {
   check_case(gated, 257, true);
 }
 
+TEST_CASE("gpu.fp8.persistent_items") {
+  // More (row tile, column tile) items than an H100 has SMs, so that each
+  // block of the persistent TMA kernel (the default 128-row path on sm_90a)
+  // walks several items and its pipeline runs on across them; against the
+  // CPU backend only (the float64 reference is too slow here).
+  Case block = silu_gated(MOE_QUANT_FP8_BLOCK_128, MOE_ACT_SCALE_DYNAMIC);
+  block.E = 8;
+  block.ep_size = 1;
+  block.ep_rank = 0;
+  block.k = 2;
+  block.H = 512;
+  block.I = 384;
+  check_case(block, 4096, false);  // 64 row tiles: 384 and 256 items
+  Case tensor = relu2_plain(MOE_QUANT_FP8_PER_TENSOR, MOE_ACT_SCALE_DYNAMIC);
+  tensor.E = 4;
+  tensor.ep_size = 1;
+  tensor.ep_rank = 0;
+  tensor.k = 2;
+  tensor.H = 272;
+  tensor.I = 144;
+  check_case(tensor, 4096, false);  // k and column tails; 128 and 192 items
+}
+
 TEST_CASE("gpu.fp8.static_scale_zero") {
   auto rng = fresh_rng();
   Case c = silu_gated(MOE_QUANT_FP8_PER_TENSOR, MOE_ACT_SCALE_STATIC);
