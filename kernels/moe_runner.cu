@@ -1014,6 +1014,20 @@ void launch_wgmma_stage(const MoeRunParams& p, const Work& w, unsigned tiles, bo
     launch_wgmma_mode<T, kGemm1Plain>(p, w, tiles, p.I, mode, stream);
 }
 
+// The bf16/f16 128-row kernel when MOE_RUNNER_WGMMA is unset: variant 2
+// (TMA, persistent 2-block clusters) for expert matrices of at least
+// kLargeExpertElems elements with at most one 128-row tile of slots per
+// expert on average (were every slot local), variant 1 otherwise. Runs 41
+// and 42 (H100): Mixtral (58.7M elements) at T=256 (64 slots per expert)
+// 1023.7 us on variant 2 against 1080-1082 us on variant 1 in both runs;
+// at T >= 1024 the two within run-to-run spread of each other (variant 1
+// ahead at T=1024 in both runs); Qwen3 (1.6M) and the DeepSeek slice
+// (14.7M) 1-7% slower on variant 2 at T >= 4096.
+constexpr int64_t kLargeExpertElems = int64_t(1) << 25;
+int bf16_wgmma_default(const MoeRunParams& p, int64_t n) {
+  return int64_t(p.H) * p.I >= kLargeExpertElems && n <= int64_t(WG_BM) * p.E_loc ? 2 : 1;
+}
+
 // rows_bound: the most rows the tiles of this candidate can cover.
 template <class T>
 void launch_tc_rows(const MoeRunParams& p, const Work& w, int bm, int64_t rows_bound, bool second,
@@ -1031,7 +1045,7 @@ void launch_tc_rows(const MoeRunParams& p, const Work& w, int bm, int64_t rows_b
     case 64: launch_tc_stage<T, CfgMid, CfgMid>(p, w, tiles, second, stream); break;
     default:
       static_assert(WG_BM == CfgWide1::BM, "the wgmma path replaces the 128-row tiles");
-      if (const int mode = wgmma_mode())
+      if (const int mode = wgmma_mode(bf16_wgmma_default(p, w.n)))
         launch_wgmma_stage<T>(p, w, tiles, second, mode, stream);
       else
         launch_tc_stage<T, CfgWide1, CfgWide2>(p, w, tiles, second, stream);
@@ -1084,7 +1098,7 @@ int decode_stages(int64_t matrix_elems) {
 // takes 3 as 1). Not 0 only when the library was built for sm_90a alone
 // among the 9.x targets (MOE_CUDA_WGMMA, set by CMake) and the current
 // device is compute capability 9.0; MOE_RUNNER_WGMMA=0|1|2|3 chooses
-// (unset: `unset`, 1 for the bf16 runner, 2 for the FP8 runner).
+// (unset: `unset`; the bf16 runner passes bf16_wgmma_default, the FP8 runner 2).
 int wgmma_mode(int unset) {
 #if defined(MOE_CUDA_WGMMA)
   static const int env_mode = [] {

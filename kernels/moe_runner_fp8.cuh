@@ -5,12 +5,14 @@
 //
 //   1. quantize the token rows: E4M3 codes [T, H] and f32 scales per token
 //      (per 128 columns for BLOCK_128), dynamic (amax / 448) or static;
-//   2. GEMM1 on FP8 tensor cores (mma.sync m16n8k32 e4m3, f32 accumulation,
-//      promoted to an f32 total every 128 columns of K with its scales), the
-//      gather through sorted_slots fused into the A loads, activation in the
-//      epilogue, h in f32 at each sorted position;
+//   2. GEMM1 on FP8 tensor cores (mma.sync m16n8k32 e4m3 on 16-, 32- or
+//      64-row tiles, or on sm_90a wgmma m64n128k32 e4m3 on 128-row tiles;
+//      f32 accumulation promoted to an f32 total every 128 columns of K with
+//      its scales), the gather through sorted_slots fused into the A loads
+//      (or a sorted copy of the token codes for the TMA variant), activation
+//      in the epilogue, h in f32 at each sorted position;
 //   3. quantize h the same way (rows past offsets[E_loc] skipped on the device);
-//   4. GEMM2 the same way into per-slot f32 rows;
+//   4. GEMM2 the same way into per-slot rows of the activation dtype;
 //   5. the bf16 runner's deterministic reduction (launch_moe_reduce).
 // docs/fp8.md has the math and the rounding rules (those of src/cpu/runner.cpp).
 #pragma once
