@@ -3,6 +3,7 @@
 #include <cuda_fp8.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <type_traits>
 
 #include "common.cuh"
@@ -962,6 +963,14 @@ cudaError_t launch_gemms(const Fp8RunParams& p, const Work& w, int rows, int mod
 // (sm_90a) or 64. Only speed depends on the 16/32/64 choice (bitwise the same
 // results); the 128-row wgmma tiles accumulate differently (docs/fp8.md).
 int pick_rows(int64_t n, int E_loc, int mode) {
+  // MOE_RUNNER_TILE_ROWS=16|32|64|128 forces a row tile (benchmark sweeps;
+  // 128 only where the wgmma kernels run).
+  static const int forced = [] {
+    const char* v = std::getenv("MOE_RUNNER_TILE_ROWS");
+    const int r = v ? std::atoi(v) : 0;
+    return (r == 16 || r == 32 || r == 64 || r == WG_BM) ? r : 0;
+  }();
+  if (forced && (forced != WG_BM || mode != 0)) return forced;
   const double per_expert = double(n) / E_loc;
   if (per_expert <= 10) return 16;
   if (per_expert <= 24) return 32;
