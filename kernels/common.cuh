@@ -198,16 +198,15 @@ constexpr int kRasterGroup = 8;
 constexpr int kTmaPadRows = 128;
 
 // Grid-stride copy of token rows into sorted order: dst row pos = src row
-// (sorted_slots[pos] / K) for pos in [0, *valid) (valid: the dispatcher's
-// offsets[E_loc], clamped to [0, n]), in 16-byte chunks (row_chunks per
-// row), zeros where the position holds no valid slot index and in the
-// kTmaPadRows rows after *valid. Later rows are not written: no tile reads
-// them, and under expert parallelism they are most of the n rows.
+// (sorted_slots[pos] / K) for pos in [0, offsets[E]) (the dispatcher's end
+// of the last local expert, clamped to [0, n]), in 16-byte chunks
+// (row_chunks per row), zeros where the position holds no valid slot index
+// and in the kTmaPadRows rows after offsets[E]. Later rows are not written:
+// no tile reads them, and under expert parallelism they are most of the n rows.
 __device__ __forceinline__ void gather_rows_sorted(const void* src, void* dst, int row_chunks,
                                                    const int32_t* sorted_slots, int64_t n, int K,
-                                                   const int32_t* valid) {
-  const int64_t v = *valid;
-  const int64_t rows = v < 0 ? 0 : (v < n ? v : n);
+                                                   const int32_t* offsets, int E) {
+  const int64_t rows = clamped_offset(offsets, n, E);
   const int64_t total = (rows + kTmaPadRows < n ? rows + kTmaPadRows : n) * row_chunks;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
        i += int64_t(gridDim.x) * blockDim.x) {

@@ -551,7 +551,7 @@ __global__ void sort_rows_kernel(MoeRunParams p, Work w) {
   pdl_wait();  // first: see launch_pdl
   pdl_trigger();
   if (*w.rows != WG_BM) return;
-  gemm::gather_rows_sorted(p.x, w.xs, p.H * int(sizeof(T)) / 16, p.sorted_slots, w.n, p.K, p.offsets + p.E_loc);
+  gemm::gather_rows_sorted(p.x, w.xs, p.H * int(sizeof(T)) / 16, p.sorted_slots, w.n, p.K, p.offsets, p.E_loc);
 }
 
 // One work item of the persistent cluster kernel: this block's tile and

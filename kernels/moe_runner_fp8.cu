@@ -795,7 +795,7 @@ __global__ void __launch_bounds__(WG_THREADS, 1) fp8_wgmma_kernel(Fp8RunParams p
 // for the positions before offsets[E_loc], or zeros (positions that hold no
 // slot).
 __global__ void sort_codes_kernel(Fp8RunParams p, Work w) {
-  gemm::gather_rows_sorted(w.xq, w.xqs, p.H / 16, p.sorted_slots, w.n, p.K, p.offsets + p.E_loc);
+  gemm::gather_rows_sorted(w.xq, w.xqs, p.H / 16, p.sorted_slots, w.n, p.K, p.offsets, p.E_loc);
 }
 
 template <int MODE, bool BLOCK>
@@ -1032,7 +1032,8 @@ cudaError_t launch_fp8_run(const Fp8RunParams& p, cudaStream_t stream) {
 
   // Variant 2 (persistent, TMA producer) unless MOE_RUNNER_WGMMA says
   // otherwise (3: the bf16 runner's mix, here 1).
-  const int mode = wgmma_mode(2) == 3 ? 1 : wgmma_mode(2);
+  const int asked = wgmma_mode(2);
+  const int mode = asked == 3 ? 1 : asked;
   const int rows = pick_rows(n, p.E_loc, mode);
   auto tile_map = rows == 16   ? gemm::tile_map_kernel<16>
                   : rows == 32 ? gemm::tile_map_kernel<32>

@@ -55,20 +55,27 @@ run_tests() {  # LABEL CASES ENV...
   note "$label rc=$r $((SECONDS - start))s: $(grep -E '^\[doctest\] test cases' "$out/gpu_tests.log" | tail -n 1)"
   return $r
 }
-status=0
-if [ "$phase" = check ] || [ "$phase" = check2 ]; then
-  mode=$([ "$phase" = check ] && echo 1 || echo 2)
-  wide='gpu.runner.wide_tiles_odd_sizes,gpu.fp8.wide_tiles'
-  run_tests "runner+graph+fp8 (variant $mode)" 'gpu.runner.*,gpu.graph*,gpu.fp8.*' MOE_RUNNER_WGMMA=$mode ||
-    { status=1; run_tests "wide-tile cases (mma.sync)" "$wide" MOE_RUNNER_WGMMA=0; }
+wide='gpu.runner.wide_tiles_odd_sizes,gpu.fp8.wide_tiles'
+# sanitize_wide MODE TIMEOUT_S: memcheck and racecheck over the 128-row
+# cases under MOE_RUNNER_WGMMA=MODE.
+sanitize_wide() {
+  local tool start r
   for tool in memcheck racecheck; do
     start=$SECONDS
-    MOE_RUNNER_WGMMA=$mode timeout 90 compute-sanitizer --tool "$tool" --error-exitcode 9 "$tests" \
+    MOE_RUNNER_WGMMA=$1 timeout "$2" compute-sanitizer --tool "$tool" --error-exitcode 9 "$tests" \
       -tc="$wide" >> "$out/sanitize.log" 2>&1
     r=$?
     [ $r -eq 0 ] || status=1
-    note "$tool (variant $mode) rc=$r $((SECONDS - start))s: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$out/sanitize.log" | tail -n 1)"
+    note "$tool (variant $1) rc=$r $((SECONDS - start))s: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$out/sanitize.log" | tail -n 1)"
   done
+}
+
+status=0
+if [ "$phase" = check ] || [ "$phase" = check2 ]; then
+  mode=$([ "$phase" = check ] && echo 1 || echo 2)
+  run_tests "runner+graph+fp8 (variant $mode)" 'gpu.runner.*,gpu.graph*,gpu.fp8.*' MOE_RUNNER_WGMMA=$mode ||
+    { status=1; run_tests "wide-tile cases (mma.sync)" "$wide" MOE_RUNNER_WGMMA=0; }
+  sanitize_wide "$mode" 90
   [ $status -eq 0 ] && note "$phase: all passed" || note "$phase: FAILURES"
   exit $status
 fi
@@ -78,17 +85,9 @@ if [ "$phase" = modes ]; then
   # libmoe-only prefill timings, for variant 1 and each of MOE_TRIAL_MODES.
   modes=${MOE_TRIAL_MODES:-2 3}
   export MOE_TRIAL_TEST_TIMEOUT=${MOE_TRIAL_TEST_TIMEOUT:-120}  # a hang must not eat the call
-  wide='gpu.runner.wide_tiles_odd_sizes,gpu.fp8.wide_tiles'
   for mode in $modes; do
     run_tests "runner+graph+fp8 (variant $mode)" 'gpu.runner.*,gpu.graph*,gpu.fp8.*' MOE_RUNNER_WGMMA=$mode || status=1
-    for tool in memcheck racecheck; do
-      start=$SECONDS
-      MOE_RUNNER_WGMMA=$mode timeout 60 compute-sanitizer --tool "$tool" --error-exitcode 9 "$tests" \
-        -tc="$wide" >> "$out/sanitize.log" 2>&1
-      r=$?
-      [ $r -eq 0 ] || status=1
-      note "$tool (variant $mode) rc=$r $((SECONDS - start))s: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$out/sanitize.log" | tail -n 1)"
-    done
+    sanitize_wide "$mode" 60
   done
   export PYTHONUNBUFFERED=1 PYTHONPATH="$root/bindings/python" MOE_LIB_PATH="$build"
   for mode in 1 $modes; do
@@ -111,16 +110,8 @@ if [ "$phase" = verify ]; then
     grep '^fp8 case' "$build/fp8_mode$mode.log" | sed "s/^/mode $mode: /" >> "$summary"
   done
   run_tests "runner+graph (variant 2)" 'gpu.runner.*,gpu.graph*' MOE_RUNNER_WGMMA=2 || status=1
-  wide='gpu.runner.wide_tiles_odd_sizes,gpu.fp8.wide_tiles'
   for mode in 1 2; do
-    for tool in memcheck racecheck; do
-      start=$SECONDS
-      MOE_RUNNER_WGMMA=$mode timeout 90 compute-sanitizer --tool "$tool" --error-exitcode 9 "$tests" \
-        -tc="$wide" >> "$out/sanitize.log" 2>&1
-      r=$?
-      [ $r -eq 0 ] || status=1
-      note "$tool (variant $mode) rc=$r $((SECONDS - start))s: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$out/sanitize.log" | tail -n 1)"
-    done
+    sanitize_wide "$mode" 90
   done
 fi
 

@@ -306,6 +306,18 @@ Case silu_gated(int quant, int act_scale) {
   return c;
 }
 
+// c with its expert layout (E experts over ep_size ranks, this one ep_rank),
+// top-k and sizes replaced.
+Case sized(Case c, int E, int ep_size, int ep_rank, int k, int H, int I) {
+  c.E = E;
+  c.ep_size = ep_size;
+  c.ep_rank = ep_rank;
+  c.k = k;
+  c.H = H;
+  c.I = I;
+  return c;
+}
+
 Case relu2_plain(int quant, int act_scale) {
   Case c = silu_gated(quant, act_scale);
   c.name = "relu2 non-gated";
@@ -418,29 +430,9 @@ TEST_CASE("gpu.fp8.wide_tiles") {
   // path on sm_90a), with partial row tiles, and for per-tensor scales an H
   // and I that are multiples of 16 but not of the 128-byte K block or the
   // 128-column tile (k and column tails). Small enough for the sanitizers.
-  Case block = silu_gated(MOE_QUANT_FP8_BLOCK_128, MOE_ACT_SCALE_DYNAMIC);
-  block.E = 4;
-  block.ep_size = 2;
-  block.ep_rank = 0;
-  block.k = 2;
-  block.H = 256;
-  block.I = 128;
-  check_case(block, 300, true);
-  Case tensor = relu2_plain(MOE_QUANT_FP8_PER_TENSOR, MOE_ACT_SCALE_DYNAMIC);
-  tensor.E = 4;
-  tensor.ep_size = 2;
-  tensor.ep_rank = 1;
-  tensor.k = 2;
-  tensor.H = 272;
-  tensor.I = 144;
-  check_case(tensor, 300, true);
-  Case gated = silu_gated(MOE_QUANT_FP8_PER_TENSOR, MOE_ACT_SCALE_DYNAMIC);
-  gated.E = 2;
-  gated.ep_size = 1;
-  gated.ep_rank = 0;
-  gated.k = 1;
-  gated.H = 272;
-  gated.I = 144;
+  check_case(sized(silu_gated(MOE_QUANT_FP8_BLOCK_128, MOE_ACT_SCALE_DYNAMIC), 4, 2, 0, 2, 256, 128), 300, true);
+  check_case(sized(relu2_plain(MOE_QUANT_FP8_PER_TENSOR, MOE_ACT_SCALE_DYNAMIC), 4, 2, 1, 2, 272, 144), 300, true);
+  Case gated = sized(silu_gated(MOE_QUANT_FP8_PER_TENSOR, MOE_ACT_SCALE_DYNAMIC), 2, 1, 0, 1, 272, 144);
   gated.swap = true;
   check_case(gated, 257, true);
 }
@@ -450,22 +442,10 @@ TEST_CASE("gpu.fp8.persistent_items") {
   // block of the persistent TMA kernel (the default 128-row path on sm_90a)
   // walks several items and its pipeline runs on across them; against the
   // CPU backend only (the float64 reference is too slow here).
-  Case block = silu_gated(MOE_QUANT_FP8_BLOCK_128, MOE_ACT_SCALE_DYNAMIC);
-  block.E = 8;
-  block.ep_size = 1;
-  block.ep_rank = 0;
-  block.k = 2;
-  block.H = 512;
-  block.I = 384;
-  check_case(block, 4096, false);  // 64 row tiles: 384 and 256 items
-  Case tensor = relu2_plain(MOE_QUANT_FP8_PER_TENSOR, MOE_ACT_SCALE_DYNAMIC);
-  tensor.E = 4;
-  tensor.ep_size = 1;
-  tensor.ep_rank = 0;
-  tensor.k = 2;
-  tensor.H = 272;
-  tensor.I = 144;
-  check_case(tensor, 4096, false);  // k and column tails; 128 and 192 items
+  // 64 row tiles: 384 and 256 items.
+  check_case(sized(silu_gated(MOE_QUANT_FP8_BLOCK_128, MOE_ACT_SCALE_DYNAMIC), 8, 1, 0, 2, 512, 384), 4096, false);
+  // k and column tails; 128 and 192 items.
+  check_case(sized(relu2_plain(MOE_QUANT_FP8_PER_TENSOR, MOE_ACT_SCALE_DYNAMIC), 4, 1, 0, 2, 272, 144), 4096, false);
 }
 
 TEST_CASE("gpu.fp8.static_scale_zero") {
