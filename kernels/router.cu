@@ -281,10 +281,21 @@ __device__ __forceinline__ void load_f32(const T* __restrict__ src, float (&out)
 }
 
 // Order-preserving map of a non-NaN float to uint32 (-0 counts as +0, as
-// float == does); 0 is left free to mean "no candidate".
-__device__ __forceinline__ uint32_t ordered_bits(float x) {
-  const uint32_t u = __float_as_uint(x == 0.0f ? 0.0f : x);
-  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+// float == does: x + 0.0f turns -0 into +0); -inf, "not selectable", maps
+// to 0, which no selectable key takes.
+__device__ __forceinline__ uint32_t key_bits(float x) {
+  const uint32_t u = __float_as_uint(x + 0.0f);
+  const uint32_t k = u ^ (uint32_t(int32_t(u) >> 31) | 0x80000000u);
+  return x == -INFINITY ? 0u : k;
+}
+
+// 1 / x for 1 <= x < 2^126: the approximate reciprocal and one Newton step,
+// which is the fast path CUDA's IEEE division takes for such x (so the same
+// bits as 1.0f / x), without its per-value range check and branch.
+__device__ __forceinline__ float recip_fast(float x) {
+  float r;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+  return fmaf(r, fmaf(-x, r, 1.0f), r);
 }
 
 __device__ __forceinline__ uint32_t warp_max_u32(uint32_t v) {
@@ -309,17 +320,14 @@ __device__ __forceinline__ uint32_t warp_min_u32(uint32_t v) {
 
 // The lane's best candidate: largest ordered key, lowest j on ties (0: none).
 template <int V>
-__device__ __forceinline__ void lane_best(const uint32_t (&key)[V], const float (&s)[V],
-                                          uint32_t& bk, int& bj, float& bs) {
+__device__ __forceinline__ void lane_best(const uint32_t (&key)[V], uint32_t& bk, int& bj) {
   bk = 0;
   bj = 0;
-  bs = 0.0f;
 #pragma unroll
   for (int j = 0; j < V; ++j) {
     if (key[j] > bk) {
       bk = key[j];
       bj = j;
-      bs = s[j];
     }
   }
 }
@@ -351,30 +359,42 @@ __global__ void __launch_bounds__(32 * kFastWarps, V <= 8 ? 8 : 4)
   }
 
   // s = sigmoid(z) (the weight), c = s + b (the key; -inf: not selectable).
+  // The reciprocal's fast path for every value; only where a lane holds a
+  // NaN, Inf or huge 1 + exp(-z) does the warp redo them by IEEE division.
   float s[V], c[V];
+  bool exact = false;
 #pragma unroll
   for (int j = 0; j < V; ++j) {
-    s[j] = sigmoid(z[j]);
+    const float x = 1.0f + expf(-z[j]);
+    exact |= !(x < 0x1p126f);
+    s[j] = recip_fast(x);
+  }
+  if (__any_sync(kFullMask, exact)) {
+#pragma unroll
+    for (int j = 0; j < V; ++j) s[j] = sigmoid(z[j]);
+  }
+  // selectable(z) && selectable(kk) in two compares: a NaN z makes s and
+  // kk NaN, and kk > -inf is false for NaN and -inf.
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
     const float kk = s[j] + b[j];
-    c[j] = selectable(z[j]) && selectable(kk) ? kk : -INFINITY;
+    c[j] = z[j] != -INFINITY && kk > -INFINITY ? kk : -INFINITY;
   }
 
-  // Group stage: the L = 32 / n_group lanes of a group merge their top-2.
+  // Group stage: the L = 32 / n_group lanes of a group merge their top-2
+  // (n_group divides 32: a power of two, so shifts, not divisions).
   if (p.n_group > 1) {
-    const int L = 32 / p.n_group;
+    const int lg = __ffs(p.n_group) - 1, L = 32 >> lg;
+    // Top-2 of the lane's keys as a multiset (equal values both count),
+    // branch-free: a -inf key (not selectable) changes neither.
     float t1 = -INFINITY, t2 = -INFINITY;
     int cnt = 0;
 #pragma unroll
     for (int j = 0; j < V; ++j) {
       const float v = c[j];
-      if (v == -INFINITY) continue;
-      ++cnt;
-      if (v > t1) {
-        t2 = t1;
-        t1 = v;
-      } else if (v > t2) {
-        t2 = v;
-      }
+      cnt += v != -INFINITY;
+      t2 = fmaxf(t2, fminf(t1, v));
+      t1 = fmaxf(t1, v);
     }
     for (int o = 1; o < L; o <<= 1) {
       const float o1 = __shfl_xor_sync(kFullMask, t1, o);
@@ -386,7 +406,7 @@ __global__ void __launch_bounds__(32 * kFastWarps, V <= 8 ? 8 : 4)
     }
     cnt = min(cnt, 2);
     const float score = cnt == 2 ? t1 + t2 : t1;
-    const int g = lane / L;
+    const int g = lane >> (5 - lg);
     int rank = 0;  // groups ranked above g
     for (int h = 0; h < p.n_group; ++h) {
       const int hc = __shfl_sync(kFullMask, cnt, h * L);
@@ -401,34 +421,36 @@ __global__ void __launch_bounds__(32 * kFastWarps, V <= 8 ? 8 : 4)
 
   uint32_t key[V];
 #pragma unroll
-  for (int j = 0; j < V; ++j) key[j] = c[j] == -INFINITY ? 0u : ordered_bits(c[j]);
+  for (int j = 0; j < V; ++j) key[j] = key_bits(c[j]);
 
-  // Top-k: slot n lives in lane n (k <= 32); every lane sums the chosen s in
-  // slot order, the CPU's order.
+  // Top-k: slot n lives in lane n (k <= 32).
   uint32_t bk;
   int bj;
-  float bs;
-  lane_best<V>(key, s, bk, bj, bs);
-  float sum = 0.0f, my_s = 0.0f;
+  lane_best<V>(key, bk, bj);
   int my_id = -1, n = 0;
   for (; n < p.k; ++n) {
     const uint32_t m = warp_max_u32(bk);
     if (m == 0) break;  // no selectable expert left (uniform)
     const uint32_t win = warp_min_u32(bk == m ? uint32_t(lane * V + bj) : 0xffffffffu);
-    const int wl = int(win) / V;
-    const float sv = __shfl_sync(kFullMask, bs, wl);
-    sum += sv;
-    if (lane == n) {
-      my_id = int(win);
-      my_s = sv;
-    }
-    if (lane == wl) {
+    if (lane == n) my_id = int(win);
+    if (lane == int(win) / V) {
 #pragma unroll
       for (int j = 0; j < V; ++j)
         if (j == bj) key[j] = 0u;
-      lane_best<V>(key, s, bk, bj, bs);
+      lane_best<V>(key, bk, bj);
     }
   }
+  // The chosen weights: lane i < n fetches s of its expert from the lane
+  // that holds it, and every lane sums them in slot order, the CPU's order.
+  float my_s = 0.0f;
+  const int src = my_id < 0 ? 0 : my_id / V, jj = my_id < 0 ? 0 : my_id % V;
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+    const float v = __shfl_sync(kFullMask, s[j], src);
+    if (j == jj) my_s = v;
+  }
+  float sum = 0.0f;
+  for (int i = 0; i < n; ++i) sum += __shfl_sync(kFullMask, my_s, i);
 
   const int cols = p.k + p.n_shared;
   int32_t* ids = p.ids + t * cols;

@@ -5,7 +5,9 @@
 # Builds like scripts/bench_gpu.sh (Release, sm_90a, NCCL off; an existing
 # build folder is reused), then runs `bench/moe_bench.py --no-peers` for each
 # case under ncu, profiling the first MOE_PROFILE_LAUNCHES (default 8) launches
-# of libmoe's kernels: duration, speed of light, memory, warp stalls.
+# of libmoe's kernels: duration, speed of light, memory, scheduler and warp
+# stalls, instruction mix. MOE_PROFILE_KERNELS replaces the kernel regex
+# (e.g. route for the router kernels).
 # Reports go to $OUT/ncu_<shape>_<T>.txt (or build-bench/out).
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -20,20 +22,21 @@ fi
 cmake --build "$build" -j "$(nproc)" --target moe >> "$out/build.log" 2>&1 || { tail -n 30 "$out/build.log"; exit 1; }
 export PYTHONUNBUFFERED=1 PYTHONPATH="$root/bindings/python" MOE_LIB_PATH="$build"
 cases=${*:-mixtral:4096 qwen3:4096 deepseek:4096}
+kernels=${MOE_PROFILE_KERNELS:-gemm|reduce|tile_map|validate|sort_rows|dispatch}
 status=0
 for c in $cases; do
   shape=${c%%:*} T=${c#*:}
   report="$out/ncu_${shape}_${T}.txt"
   timeout 200 ncu --kernel-name-base function \
-    --kernel-name 'regex:gemm|reduce|tile_map|validate|sort_rows|dispatch' \
+    --kernel-name "regex:$kernels" \
     --launch-count "${MOE_PROFILE_LAUNCHES:-8}" \
     --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
-    --section LaunchStats --section Occupancy \
+    --section LaunchStats --section Occupancy --section SchedulerStats --section InstructionStats \
     python3 bench/moe_bench.py --no-peers --shapes "$shape" --tokens "$T" --reps 1 \
     --out /tmp/profile.json > "$report" 2>&1
   rc=$?
   [ $rc -eq 0 ] || status=1
   echo "$c: ncu rc=$rc"
-  grep -E '^  [a-z_:<>, ]*(gemm|reduce|tile_map|validate|sort_rows|dispatch)|Duration|Compute \(SM\) Throughput|Memory Throughput|DRAM Throughput|L2 Hit' "$report" | head -n 80
+  grep -E "^  [a-z_:<>, ]*($kernels)|Duration|Compute \(SM\) Throughput|Memory Throughput|DRAM Throughput|L2 Hit|Issued Warp|Executed Instructions  " "$report" | head -n 80
 done
 exit $status

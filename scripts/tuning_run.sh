@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# One device call for the sixth session's tuning experiments, from the
+# repository root on an H100 with .deps carried:
+#   bash scripts/tuning_run.sh STEP...
+# Steps (each with its own time limit; logs under $OUT/logs, packed into
+# $OUT/logs.tgz at the end, one line per step in $OUT/summary.txt):
+#   build      Release, sm_90a, NCCL off, targets moe and moe_gpu_tests
+#   tests      the GPU suite (ctest -L gpu), then the dispatcher cases with
+#              the histogram/scan/scatter kernels (MOE_DISPATCH_ALGO=0)
+#   errors     FP8 per-case errors against the CPU backend with 128-row
+#              wgmma tiles and with 64-row mma.sync tiles forced (two runs
+#              each, fresh random inputs; max and median per T)
+#   (runs 49-51 also timed and checked, with options since removed, a finer
+#   FP8 wgmma promotion (MOE_FP8_PROMOTE_K), deeper 64-row pipelines
+#   (MOE_FP8_MID_STAGES) and other 64-row tile shapes (MOE_FP8_MID_CFG):
+#   all slower; docs/perf-notes.md v10, bench/results/run49-51/)
+#   timeline   kernel durations of the Qwen3 and DeepSeek-slice layers at
+#              T=4096 with PDL off (the dispatch kernels apart)
+#   dispatch   moe_bench --no-peers at T=4096 (router and dispatch times)
+#   router_ncu Nsight Compute on the DeepSeek-V3 router at T=4096
+set -uo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+build=${MOE_TUNE_BUILD_DIR:-$root/build-tune}
+out=${OUT:-$build/out}
+logs="$out/logs"
+mkdir -p "$logs"
+cd "$root"
+summary="$out/summary.txt"
+note() { echo "$*" | tee -a "$summary"; }
+nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader >> "$summary" 2>&1
+export PYTHONUNBUFFERED=1 PYTHONPATH="$root/bindings/python" MOE_LIB_PATH="$build"
+tests="$build/tests/moe_gpu_tests"
+status=0
+
+# errors FILE...: max and median relative error per T over the printed cases.
+errors() {
+  python3 - "$@" <<'EOF'
+import re, statistics, sys
+by_t = {}
+for path in sys.argv[1:]:
+    for line in open(path, errors="replace"):
+        m = re.search(r"^fp8 case .* T (\d+): rel error vs CPU ([0-9.e+-]+)", line)
+        if m:
+            by_t.setdefault(int(m.group(1)), []).append(float(m.group(2)))
+print("; ".join(f"T={t} n={len(v)} max {max(v):.1e} median {statistics.median(v):.1e}"
+                for t, v in sorted(by_t.items())))
+EOF
+}
+
+step_build() {
+  local start=$SECONDS
+  cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90a \
+    -DMOE_DEPS_DIR="$root/.deps" -DMOE_ENABLE_NCCL=OFF > "$logs/build.log" 2>&1 &&
+    timeout 300 cmake --build "$build" -j "$(nproc)" --target moe moe_gpu_tests >> "$logs/build.log" 2>&1
+  local rc=$?
+  note "build rc=$rc $((SECONDS - start))s"
+  [ $rc -eq 0 ] || { tail -n 30 "$logs/build.log"; return 1; }
+}
+
+step_tests() {
+  local start=$SECONDS
+  timeout 300 ctest --test-dir "$build" -L gpu > "$logs/ctest_gpu.log" 2>&1
+  local rc=$?
+  [ $rc -eq 0 ] || status=1
+  note "ctest -L gpu rc=$rc $((SECONDS - start))s: $(grep -E 'tests passed' "$logs/ctest_gpu.log")"
+  grep -E 'Failed|\*\*\*' "$logs/ctest_gpu.log" | head -n 10 | tee -a "$summary"
+  MOE_DISPATCH_ALGO=0 timeout 120 "$tests" -tc='gpu.dispatcher.*,gpu.graph*' > "$logs/dispatch_algo0.log" 2>&1
+  rc=$?
+  [ $rc -eq 0 ] || status=1
+  note "dispatcher+graph, MOE_DISPATCH_ALGO=0 rc=$rc: $(grep -E '^\[doctest\] test cases' "$logs/dispatch_algo0.log")"
+  grep -E 'MESSAGE|median' "$logs/dispatch_algo0.log" | head -n 4 | tee -a "$summary"
+}
+
+step_errors() {
+  local rows i
+  for rows in 128 64; do
+    for i in 1 2; do
+      MOE_RUNNER_TILE_ROWS=$rows MOE_TEST_PRINT_ERRORS=1 timeout 100 "$tests" \
+        -tc='gpu.fp8.block_128,gpu.fp8.per_tensor_dynamic' > "$logs/errors_rows${rows}_$i.log" 2>&1
+    done
+    note "FP8 errors, $rows-row tiles forced: $(errors "$logs"/errors_rows${rows}_*.log)"
+  done
+}
+
+step_timeline() {
+  MOE_PDL=0 timeout 150 python3 bench/layer_timeline.py qwen3:4096 deepseek:4096 --reps 20 \
+    --json "$logs/timeline.json" > "$logs/timeline.log" 2>&1
+  note "timeline rc=$?"
+  head -n 40 "$logs/timeline.log" >> "$summary"
+}
+
+step_dispatch() {
+  timeout 150 python3 bench/moe_bench.py --no-peers --shapes qwen3,deepseek,mixtral --tokens 4096 --reps 10 \
+    --out "$logs/dispatch.json" > "$logs/dispatch.log" 2>&1
+  note "moe_bench --no-peers T=4096 rc=$?"
+  grep -E '^(mixtral|qwen3|deepseek)' "$logs/dispatch.log" | cut -c1-200 | tee -a "$summary"
+}
+
+step_router_ncu() {
+  OUT="$logs" MOE_BENCH_BUILD_DIR="$build" MOE_PROFILE_KERNELS=route MOE_PROFILE_LAUNCHES=2 \
+    timeout 200 bash scripts/profile_gpu.sh deepseek:4096 > "$logs/router_ncu_summary.log" 2>&1
+  note "router ncu rc=$?"
+  head -n 40 "$logs/router_ncu_summary.log" >> "$summary"
+}
+
+for s in "$@"; do
+  "step_$s" || { status=1; [ "$s" = build ] && break; }
+done
+tar -C "$out" -czf "$out/logs.tgz" logs && rm -rf "$logs"
+note "status=$status"
+exit $status
