@@ -257,6 +257,13 @@ __device__ __forceinline__ void pdl_trigger() {
 // MOE_PDL not "0" (the switch exists to measure it; results never differ).
 bool pdl_enabled();
 
+// True when the library has the sm_90a kernels (MOE_CUDA_WGMMA) and the
+// current device is compute capability 9.0 (asked once per device).
+bool sm90a_device();
+
+// Streaming multiprocessors of the current device (asked once per device), 0 on error.
+int sm_count();
+
 // True when environment variable `name` is exactly "0" (the off switch of a
 // default-on kernel choice).
 bool env_is_zero(const char* name);

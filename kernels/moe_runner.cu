@@ -192,14 +192,11 @@ __device__ __forceinline__ const T* a_row(const MoeRunParams& p, const Work& w, 
   return static_cast<const T*>(p.x) + int64_t(slot / p.K) * p.H;
 }
 
-// B row `c` of set `set` (0: gate or the only one, 1: up) of expert e, or null past N.
-template <class T, int MODE>
-__device__ __forceinline__ const T* b_row(const MoeRunParams& p, int e, int set, int c) {
-  if (MODE == kGemm2) {
-    if (c >= p.H) return nullptr;
-    return static_cast<const T*>(p.w2) + (int64_t(e) * p.H + c) * p.I;
-  }
-  if (c >= p.I) return nullptr;
+// Row of weight matrix row `c` of set `set` (0: gate or the only one, 1: up)
+// of expert e in w2 viewed as [E_loc * H, I] or w13 as [E_loc * rows13, H].
+template <int MODE>
+__device__ __forceinline__ int64_t b_row_index(const MoeRunParams& p, int e, int set, int c) {
+  if (MODE == kGemm2) return int64_t(e) * p.H + c;
   const int rows13 = MODE == kGemm1Gated ? 2 * p.I : p.I;
   int r = c;
   if (MODE == kGemm1Gated) {
@@ -207,7 +204,15 @@ __device__ __forceinline__ const T* b_row(const MoeRunParams& p, int e, int set,
     const bool is_up = set == 1;
     r = c + ((is_up != up_first) ? p.I : 0);
   }
-  return static_cast<const T*>(p.w13) + (int64_t(e) * rows13 + r) * p.H;
+  return int64_t(e) * rows13 + r;
+}
+
+// B row `c` of set `set` of expert e, or null past N.
+template <class T, int MODE>
+__device__ __forceinline__ const T* b_row(const MoeRunParams& p, int e, int set, int c) {
+  if (c >= (MODE == kGemm2 ? p.H : p.I)) return nullptr;
+  const T* base = static_cast<const T*>(MODE == kGemm2 ? p.w2 : p.w13);
+  return base + b_row_index<MODE>(p, e, set, c) * (MODE == kGemm2 ? p.I : p.H);
 }
 
 // --- tensor-core path (bf16 / f16) ------------------------------------------------
@@ -684,6 +689,161 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
   wg::cluster_sync();
 }
 
+// --- streaming decode tiles (sm_90a, bf16 / f16, 16- and 32-row tiles) ------------
+//
+// The same tiles, MMAs and k order as gemm_tc_kernel's decode configurations
+// (BM rows x BN columns per weight set, m16n8k16 over 16-deep k in order,
+// one warp per 8 columns), so every output element is bitwise what those
+// give; what changes is how the weights arrive. gemm_tc_kernel keeps at most
+// STAGES - 1 k steps of one tile in flight per block and starts each tile's
+// pipeline from empty, so at T <= 64 an SM had ~36 KB of weights in flight
+// and the GEMMs streamed 1.7-2.0 TB/s (run 32). Here one block per SM walks
+// the items (row tile, column tile) b, b + gridDim.x, ... with one
+// producer warp: the weight tile of each 64-deep k step comes by one bulk
+// tensor copy per weight set (128B-swizzled), each valid A row by one
+// 128-byte bulk copy (the gather needs no sorted copy), into as many buffers
+// as shared memory holds (17-52 steps, 60-130 KB of weights in flight);
+// the pipeline runs on across items, so the next item's loads overlap this
+// one's MMAs and stores. Consumer warps hand each buffer back through an
+// mbarrier. Rows of A past the tile's valid rows are never copied: their
+// ldmatrix lanes read row 0 instead, and the epilogue stores only valid
+// rows. Needs K % 64 == 0 (whole 128-byte rows per step; otherwise the
+// caller keeps gemm_tc_kernel).
+constexpr size_t kStreamSmemBytes = 224 * 1024;  // dynamic shared memory of one block
+constexpr int kStreamMaxStages = 64;
+
+template <int BM_, int BN_, int NSETS_>
+struct StreamCfg {
+  static constexpr int BM = BM_, BN = BN_, NSETS = NSETS_;
+  static constexpr int CONSUMERS = BN / 8;  // warps, 8 columns of every set each
+  static constexpr int THREADS = 32 * (1 + CONSUMERS);
+  static constexpr int A_LD = 144;  // bytes per A row: 128 + 16, conflict-free ldmatrix
+  static constexpr uint32_t B_BYTES = uint32_t(NSETS) * BN * wg::kRowBytes;
+  static constexpr uint32_t A_BYTES = uint32_t(BM) * A_LD;
+  static constexpr int FIT = int((kStreamSmemBytes - wg::kSwizzleBytes) / (B_BYTES + A_BYTES));
+  static constexpr int STAGES = FIT < kStreamMaxStages ? FIT : kStreamMaxStages;
+  static constexpr size_t SMEM_BYTES = wg::kSwizzleBytes + size_t(STAGES) * (B_BYTES + A_BYTES);
+  static_assert(BM % 16 == 0 && BM <= 32, "one producer lane per A row");
+  static_assert(BN % 8 == 0 && B_BYTES % wg::kSwizzleBytes == 0, "whole swizzle periods per set");
+};
+
+template <class T, int MODE, class Cfg>
+__global__ void __launch_bounds__(Cfg::THREADS, 1)
+    gemm_stream_kernel(MoeRunParams p, Work w, const __grid_constant__ CUtensorMap map_b, int cols) {
+  pdl_wait();  // first: see launch_pdl
+  pdl_trigger();
+  constexpr int BM = Cfg::BM, BN = Cfg::BN, NSETS = Cfg::NSETS, STAGES = Cfg::STAGES;
+  constexpr int MI = BM / 16;
+  extern __shared__ unsigned char stream_smem_raw[];
+  __shared__ __align__(8) uint64_t bars[2 * STAGES];
+  if (*w.rows != BM) return;  // the tile map chose another candidate
+  const int tiles = w.tile_start[p.E_loc];
+  const int64_t items = int64_t(tiles > 0 ? tiles : 0) * cols;
+  if (int64_t(blockIdx.x) >= items) return;
+
+  const uint32_t raw = uint32_t(__cvta_generic_to_shared(stream_smem_raw));
+  const uint32_t b_base = (raw + wg::kSwizzleBytes - 1) & ~uint32_t(wg::kSwizzleBytes - 1);
+  const uint32_t a_base = b_base + uint32_t(STAGES) * Cfg::B_BYTES;
+  const unsigned char* smem = stream_smem_raw + (b_base - raw);  // generic address of b_base
+  const wg::Pipeline<STAGES> pipe(bars);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  if (tid == 0) pipe.init(Cfg::CONSUMERS);
+  __syncthreads();
+
+  const int KT = (MODE == kGemm2 ? p.I : p.H) / 64;
+  // Items in order: row tile fastest, so that the blocks working at the same
+  // time on one expert's row tiles read the same weight tile.
+  auto item = [&](int64_t u, TileInfo& ti, int& n0) {
+    n0 = int(u / tiles) * BN;
+    return find_tile<BM>(p, w, int(u % tiles), ti);
+  };
+
+  if (warp == 0) {  // producer
+    int g = 0;      // pipeline step over all items
+    for (int64_t u = blockIdx.x; u < items; u += gridDim.x) {
+      TileInfo ti;
+      int n0;
+      if (!item(u, ti, n0)) continue;
+      const T* src = lane < ti.rows ? a_row<T, MODE>(p, w, ti.row_begin + lane) : nullptr;
+      const uint32_t copies = __popc(__ballot_sync(kFullMask, src != nullptr));
+      const uint32_t bytes = Cfg::B_BYTES + copies * uint32_t(wg::kRowBytes);
+      int brow[NSETS];
+#pragma unroll
+      for (int s = 0; s < NSETS; ++s) brow[s] = int(b_row_index<MODE>(p, ti.e, s, n0));
+      for (int kt = 0; kt < KT; ++kt, ++g) {
+        const int st = g % STAGES;
+        const uint32_t full = pipe.full0 + 8 * st;
+        if (g >= STAGES) wg::mbar_wait(pipe.empty0 + 8 * st, uint32_t((g / STAGES - 1) & 1));
+        if (lane == 0) wg::mbar_arrive_expect_tx(full, bytes);
+        __syncwarp();
+        if (lane == 0) {
+#pragma unroll
+          for (int s = 0; s < NSETS; ++s)
+            wg::tma_load_2d(b_base + st * Cfg::B_BYTES + uint32_t(s * BN) * wg::kRowBytes, &map_b, kt * 64,
+                            brow[s], full);
+        }
+        if (src) wg::bulk_load(a_base + st * Cfg::A_BYTES + uint32_t(lane) * Cfg::A_LD, src + kt * 64,
+                               uint32_t(wg::kRowBytes), full);
+      }
+    }
+    return;
+  }
+
+  const int wn = warp - 1;  // this warp's 8 columns of every set
+  int g = 0;
+  for (int64_t u = blockIdx.x; u < items; u += gridDim.x) {
+    TileInfo ti;
+    int n0;
+    if (!item(u, ti, n0)) continue;
+    uint32_t a_off[MI];
+#pragma unroll
+    for (int mi = 0; mi < MI; ++mi) {
+      const int r = mi * 16 + (lane & 15);
+      a_off[mi] = uint32_t(r < ti.rows ? r : 0) * Cfg::A_LD + uint32_t(lane >> 4) * 16;
+    }
+    const int brow = wn * 8 + (lane & 7);
+    float acc[NSETS][MI][4];
+#pragma unroll
+    for (int s = 0; s < NSETS; ++s)
+#pragma unroll
+      for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) acc[s][mi][r] = 0.0f;
+    for (int kt = 0; kt < KT; ++kt, ++g) {
+      const int st = g % STAGES;
+      pipe.consume(g);
+      const unsigned char* a_st = smem + (a_base - b_base) + size_t(st) * Cfg::A_BYTES;
+      const unsigned char* b_st = smem + size_t(st) * Cfg::B_BYTES;
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) {
+        uint32_t a[MI][4];
+#pragma unroll
+        for (int mi = 0; mi < MI; ++mi) ldmatrix_x4(a[mi], a_st + a_off[mi] + kk * 32);
+#pragma unroll
+        for (int s = 0; s < NSETS; ++s) {
+          uint32_t b[2];
+          ldmatrix_x2(b, b_st + wg::swizzled_offset(s * BN + brow, 2 * kk + ((lane >> 3) & 1)));
+#pragma unroll
+          for (int mi = 0; mi < MI; ++mi) mma16816<T>(acc[s][mi], a[mi], b[0], b[1]);
+        }
+      }
+      __syncwarp();
+      if (lane == 0) pipe.release(g);
+    }
+    const int gr = lane >> 2, c2 = (lane & 3) * 2;
+#pragma unroll
+    for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int r = mi * 16 + gr + half * 8;
+        if (r >= ti.rows) continue;
+        const float* a0 = &acc[0][mi][half * 2];
+        const float* u0 = &acc[NSETS - 1][mi][half * 2];
+        epilogue_pair<T, MODE>(p, w, ti.row_begin + r, n0 + wn * 8 + c2, a0[0], a0[1], u0[0], u0[1]);
+      }
+  }
+}
+
 // --- f32 SIMT path -----------------------------------------------------------------
 
 constexpr int F_BK = 16;
@@ -1028,6 +1188,46 @@ int bf16_wgmma_default(const MoeRunParams& p, int64_t n) {
   return int64_t(p.H) * p.I >= kLargeExpertElems && n <= int64_t(WG_BM) * p.E_loc ? 2 : 1;
 }
 
+// Whether the streaming decode kernels run: a build with the sm_90a kernels
+// on a compute capability 9.0 device, unless MOE_RUNNER_STREAM=0 (the
+// switch exists to compare with gemm_tc_kernel; results are bitwise equal).
+bool stream_enabled() {
+  static const bool env_on = !env_is_zero("MOE_RUNNER_STREAM");
+  return env_on && sm90a_device();
+}
+
+// One streaming GEMM (see gemm_stream_kernel): false when it does not apply
+// (K % 64, a weight view the tensor map refuses), so the caller falls back.
+template <class T, int MODE, class Cfg>
+bool launch_stream(const MoeRunParams& p, const Work& w, int N, cudaStream_t stream) {
+  const int Kdim = MODE == kGemm2 ? p.I : p.H;
+  if (Kdim % 64 != 0) return false;
+  constexpr CUtensorMapDataType type =
+      std::is_same_v<T, __nv_bfloat16> ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  CUtensorMap map_b;
+  const uint64_t rows = uint64_t(p.E_loc) * (MODE == kGemm2 ? p.H : (MODE == kGemm1Gated ? 2 : 1) * p.I);
+  if (!tma::map_rows_2d(&map_b, MODE == kGemm2 ? p.w2 : p.w13, rows, uint64_t(Kdim), Cfg::BN, type, 2))
+    return false;
+  auto kernel = gemm_stream_kernel<T, MODE, Cfg>;
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(Cfg::SMEM_BYTES)) !=
+      cudaSuccess) {
+    cudaGetLastError();  // clear it: the caller falls back
+    return false;
+  }
+  const int sms = sm_count();
+  if (sms <= 0) return false;
+  launch_pdl(kernel, dim3(unsigned(sms)), dim3(Cfg::THREADS), Cfg::SMEM_BYTES, stream, p, w, map_b,
+             ceil_div(N, Cfg::BN));
+  return true;
+}
+
+template <class T, int BM_, int BN_>
+bool launch_stream_stage(const MoeRunParams& p, const Work& w, bool second, cudaStream_t stream) {
+  if (second) return launch_stream<T, kGemm2, StreamCfg<BM_, BN_, 1>>(p, w, p.H, stream);
+  if (p.gated) return launch_stream<T, kGemm1Gated, StreamCfg<BM_, BN_, 2>>(p, w, p.I, stream);
+  return launch_stream<T, kGemm1Plain, StreamCfg<BM_, BN_, 1>>(p, w, p.I, stream);
+}
+
 // rows_bound: the most rows the tiles of this candidate can cover.
 template <class T>
 void launch_tc_rows(const MoeRunParams& p, const Work& w, int bm, int64_t rows_bound, bool second,
@@ -1035,13 +1235,17 @@ void launch_tc_rows(const MoeRunParams& p, const Work& w, int bm, int64_t rows_b
   const unsigned tiles = max_tiles(p, rows_bound, bm);
   switch (bm) {
     case 16:
+      if (stream_enabled() && launch_stream_stage<T, 16, 16>(p, w, second, stream)) break;
       switch (decode_stages(int64_t(p.H) * p.I * (!second && p.gated ? 2 : 1))) {
         case 6: launch_tc_stage<T, CfgDecode16s6, CfgDecode16s6>(p, w, tiles, second, stream); break;
         case 4: launch_tc_stage<T, CfgDecode16s4, CfgDecode16s4>(p, w, tiles, second, stream); break;
         default: launch_tc_stage<T, CfgDecode16, CfgDecode16>(p, w, tiles, second, stream); break;
       }
       break;
-    case 32: launch_tc_stage<T, CfgDecode32, CfgDecode32>(p, w, tiles, second, stream); break;
+    case 32:
+      if (stream_enabled() && launch_stream_stage<T, 32, 32>(p, w, second, stream)) break;
+      launch_tc_stage<T, CfgDecode32, CfgDecode32>(p, w, tiles, second, stream);
+      break;
     case 64: launch_tc_stage<T, CfgMid, CfgMid>(p, w, tiles, second, stream); break;
     default:
       static_assert(WG_BM == CfgWide1::BM, "the wgmma path replaces the 128-row tiles");
@@ -1105,21 +1309,8 @@ int wgmma_mode(int unset) {
     const char* v = std::getenv("MOE_RUNNER_WGMMA");
     return (v && v[0] >= '0' && v[0] <= '3' && v[1] == 0) ? v[0] - '0' : -1;
   }();
-  if (env_mode == 0) return 0;
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return 0;
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int> known[kMaxDevices];  // 0: not asked yet, 1: 9.0, 2: other
-  if (dev < 0 || dev >= kMaxDevices) return 0;
-  int v = known[dev].load(std::memory_order_relaxed);
-  if (v == 0) {
-    int major = 0, minor = 0;
-    const bool ok = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
-                    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) == cudaSuccess;
-    v = ok && major == 9 && minor == 0 ? 1 : 2;
-    known[dev].store(v, std::memory_order_relaxed);
-  }
-  return v == 1 ? (env_mode > 0 ? env_mode : unset) : 0;
+  if (env_mode == 0 || !sm90a_device()) return 0;
+  return env_mode > 0 ? env_mode : unset;
 #else
   (void)unset;
   return 0;

@@ -18,6 +18,14 @@
 #              T=4096 with PDL off (the dispatch kernels apart)
 #   dispatch   moe_bench --no-peers at T=4096 (router and dispatch times)
 #   router_ncu Nsight Compute on the DeepSeek-V3 router at T=4096
+#   stream     the bf16 runner's cases with the streaming decode kernels off
+#              (MOE_RUNNER_STREAM=0: gemm_tc_kernel, still correct), then
+#              memcheck, racecheck and synccheck on the runner and graph
+#              cases with them on
+#   decode     moe_bench --no-peers at T=1,8,64,256, streaming decode
+#              kernels on (the default) and off
+#   decode_timeline  kernel durations (PDL off) of decode layers, streaming
+#              kernels on and off
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 build=${MOE_TUNE_BUILD_DIR:-$root/build-tune}
@@ -101,6 +109,41 @@ step_router_ncu() {
     timeout 200 bash scripts/profile_gpu.sh deepseek:4096 > "$logs/router_ncu_summary.log" 2>&1
   note "router ncu rc=$?"
   head -n 40 "$logs/router_ncu_summary.log" >> "$summary"
+}
+
+step_stream() {
+  local rc tool
+  MOE_RUNNER_STREAM=0 timeout 200 "$tests" -tc='gpu.runner.*,gpu.graph*' > "$logs/stream_off_tests.log" 2>&1
+  rc=$?
+  [ $rc -eq 0 ] || status=1
+  note "runner+graph, MOE_RUNNER_STREAM=0 rc=$rc: $(grep -E '^\[doctest\] test cases' "$logs/stream_off_tests.log")"
+  for tool in memcheck racecheck synccheck; do
+    timeout 300 compute-sanitizer --tool $tool --error-exitcode 9 "$tests" -tc='gpu.runner.*,gpu.graph*' \
+      > "$logs/stream_$tool.log" 2>&1
+    rc=$?
+    [ $rc -eq 0 ] || status=1
+    note "$tool runner+graph rc=$rc: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|^\[doctest\] test cases' "$logs/stream_$tool.log" | tr '\n' ' ')"
+  done
+}
+
+step_decode() {
+  local v
+  for v in 1 0; do
+    MOE_RUNNER_STREAM=$v timeout 240 python3 bench/moe_bench.py --no-peers --tokens 1,8,64,256 --reps 15 \
+      --out "$logs/decode_stream$v.json" > "$logs/decode_stream$v.log" 2>&1
+    note "moe_bench --no-peers decode, MOE_RUNNER_STREAM=$v rc=$?"
+    grep -E '^(mixtral|qwen3|deepseek)' "$logs/decode_stream$v.log" | cut -c1-120 | tee -a "$summary"
+  done
+}
+
+step_decode_timeline() {
+  local v
+  for v in 1 0; do
+    MOE_RUNNER_STREAM=$v MOE_PDL=0 timeout 150 python3 bench/layer_timeline.py qwen3:1 deepseek:1 qwen3:8 \
+      deepseek:8 mixtral:64 deepseek:256 --reps 20 > "$logs/decode_timeline$v.log" 2>&1
+    note "decode timeline MOE_RUNNER_STREAM=$v rc=$?"
+    grep -vE 'Warning|warn_once' "$logs/decode_timeline$v.log" | cut -c1-110 | head -n 60 >> "$summary"
+  done
 }
 
 for s in "$@"; do
