@@ -709,18 +709,18 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
 // ldmatrix lanes read row 0 instead, and the epilogue stores only valid
 // rows. Needs K % 64 == 0 (whole 128-byte rows per step; otherwise the
 // caller keeps gemm_tc_kernel).
-constexpr size_t kStreamSmemBytes = 224 * 1024;  // dynamic shared memory of one block
+constexpr size_t kStreamSmemBytes = 216 * 1024;  // dynamic shared memory of the blocks of one SM
 constexpr int kStreamMaxStages = 64;
 
-template <int BM_, int BN_, int NSETS_>
+template <int BM_, int BN_, int NSETS_, int BLOCKS_>
 struct StreamCfg {
-  static constexpr int BM = BM_, BN = BN_, NSETS = NSETS_;
+  static constexpr int BM = BM_, BN = BN_, NSETS = NSETS_, BLOCKS = BLOCKS_;  // BLOCKS: per SM
   static constexpr int CONSUMERS = BN / 8;  // warps, 8 columns of every set each
   static constexpr int THREADS = 32 * (1 + CONSUMERS);
   static constexpr int A_LD = 144;  // bytes per A row: 128 + 16, conflict-free ldmatrix
   static constexpr uint32_t B_BYTES = uint32_t(NSETS) * BN * wg::kRowBytes;
   static constexpr uint32_t A_BYTES = uint32_t(BM) * A_LD;
-  static constexpr int FIT = int((kStreamSmemBytes - wg::kSwizzleBytes) / (B_BYTES + A_BYTES));
+  static constexpr int FIT = int((kStreamSmemBytes / BLOCKS - wg::kSwizzleBytes) / (B_BYTES + A_BYTES));
   static constexpr int STAGES = FIT < kStreamMaxStages ? FIT : kStreamMaxStages;
   static constexpr size_t SMEM_BYTES = wg::kSwizzleBytes + size_t(STAGES) * (B_BYTES + A_BYTES);
   static_assert(BM % 16 == 0 && BM <= 32, "one producer lane per A row");
@@ -728,7 +728,7 @@ struct StreamCfg {
 };
 
 template <class T, int MODE, class Cfg>
-__global__ void __launch_bounds__(Cfg::THREADS, 1)
+__global__ void __launch_bounds__(Cfg::THREADS, Cfg::BLOCKS)
     gemm_stream_kernel(MoeRunParams p, Work w, const __grid_constant__ CUtensorMap map_b, int cols) {
   pdl_wait();  // first: see launch_pdl
   pdl_trigger();
@@ -1216,16 +1216,27 @@ bool launch_stream(const MoeRunParams& p, const Work& w, int N, cudaStream_t str
   }
   const int sms = sm_count();
   if (sms <= 0) return false;
-  launch_pdl(kernel, dim3(unsigned(sms)), dim3(Cfg::THREADS), Cfg::SMEM_BYTES, stream, p, w, map_b,
+  launch_pdl(kernel, dim3(unsigned(sms * Cfg::BLOCKS)), dim3(Cfg::THREADS), Cfg::SMEM_BYTES, stream, p, w, map_b,
              ceil_div(N, Cfg::BN));
   return true;
 }
 
+template <class T, int BM_, int BN_, int BLOCKS_>
+bool launch_stream_blocks(const MoeRunParams& p, const Work& w, bool second, cudaStream_t stream) {
+  if (second) return launch_stream<T, kGemm2, StreamCfg<BM_, BN_, 1, BLOCKS_>>(p, w, p.H, stream);
+  if (p.gated) return launch_stream<T, kGemm1Gated, StreamCfg<BM_, BN_, 2, BLOCKS_>>(p, w, p.I, stream);
+  return launch_stream<T, kGemm1Plain, StreamCfg<BM_, BN_, 1, BLOCKS_>>(p, w, p.I, stream);
+}
+
+// Blocks per SM of the streaming kernels: MOE_RUNNER_STREAM_BLOCKS=2|4 (trial switch).
 template <class T, int BM_, int BN_>
 bool launch_stream_stage(const MoeRunParams& p, const Work& w, bool second, cudaStream_t stream) {
-  if (second) return launch_stream<T, kGemm2, StreamCfg<BM_, BN_, 1>>(p, w, p.H, stream);
-  if (p.gated) return launch_stream<T, kGemm1Gated, StreamCfg<BM_, BN_, 2>>(p, w, p.I, stream);
-  return launch_stream<T, kGemm1Plain, StreamCfg<BM_, BN_, 1>>(p, w, p.I, stream);
+  static const int blocks = [] {
+    const char* v = std::getenv("MOE_RUNNER_STREAM_BLOCKS");
+    return v && v[0] == '2' && v[1] == 0 ? 2 : 4;
+  }();
+  if (blocks == 2) return launch_stream_blocks<T, BM_, BN_, 2>(p, w, second, stream);
+  return launch_stream_blocks<T, BM_, BN_, 4>(p, w, second, stream);
 }
 
 // rows_bound: the most rows the tiles of this candidate can cover.
