@@ -22,8 +22,9 @@
 #              (MOE_RUNNER_STREAM=0: gemm_tc_kernel, still correct), then
 #              memcheck, racecheck and synccheck on the runner and graph
 #              cases with them on
-#   decode     moe_bench --no-peers at T=1,8,64,256, streaming decode
-#              kernels on (the default) and off
+#   decode     moe_bench --no-peers at T=1,8,64,256 (MOE_TUNE_DECODE_T),
+#              once per VAR=VALUE in MOE_TUNE_DECODE_ENVS (default: the
+#              streaming decode kernels on, then off)
 #   decode_timeline  kernel durations (PDL off) of decode layers, streaming
 #              kernels on and off
 set -uo pipefail
@@ -127,12 +128,13 @@ step_stream() {
 }
 
 step_decode() {
-  local v
-  for v in 1 0; do
-    MOE_RUNNER_STREAM=$v timeout 240 python3 bench/moe_bench.py --no-peers --tokens 1,8,64,256 --reps 15 \
-      --out "$logs/decode_stream$v.json" > "$logs/decode_stream$v.log" 2>&1
-    note "moe_bench --no-peers decode, MOE_RUNNER_STREAM=$v rc=$?"
-    grep -E '^(mixtral|qwen3|deepseek)' "$logs/decode_stream$v.log" | cut -c1-120 | tee -a "$summary"
+  local v i=0
+  for v in ${MOE_TUNE_DECODE_ENVS:-MOE_RUNNER_STREAM=1 MOE_RUNNER_STREAM=0}; do
+    i=$((i + 1))
+    env "$v" timeout 240 python3 bench/moe_bench.py --no-peers --tokens ${MOE_TUNE_DECODE_T:-1,8,64,256} \
+      --reps 15 --out "$logs/decode$i.json" > "$logs/decode$i.log" 2>&1
+    note "moe_bench --no-peers decode, $v rc=$?"
+    grep -E '^(mixtral|qwen3|deepseek)' "$logs/decode$i.log" | cut -c1-100 | tee -a "$summary"
   done
 }
 
