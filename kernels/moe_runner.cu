@@ -157,11 +157,11 @@ __device__ __forceinline__ void store_pair<float>(float* base, int64_t idx, floa
   *reinterpret_cast<float2*>(base + idx) = make_float2(v0, v1);
 }
 
-// Two adjacent output columns (col, col + 1) of sorted row `pos`.
+// Two adjacent output columns (col, col + 1) of sorted row `pos`, whose slot
+// (slot_at) is `slot`.
 template <class T, int MODE>
-__device__ __forceinline__ void epilogue_pair(const MoeRunParams& p, const Work& w, int64_t pos,
+__device__ __forceinline__ void epilogue_slot(const MoeRunParams& p, const Work& w, int32_t slot, int64_t pos,
                                               int col, float a0, float a1, float u0, float u1) {
-  const int32_t slot = slot_at(p, w, pos);
   if (slot < 0) return;
   if (MODE == kGemm2) {
     if (col >= p.H) return;
@@ -181,6 +181,12 @@ __device__ __forceinline__ void epilogue_pair(const MoeRunParams& p, const Work&
     h1 = activate(p.activation, a1 * s);
   }
   store_pair<T>(static_cast<T*>(w.h), pos * p.I + col, h0, h1);
+}
+
+template <class T, int MODE>
+__device__ __forceinline__ void epilogue_pair(const MoeRunParams& p, const Work& w, int64_t pos,
+                                              int col, float a0, float a1, float u0, float u1) {
+  epilogue_slot<T, MODE>(p, w, slot_at(p, w, pos), pos, col, a0, a1, u0, u1);
 }
 
 // Row pointer of A row `pos` (GEMM1: the token's hidden row; GEMM2: h's row), or null.
@@ -727,6 +733,35 @@ struct StreamCfg {
   static_assert(BN % 8 == 0 && B_BYTES % wg::kSwizzleBytes == 0, "whole swizzle periods per set");
 };
 
+// What the producer tells the consumers about the item whose first k step
+// sits in a buffer (written before that step's full barrier is armed, read
+// after it completes; rows == 0: no more items).
+template <int BM>
+struct StreamItem {
+  int64_t row_begin;
+  int rows, n0;
+  int32_t slot[BM];  // slot of each valid row (slot_at), -1 for none
+};
+
+// The tile of row-tile index `tile` found by one warp (ts non-decreasing,
+// ts[0] = 0): the largest expert e with ts[e] <= tile, 32 experts a load.
+template <int BM>
+__device__ __forceinline__ bool warp_find_tile(const MoeRunParams& p, const Work& w, int tile, TileInfo& ti) {
+  const int lane = threadIdx.x & 31;
+  int e = 0;
+  for (int base = 0; base < p.E_loc; base += 32) {
+    const int c = base + lane;
+    const unsigned m = __ballot_sync(kFullMask, c < p.E_loc && w.tile_start[c] <= tile);
+    if (m) e = base + 31 - __clz(int(m));
+    if (m != kFullMask) break;
+  }
+  ti.e = e;
+  const int32_t begin = clamped_offset(p, w.n, e), end = clamped_offset(p, w.n, e + 1);
+  ti.row_begin = begin + (tile - w.tile_start[e]) * BM;
+  ti.rows = min(BM, end - ti.row_begin);
+  return ti.rows > 0;
+}
+
 template <class T, int MODE, class Cfg>
 __global__ void __launch_bounds__(Cfg::THREADS, Cfg::BLOCKS)
     gemm_stream_kernel(MoeRunParams p, Work w, const __grid_constant__ CUtensorMap map_b, int cols) {
@@ -736,6 +771,7 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::BLOCKS)
   constexpr int MI = BM / 16;
   extern __shared__ unsigned char stream_smem_raw[];
   __shared__ __align__(8) uint64_t bars[2 * STAGES];
+  __shared__ StreamItem<BM> desc[STAGES];
   if (*w.rows != BM) return;  // the tile map chose another candidate
   const int tiles = w.tile_start[p.E_loc];
   const int64_t items = int64_t(tiles > 0 ? tiles : 0) * cols;
@@ -749,32 +785,44 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::BLOCKS)
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   if (tid == 0) pipe.init(Cfg::CONSUMERS);
   __syncthreads();
-
   const int KT = (MODE == kGemm2 ? p.I : p.H) / 64;
-  // Items in order: row tile fastest, so that the blocks working at the same
-  // time on one expert's row tiles read the same weight tile.
-  auto item = [&](int64_t u, TileInfo& ti, int& n0) {
-    n0 = int(u / tiles) * BN;
-    return find_tile<BM>(p, w, int(u % tiles), ti);
-  };
 
   if (warp == 0) {  // producer
     int g = 0;      // pipeline step over all items
+    // Step g's buffer, once the consumers released its previous use.
+    auto acquire = [&](int step) {
+      const int st = step % STAGES;
+      if (step >= STAGES) wg::mbar_wait(pipe.empty0 + 8 * st, uint32_t((step / STAGES - 1) & 1));
+      return st;
+    };
+    // Items in order: row tile fastest, so that the blocks working at the
+    // same time on one expert's row tiles read the same weight tile.
     for (int64_t u = blockIdx.x; u < items; u += gridDim.x) {
       TileInfo ti;
-      int n0;
-      if (!item(u, ti, n0)) continue;
-      const T* src = lane < ti.rows ? a_row<T, MODE>(p, w, ti.row_begin + lane) : nullptr;
+      if (!warp_find_tile<BM>(p, w, int(u % tiles), ti)) continue;
+      const int n0 = int(u / tiles) * BN;
+      const int32_t slot = lane < ti.rows ? slot_at(p, w, ti.row_begin + lane) : -1;
+      const T* src = nullptr;
+      if (lane < ti.rows) {
+        if (MODE == kGemm2)
+          src = static_cast<const T*>(w.h) + (ti.row_begin + lane) * int64_t(p.I);
+        else if (slot >= 0)
+          src = static_cast<const T*>(p.x) + int64_t(slot / p.K) * p.H;
+      }
       const uint32_t copies = __popc(__ballot_sync(kFullMask, src != nullptr));
       const uint32_t bytes = Cfg::B_BYTES + copies * uint32_t(wg::kRowBytes);
       int brow[NSETS];
 #pragma unroll
       for (int s = 0; s < NSETS; ++s) brow[s] = int(b_row_index<MODE>(p, ti.e, s, n0));
       for (int kt = 0; kt < KT; ++kt, ++g) {
-        const int st = g % STAGES;
+        const int st = acquire(g);
         const uint32_t full = pipe.full0 + 8 * st;
-        if (g >= STAGES) wg::mbar_wait(pipe.empty0 + 8 * st, uint32_t((g / STAGES - 1) & 1));
-        if (lane == 0) wg::mbar_arrive_expect_tx(full, bytes);
+        if (kt == 0) {
+          if (lane < BM) desc[st].slot[lane] = slot;
+          if (lane == 0) desc[st].row_begin = ti.row_begin, desc[st].rows = ti.rows, desc[st].n0 = n0;
+          __syncwarp();
+        }
+        if (lane == 0) wg::mbar_arrive_expect_tx(full, bytes);  // releases the descriptor too
         __syncwarp();
         if (lane == 0) {
 #pragma unroll
@@ -786,22 +834,37 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::BLOCKS)
                                uint32_t(wg::kRowBytes), full);
       }
     }
+    const int st = acquire(g);  // the end marker
+    if (lane == 0) {
+      desc[st].rows = 0;
+      wg::mbar_arrive(pipe.full0 + 8 * st);
+    }
     return;
   }
 
   const int wn = warp - 1;  // this warp's 8 columns of every set
-  int g = 0;
-  for (int64_t u = blockIdx.x; u < items; u += gridDim.x) {
-    TileInfo ti;
-    int n0;
-    if (!item(u, ti, n0)) continue;
+  const int brow = wn * 8 + (lane & 7);
+  for (int g = 0;;) {
+    pipe.consume(g);
+    const StreamItem<BM>& it = desc[g % STAGES];
+    const int rows = it.rows;
+    if (rows == 0) break;
+    const int64_t row_begin = it.row_begin;
+    const int n0 = it.n0;
+    int32_t slot[MI][2];
+#pragma unroll
+    for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int r = mi * 16 + (lane >> 2) + half * 8;
+        slot[mi][half] = r < rows ? it.slot[r] : -1;
+      }
     uint32_t a_off[MI];
 #pragma unroll
     for (int mi = 0; mi < MI; ++mi) {
       const int r = mi * 16 + (lane & 15);
-      a_off[mi] = uint32_t(r < ti.rows ? r : 0) * Cfg::A_LD + uint32_t(lane >> 4) * 16;
+      a_off[mi] = uint32_t(r < rows ? r : 0) * Cfg::A_LD + uint32_t(lane >> 4) * 16;
     }
-    const int brow = wn * 8 + (lane & 7);
     float acc[NSETS][MI][4];
 #pragma unroll
     for (int s = 0; s < NSETS; ++s)
@@ -811,7 +874,7 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::BLOCKS)
         for (int r = 0; r < 4; ++r) acc[s][mi][r] = 0.0f;
     for (int kt = 0; kt < KT; ++kt, ++g) {
       const int st = g % STAGES;
-      pipe.consume(g);
+      if (kt > 0) pipe.consume(g);
       const unsigned char* a_st = smem + (a_base - b_base) + size_t(st) * Cfg::A_BYTES;
       const unsigned char* b_st = smem + size_t(st) * Cfg::B_BYTES;
 #pragma unroll
@@ -830,16 +893,16 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::BLOCKS)
       __syncwarp();
       if (lane == 0) pipe.release(g);
     }
-    const int gr = lane >> 2, c2 = (lane & 3) * 2;
+    const int col = n0 + wn * 8 + (lane & 3) * 2;
 #pragma unroll
     for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
-        const int r = mi * 16 + gr + half * 8;
-        if (r >= ti.rows) continue;
-        const float* a0 = &acc[0][mi][half * 2];
-        const float* u0 = &acc[NSETS - 1][mi][half * 2];
-        epilogue_pair<T, MODE>(p, w, ti.row_begin + r, n0 + wn * 8 + c2, a0[0], a0[1], u0[0], u0[1]);
+        const int r = mi * 16 + (lane >> 2) + half * 8;
+        if (r < rows)
+          epilogue_slot<T, MODE>(p, w, slot[mi][half], row_begin + r, col, acc[0][mi][2 * half],
+                                 acc[0][mi][2 * half + 1], acc[NSETS - 1][mi][2 * half],
+                                 acc[NSETS - 1][mi][2 * half + 1]);
       }
   }
 }
