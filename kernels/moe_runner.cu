@@ -706,8 +706,9 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
 // and the GEMMs streamed 1.7-2.0 TB/s (run 32). Here one block per SM walks
 // the items (row tile, column tile) b, b + gridDim.x, ... with one
 // producer warp: the weight tile of each 64-deep k step comes by one bulk
-// tensor copy per weight set (128B-swizzled), each valid A row by one
-// 128-byte bulk copy (the gather needs no sorted copy), into as many buffers
+// tensor copy per weight set (128B-swizzled), the valid A rows by cp.async
+// from the producer's lanes (the gather needs no sorted copy; one bulk copy
+// per row was 2x slower at 16 rows a tile, run 58), into as many buffers
 // as shared memory holds (17-52 steps, 60-130 KB of weights in flight);
 // the pipeline runs on across items, so the next item's loads overlap this
 // one's MMAs and stores. Consumer warps hand each buffer back through an
@@ -783,7 +784,15 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::BLOCKS)
   const unsigned char* smem = stream_smem_raw + (b_base - raw);  // generic address of b_base
   const wg::Pipeline<STAGES> pipe(bars);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  if (tid == 0) pipe.init(Cfg::CONSUMERS);
+  if (tid == 0) {
+    // Full: the producer's arrival with the weight copies' bytes, plus one
+    // arrival per producer lane once its cp.async of the A rows landed.
+    for (int s = 0; s < STAGES; ++s) {
+      wg::mbar_init(pipe.full0 + 8 * s, 1 + 32);
+      wg::mbar_init(pipe.empty0 + 8 * s, Cfg::CONSUMERS);
+    }
+    wg::mbar_init_fence();
+  }
   __syncthreads();
   const int KT = (MODE == kGemm2 ? p.I : p.H) / 64;
 
@@ -802,15 +811,22 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::BLOCKS)
       if (!warp_find_tile<BM>(p, w, int(u % tiles), ti)) continue;
       const int n0 = int(u / tiles) * BN;
       const int32_t slot = lane < ti.rows ? slot_at(p, w, ti.row_begin + lane) : -1;
-      const T* src = nullptr;
-      if (lane < ti.rows) {
-        if (MODE == kGemm2)
-          src = static_cast<const T*>(w.h) + (ti.row_begin + lane) * int64_t(p.I);
-        else if (slot >= 0)
-          src = static_cast<const T*>(p.x) + int64_t(slot / p.K) * p.H;
+      // This lane copies 16-byte chunk lane % 8 of A rows lane / 8 + 4 i.
+      const T* src[BM / 4];
+#pragma unroll
+      for (int i = 0; i < BM / 4; ++i) {
+        const int r = lane / 8 + 4 * i;
+        const int32_t rs = __shfl_sync(kFullMask, slot, r);
+        src[i] = nullptr;
+        if (r < ti.rows) {
+          if (MODE == kGemm2)
+            src[i] = static_cast<const T*>(w.h) + (ti.row_begin + r) * int64_t(p.I) + (lane % 8) * 8;
+          else if (rs >= 0)
+            src[i] = static_cast<const T*>(p.x) + int64_t(rs / p.K) * p.H + (lane % 8) * 8;
+        }
       }
-      const uint32_t copies = __popc(__ballot_sync(kFullMask, src != nullptr));
-      const uint32_t bytes = Cfg::B_BYTES + copies * uint32_t(wg::kRowBytes);
+      unsigned char* a_dst = const_cast<unsigned char*>(smem) + (a_base - b_base) + (lane / 8) * Cfg::A_LD +
+                             (lane % 8) * 16;
       int brow[NSETS];
 #pragma unroll
       for (int s = 0; s < NSETS; ++s) brow[s] = int(b_row_index<MODE>(p, ti.e, s, n0));
@@ -822,23 +838,24 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::BLOCKS)
           if (lane == 0) desc[st].row_begin = ti.row_begin, desc[st].rows = ti.rows, desc[st].n0 = n0;
           __syncwarp();
         }
-        if (lane == 0) wg::mbar_arrive_expect_tx(full, bytes);  // releases the descriptor too
-        __syncwarp();
         if (lane == 0) {
+          wg::mbar_arrive_expect_tx(full, Cfg::B_BYTES);  // releases the descriptor too
 #pragma unroll
           for (int s = 0; s < NSETS; ++s)
             wg::tma_load_2d(b_base + st * Cfg::B_BYTES + uint32_t(s * BN) * wg::kRowBytes, &map_b, kt * 64,
                             brow[s], full);
         }
-        if (src) wg::bulk_load(a_base + st * Cfg::A_BYTES + uint32_t(lane) * Cfg::A_LD, src + kt * 64,
-                               uint32_t(wg::kRowBytes), full);
+#pragma unroll
+        for (int i = 0; i < BM / 4; ++i)
+          if (src[i]) cp_async16(a_dst + st * Cfg::A_BYTES + 4 * i * Cfg::A_LD, src[i] + kt * 64, true);
+        wg::cp_async_arrive_noinc(full);
       }
     }
     const int st = acquire(g);  // the end marker
-    if (lane == 0) {
-      desc[st].rows = 0;
-      wg::mbar_arrive(pipe.full0 + 8 * st);
-    }
+    if (lane == 0) desc[st].rows = 0;
+    __syncwarp();
+    if (lane == 0) wg::mbar_arrive(pipe.full0 + 8 * st);
+    wg::cp_async_arrive_noinc(pipe.full0 + 8 * st);
     return;
   }
 

@@ -187,14 +187,11 @@ __device__ __forceinline__ void tma_load_2d(uint32_t dst, const void* map, int c
 #endif
 }
 
-// `bytes` (a multiple of 16; both addresses 16-byte aligned) from global
-// `src` into shared memory at `dst`, completing on barrier `bar` (the bulk
-// copy without a tensor map: one row of a gathered operand).
-__device__ __forceinline__ void bulk_load(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar) {
+// One arrival on `bar` once every cp.async this thread issued before has
+// landed; the barrier's expected count includes it (.noinc).
+__device__ __forceinline__ void cp_async_arrive_noinc(uint32_t bar) {
 #if MOE_HAS_WGMMA
-  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
-               ::"r"(dst), "l"(src), "r"(bytes), "r"(bar)
-               : "memory");
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
 #endif
 }
 
