@@ -21,6 +21,12 @@ constexpr int BN = 64;
 
 enum Mode : int { kGemm1Gated = 0, kGemm1Plain = 1, kGemm2 = 2 };
 
+// Expert matrices of at most this many elements are "small" for the decode
+// kernels (Qwen3-30B-A3B's 1536 x 2048 and 2048 x 768): gemm_tc_kernel with
+// 4 stages rather than 12 (decode_stages), and not the streaming kernels
+// (launch_stream_stage).
+constexpr int64_t kShallowElems = int64_t(1) << 22;
+
 size_t align256(size_t b) { return (b + 255) / 256 * 256; }
 
 struct Layout {
@@ -703,18 +709,21 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
 // give; what changes is how the weights arrive. gemm_tc_kernel keeps at most
 // STAGES - 1 k steps of one tile in flight per block and starts each tile's
 // pipeline from empty, so at T <= 64 an SM had ~36 KB of weights in flight
-// and the GEMMs streamed 1.7-2.0 TB/s (run 32). Here one block per SM walks
-// the items (row tile, column tile) b, b + gridDim.x, ... with one
-// producer warp: the weight tile of each 64-deep k step comes by one bulk
-// tensor copy per weight set (128B-swizzled), the valid A rows by cp.async
-// from the producer's lanes (the gather needs no sorted copy; one bulk copy
-// per row was 2x slower at 16 rows a tile, run 58), into as many buffers
-// as shared memory holds (17-52 steps, 60-130 KB of weights in flight);
-// the pipeline runs on across items, so the next item's loads overlap this
+// and the GEMMs streamed 1.7-2.0 TB/s (run 32). Here BLOCKS (2) persistent
+// blocks per SM walk the items (row tile, column tile) b, b + gridDim.x,
+// ..., each with one producer warp: the weight tile of each 64-deep k step
+// comes by one bulk tensor copy per weight set (128B-swizzled), the valid A
+// rows by cp.async from the producer's lanes (the gather needs no sorted
+// copy; one bulk copy per row was 2x slower at 16 rows a tile, run 58),
+// into as many buffers as shared memory holds (8-25 steps a block, 88-128
+// KB of weights in flight per SM). The producer also finds each item's
+// tile and its rows' slots and passes them in a per-buffer descriptor; the
+// pipeline runs on across items, so the next item's loads overlap this
 // one's MMAs and stores. Consumer warps hand each buffer back through an
 // mbarrier. Rows of A past the tile's valid rows are never copied: their
 // ldmatrix lanes read row 0 instead, and the epilogue stores only valid
-// rows. Needs K % 64 == 0 (whole 128-byte rows per step; otherwise the
+// rows. One block per SM serialised too many m16n8k16 chains (run 57:
+// 2.2x slower at T=64). Needs K % 64 == 0 (whole 128-byte rows per step; otherwise the
 // caller keeps gemm_tc_kernel).
 constexpr size_t kStreamSmemBytes = 216 * 1024;  // dynamic shared memory of the blocks of one SM
 constexpr int kStreamMaxStages = 64;
@@ -1301,22 +1310,22 @@ bool launch_stream(const MoeRunParams& p, const Work& w, int N, cudaStream_t str
   return true;
 }
 
-template <class T, int BM_, int BN_, int BLOCKS_>
-bool launch_stream_blocks(const MoeRunParams& p, const Work& w, bool second, cudaStream_t stream) {
-  if (second) return launch_stream<T, kGemm2, StreamCfg<BM_, BN_, 1, BLOCKS_>>(p, w, p.H, stream);
-  if (p.gated) return launch_stream<T, kGemm1Gated, StreamCfg<BM_, BN_, 2, BLOCKS_>>(p, w, p.I, stream);
-  return launch_stream<T, kGemm1Plain, StreamCfg<BM_, BN_, 1, BLOCKS_>>(p, w, p.I, stream);
-}
-
-// Blocks per SM of the streaming kernels: MOE_RUNNER_STREAM_BLOCKS=2|4 (trial switch).
+// The streaming kernels for a GEMM whose expert matrix has more than
+// kShallowElems elements, else false (the caller keeps gemm_tc_kernel).
+// Run 60 (H100, moe_bench, against gemm_tc_kernel in run 59): Mixtral
+// T=1/8/64 271 -> 257, 952 -> 921, 1077 -> 1043 us, the DeepSeek slice T=1
+// 49.4 -> 43.8, T=64 555 -> 537 us, T=8 and 256 within 1%; Qwen3's small
+// matrices (3.1M and 1.6M elements, 12-32 k steps an item, many items a
+// block) slower at T=8 and 64 (208 -> 221, 456 -> 491 us), where the many
+// small blocks of gemm_tc_kernel overlap more items per SM. Four blocks per
+// SM (shallower buffers) were slower on every shape but Qwen3 T=64-256.
 template <class T, int BM_, int BN_>
 bool launch_stream_stage(const MoeRunParams& p, const Work& w, bool second, cudaStream_t stream) {
-  static const int blocks = [] {
-    const char* v = std::getenv("MOE_RUNNER_STREAM_BLOCKS");
-    return v && v[0] == '2' && v[1] == 0 ? 2 : 4;
-  }();
-  if (blocks == 2) return launch_stream_blocks<T, BM_, BN_, 2>(p, w, second, stream);
-  return launch_stream_blocks<T, BM_, BN_, 4>(p, w, second, stream);
+  if (int64_t(p.H) * p.I * (!second && p.gated ? 2 : 1) <= kShallowElems) return false;
+  constexpr int kBlocks = 2;
+  if (second) return launch_stream<T, kGemm2, StreamCfg<BM_, BN_, 1, kBlocks>>(p, w, p.H, stream);
+  if (p.gated) return launch_stream<T, kGemm1Gated, StreamCfg<BM_, BN_, 2, kBlocks>>(p, w, p.I, stream);
+  return launch_stream<T, kGemm1Plain, StreamCfg<BM_, BN_, 1, kBlocks>>(p, w, p.I, stream);
 }
 
 // rows_bound: the most rows the tiles of this candidate can cover.
@@ -1375,7 +1384,6 @@ void launch_gemms_typed(const MoeRunParams& p, const Work& w, const RowChoice& r
 }  // namespace
 
 // Stages of the 16-row decode tiles (both runners; see CfgDecode16s4 above).
-constexpr int64_t kShallowElems = int64_t(1) << 22;
 int decode_stages(int64_t matrix_elems) {
   static const int forced = [] {
     const char* e = std::getenv("MOE_RUNNER_DECODE_STAGES");
