@@ -22,6 +22,8 @@
 #              (MOE_RUNNER_STREAM=0: gemm_tc_kernel, still correct), then
 #              memcheck, racecheck and synccheck on the runner and graph
 #              cases with them on
+#   probe      racecheck on scripts/racecheck_mbarrier_probe.cu (does it
+#              model mbarrier arrive/wait between warps?)
 #   decode     moe_bench --no-peers at T=1,8,64,256 (MOE_TUNE_DECODE_T),
 #              once per VAR=VALUE in MOE_TUNE_DECODE_ENVS (default: the
 #              streaming decode kernels on, then off)
@@ -124,6 +126,16 @@ step_stream() {
     rc=$?
     [ $rc -eq 0 ] || status=1
     note "$tool runner+graph rc=$rc: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|^\[doctest\] test cases' "$logs/stream_$tool.log" | tr '\n' ' ')"
+  done
+}
+
+step_probe() {
+  local m
+  nvcc -std=c++17 -arch=sm_90a -Ikernels -o "$build/racecheck_probe" scripts/racecheck_mbarrier_probe.cu \
+    > "$logs/probe.log" 2>&1 || { note "probe build failed"; return 1; }
+  for m in 0 1 2; do
+    compute-sanitizer --tool racecheck "$build/racecheck_probe" $m >> "$logs/probe.log" 2>&1
+    note "racecheck probe mode $m: $(grep -E 'RACECHECK SUMMARY|mode' "$logs/probe.log" | tail -n 2 | tr '\n' ' ')"
   done
 }
 
