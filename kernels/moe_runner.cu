@@ -714,11 +714,7 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
 // ..., each with one producer warp: the weight tile of each 64-deep k step
 // comes by one bulk tensor copy per weight set (128B-swizzled), the valid A
 // rows by cp.async from the producer's lanes (the gather needs no sorted
-// copy; one bulk copy per row, runs 57-59, was up to 2x slower at 16 rows),
-// announced on the step's full barrier by the producer A_LAG steps later
-// once cp.async.wait_group says they landed (cp.async.mbarrier.arrive did
-// the same in run 61 but is outside what racecheck models: it reported
-// every such read as a hazard),
+// copy; one bulk copy per row was 2x slower at 16 rows a tile, run 58),
 // into as many buffers as shared memory holds (8-25 steps a block, 88-128
 // KB of weights in flight per SM). The producer also finds each item's
 // tile and its rows' slots and passes them in a per-buffer descriptor; the
@@ -743,11 +739,6 @@ struct StreamCfg {
   static constexpr int FIT = int((kStreamSmemBytes / BLOCKS - wg::kSwizzleBytes) / (B_BYTES + A_BYTES));
   static constexpr int STAGES = FIT < kStreamMaxStages ? FIT : kStreamMaxStages;
   static constexpr size_t SMEM_BYTES = wg::kSwizzleBytes + size_t(STAGES) * (B_BYTES + A_BYTES);
-  // Steps between a step's A copies and the producer's arrival for them:
-  // A_LAG steps of A rows in flight, and the consumers still find each
-  // step's arrival done before they reach it (A_LAG <= STAGES - 2).
-  static constexpr int A_LAG = STAGES / 2 < 8 ? STAGES / 2 : 8;
-  static_assert(A_LAG >= 1 && A_LAG <= STAGES - 2, "lag within the ring");
   static_assert(BM % 16 == 0 && BM <= 32, "one producer lane per A row");
   static_assert(BN % 8 == 0 && B_BYTES % wg::kSwizzleBytes == 0, "whole swizzle periods per set");
 };
@@ -803,10 +794,10 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::BLOCKS)
   const wg::Pipeline<STAGES> pipe(bars);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   if (tid == 0) {
-    // Full: the producer's arrival with the weight copies' bytes, and its
-    // arrival once the A rows' cp.async landed (A_LAG steps later).
+    // Full: the producer's arrival with the weight copies' bytes, plus one
+    // arrival per producer lane once its cp.async of the A rows landed.
     for (int s = 0; s < STAGES; ++s) {
-      wg::mbar_init(pipe.full0 + 8 * s, 2);
+      wg::mbar_init(pipe.full0 + 8 * s, 1 + 32);
       wg::mbar_init(pipe.empty0 + 8 * s, Cfg::CONSUMERS);
     }
     wg::mbar_init_fence();
@@ -866,25 +857,14 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::BLOCKS)
 #pragma unroll
         for (int i = 0; i < BM / 4; ++i)
           if (src[i]) cp_async16(a_dst + st * Cfg::A_BYTES + 4 * i * Cfg::A_LD, src[i] + kt * 64, true);
-        cp_async_commit();
-        // Step g - A_LAG's rows have landed (each lane waits for its own
-        // copies; the warp barrier orders them before lane 0's release).
-        cp_async_wait<Cfg::A_LAG>();
-        __syncwarp();
-        if (lane == 0 && g >= Cfg::A_LAG) wg::mbar_arrive(pipe.full0 + 8 * ((g - Cfg::A_LAG) % STAGES));
+        wg::cp_async_arrive_noinc(full);
       }
     }
-    cp_async_wait<0>();
-    __syncwarp();
-    if (lane == 0)
-      for (int j = g > Cfg::A_LAG ? g - Cfg::A_LAG : 0; j < g; ++j) wg::mbar_arrive(pipe.full0 + 8 * (j % STAGES));
     const int st = acquire(g);  // the end marker
     if (lane == 0) desc[st].rows = 0;
     __syncwarp();
-    if (lane == 0) {
-      wg::mbar_arrive(pipe.full0 + 8 * st);
-      wg::mbar_arrive(pipe.full0 + 8 * st);
-    }
+    if (lane == 0) wg::mbar_arrive(pipe.full0 + 8 * st);
+    wg::cp_async_arrive_noinc(pipe.full0 + 8 * st);
     return;
   }
 

@@ -187,6 +187,14 @@ __device__ __forceinline__ void tma_load_2d(uint32_t dst, const void* map, int c
 #endif
 }
 
+// One arrival on `bar` once every cp.async this thread issued before has
+// landed; the barrier's expected count includes it (.noinc).
+__device__ __forceinline__ void cp_async_arrive_noinc(uint32_t bar) {
+#if MOE_HAS_WGMMA
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+#endif
+}
+
 // Full/empty mbarrier pairs of a STAGES-deep pipeline: one producer thread
 // fills buffer kt % STAGES for k step kt by bulk copies once the consumer
 // warpgroups have released its previous use (one release per warpgroup).
