@@ -722,7 +722,12 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
 // one's MMAs and stores. Consumer warps hand each buffer back through an
 // mbarrier. Rows of A past the tile's valid rows are never copied: their
 // ldmatrix lanes read row 0 instead, and the epilogue stores only valid
-// rows. One block per SM serialised too many m16n8k16 chains (run 57:
+// rows. compute-sanitizer racecheck does not model mbarrier arrive/wait
+// between warps (scripts/racecheck_mbarrier_probe.cu: a plain store, an
+// arrive, a wait and a load draw a hazard report; run 63), so it reports
+// every A read here; a variant that arrived after cp.async.wait_group was
+// reported the same way and was slower (run 63), and is not kept.
+// One block per SM serialised too many m16n8k16 chains (run 57:
 // 2.2x slower at T=64). Needs K % 64 == 0 (whole 128-byte rows per step; otherwise the
 // caller keeps gemm_tc_kernel).
 constexpr size_t kStreamSmemBytes = 216 * 1024;  // dynamic shared memory of the blocks of one SM
@@ -1319,9 +1324,15 @@ bool launch_stream(const MoeRunParams& p, const Work& w, int N, cudaStream_t str
 // block) slower at T=8 and 64 (208 -> 221, 456 -> 491 us), where the many
 // small blocks of gemm_tc_kernel overlap more items per SM. Four blocks per
 // SM (shallower buffers) were slower on every shape but Qwen3 T=64-256.
+// MOE_RUNNER_STREAM=1 takes them for every size (the GPU suite's small
+// models then run them too).
 template <class T, int BM_, int BN_>
 bool launch_stream_stage(const MoeRunParams& p, const Work& w, bool second, cudaStream_t stream) {
-  if (int64_t(p.H) * p.I * (!second && p.gated ? 2 : 1) <= kShallowElems) return false;
+  static const bool forced = [] {
+    const char* v = std::getenv("MOE_RUNNER_STREAM");
+    return v && v[0] == '1' && v[1] == 0;
+  }();
+  if (!forced && int64_t(p.H) * p.I * (!second && p.gated ? 2 : 1) <= kShallowElems) return false;
   constexpr int kBlocks = 2;
   if (second) return launch_stream<T, kGemm2, StreamCfg<BM_, BN_, 1, kBlocks>>(p, w, p.H, stream);
   if (p.gated) return launch_stream<T, kGemm1Gated, StreamCfg<BM_, BN_, 2, kBlocks>>(p, w, p.I, stream);

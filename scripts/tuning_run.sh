@@ -19,9 +19,12 @@
 #   dispatch   moe_bench --no-peers at T=4096 (router and dispatch times)
 #   router_ncu Nsight Compute on the DeepSeek-V3 router at T=4096
 #   stream     the bf16 runner's cases with the streaming decode kernels off
-#              (MOE_RUNNER_STREAM=0: gemm_tc_kernel, still correct), then
-#              memcheck, racecheck and synccheck on the runner and graph
-#              cases with them on
+#              (MOE_RUNNER_STREAM=0: gemm_tc_kernel), the GPU suite with them
+#              forced for every size (MOE_RUNNER_STREAM=1), then the
+#              MOE_TUNE_STREAM_TOOLS sanitizers (memcheck synccheck) on the
+#              runner and graph cases with them forced
+#   racecheck_old  racecheck on the runner and graph cases with them off
+#              (racecheck does not model their mbarriers: step probe)
 #   probe      racecheck on scripts/racecheck_mbarrier_probe.cu (does it
 #              model mbarrier arrive/wait between warps?)
 #   decode     moe_bench --no-peers at T=1,8,64,256 (MOE_TUNE_DECODE_T),
@@ -120,13 +123,25 @@ step_stream() {
   rc=$?
   [ $rc -eq 0 ] || status=1
   note "runner+graph, MOE_RUNNER_STREAM=0 rc=$rc: $(grep -E '^\[doctest\] test cases' "$logs/stream_off_tests.log")"
-  for tool in memcheck racecheck synccheck; do
-    timeout 300 compute-sanitizer --tool $tool --error-exitcode 9 "$tests" -tc='gpu.runner.*,gpu.graph*' \
-      > "$logs/stream_$tool.log" 2>&1
+  MOE_RUNNER_STREAM=1 timeout 200 ctest --test-dir "$build" -L gpu > "$logs/stream_forced_ctest.log" 2>&1
+  rc=$?
+  [ $rc -eq 0 ] || status=1
+  note "ctest -L gpu, MOE_RUNNER_STREAM=1 rc=$rc: $(grep -E 'tests passed' "$logs/stream_forced_ctest.log")"
+  for tool in ${MOE_TUNE_STREAM_TOOLS:-memcheck synccheck}; do
+    MOE_RUNNER_STREAM=1 timeout 300 compute-sanitizer --tool $tool --error-exitcode 9 "$tests" \
+      -tc='gpu.runner.*,gpu.graph*' > "$logs/stream_$tool.log" 2>&1
     rc=$?
     [ $rc -eq 0 ] || status=1
-    note "$tool runner+graph rc=$rc: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|^\[doctest\] test cases' "$logs/stream_$tool.log" | tr '\n' ' ')"
+    note "$tool runner+graph, MOE_RUNNER_STREAM=1 rc=$rc: $(grep -E 'ERROR SUMMARY|^\[doctest\] test cases' "$logs/stream_$tool.log" | tr '\n' ' ')"
   done
+}
+
+step_racecheck_old() {
+  MOE_RUNNER_STREAM=0 timeout 300 compute-sanitizer --tool racecheck --error-exitcode 9 "$tests" \
+    -tc='gpu.runner.*,gpu.graph*' > "$logs/racecheck_stream0.log" 2>&1
+  local rc=$?
+  [ $rc -eq 0 ] || status=1
+  note "racecheck runner+graph, MOE_RUNNER_STREAM=0 rc=$rc: $(grep -E 'RACECHECK SUMMARY|^\[doctest\] test cases' "$logs/racecheck_stream0.log" | tr '\n' ' ')"
 }
 
 step_probe() {
