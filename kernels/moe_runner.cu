@@ -726,7 +726,7 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
 // between warps (scripts/racecheck_mbarrier_probe.cu: a plain store, an
 // arrive, a wait and a load draw a hazard report; run 63), so it reports
 // every A read here; a variant that arrived after cp.async.wait_group was
-// reported the same way and was slower (run 63), and is not kept.
+// reported the same way (run 62) and was slower (run 63): not kept.
 // One block per SM serialised too many m16n8k16 chains (run 57:
 // 2.2x slower at T=64). Needs K % 64 == 0 (whole 128-byte rows per step; otherwise the
 // caller keeps gemm_tc_kernel).
