@@ -714,7 +714,7 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
 // ..., each with one producer warp: the weight tile of each 64-deep k step
 // comes by one bulk tensor copy per weight set (128B-swizzled), the valid A
 // rows by cp.async from the producer's lanes (the gather needs no sorted
-// copy; one bulk copy per row was 2x slower at 16 rows a tile, run 58),
+// copy; one bulk copy per row was up to 2x slower at 16 rows, runs 57-59),
 // into as many buffers as shared memory holds (8-25 steps a block, 88-128
 // KB of weights in flight per SM). The producer also finds each item's
 // tile and its rows' slots and passes them in a per-buffer descriptor; the
@@ -731,7 +731,6 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
 // 2.2x slower at T=64). Needs K % 64 == 0 (whole 128-byte rows per step; otherwise the
 // caller keeps gemm_tc_kernel).
 constexpr size_t kStreamSmemBytes = 216 * 1024;  // dynamic shared memory of the blocks of one SM
-constexpr int kStreamMaxStages = 64;
 
 template <int BM_, int BN_, int NSETS_, int BLOCKS_>
 struct StreamCfg {
@@ -741,8 +740,7 @@ struct StreamCfg {
   static constexpr int A_LD = 144;  // bytes per A row: 128 + 16, conflict-free ldmatrix
   static constexpr uint32_t B_BYTES = uint32_t(NSETS) * BN * wg::kRowBytes;
   static constexpr uint32_t A_BYTES = uint32_t(BM) * A_LD;
-  static constexpr int FIT = int((kStreamSmemBytes / BLOCKS - wg::kSwizzleBytes) / (B_BYTES + A_BYTES));
-  static constexpr int STAGES = FIT < kStreamMaxStages ? FIT : kStreamMaxStages;
+  static constexpr int STAGES = int((kStreamSmemBytes / BLOCKS - wg::kSwizzleBytes) / (B_BYTES + A_BYTES));
   static constexpr size_t SMEM_BYTES = wg::kSwizzleBytes + size_t(STAGES) * (B_BYTES + A_BYTES);
   static_assert(BM % 16 == 0 && BM <= 32, "one producer lane per A row");
   static_assert(BN % 8 == 0 && B_BYTES % wg::kSwizzleBytes == 0, "whole swizzle periods per set");

@@ -893,10 +893,8 @@ bool launch_gemm_tma(const Fp8RunParams& p, const Work& w, dim3 grid, cudaStream
       cudaSuccess)
     return false;
   // One block per SM (the buffers take most of its shared memory).
-  int dev = 0, sms = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || sms <= 0)
-    return false;
+  const int sms = sm_count();
+  if (sms <= 0) return false;
   const int64_t items = int64_t(grid.x) * grid.y;
   const unsigned blocks = unsigned(std::max<int64_t>(1, std::min<int64_t>(items, sms)));
   kernel<<<blocks, WS_THREADS, WgStaging::SMEM_BYTES, stream>>>(p, w, map_a, map_b, int(grid.x), int(grid.y));
