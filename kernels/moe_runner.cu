@@ -73,8 +73,10 @@ struct Work {
 
 // --- activation -------------------------------------------------------------
 
-// The CPU backend's activations (NaN propagates through RELU2 too).
+// The CPU backend's activations (NaN propagates through RELU2 too), and the
+// fast SiLU for epilogues whose h is rounded to 16 bits next (epilogue_slot).
 using gemm::activate;
+using gemm::activate_fast;
 
 // --- tile map ------------------------------------------------------------------
 
@@ -178,13 +180,17 @@ __device__ __forceinline__ void epilogue_slot(const MoeRunParams& p, const Work&
   if (col >= p.I) return;
   // W13 is linear in x, so scaling the pre-activation equals scaling x's row.
   const float s = p.weight_on_input ? p.weights[slot] : 1.0f;
+  // h rounded to 16 bits next: the fast SiLU (activate_fast); f32 runs exact.
+  auto act = [&](float v) {
+    return std::is_same_v<T, float> ? activate(p.activation, v) : activate_fast(p.activation, v);
+  };
   float h0, h1;
   if (MODE == kGemm1Gated) {
-    h0 = activate(p.activation, a0 * s) * (u0 * s);
-    h1 = activate(p.activation, a1 * s) * (u1 * s);
+    h0 = act(a0 * s) * (u0 * s);
+    h1 = act(a1 * s) * (u1 * s);
   } else {
-    h0 = activate(p.activation, a0 * s);
-    h1 = activate(p.activation, a1 * s);
+    h0 = act(a0 * s);
+    h1 = act(a1 * s);
   }
   store_pair<T>(static_cast<T*>(w.h), pos * p.I + col, h0, h1);
 }

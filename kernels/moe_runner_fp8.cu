@@ -543,7 +543,7 @@ __global__ void __launch_bounds__(Cfg::THREADS) fp8_gemm_kernel(Fp8RunParams p, 
         if (MODE == kGemm2) {
           store_slot_pair(p, w, slot, col, a0, a1);
         } else {
-          float h0 = gemm::activate(p.activation, a0), h1 = gemm::activate(p.activation, a1);
+          float h0 = gemm::activate_fast(p.activation, a0), h1 = gemm::activate_fast(p.activation, a1);
           if (MODE == kGemm1Gated) {
             h0 *= acc[NSETS - 1][mi][ni][half * 2] * f;
             h1 *= acc[NSETS - 1][mi][ni][half * 2 + 1] * f;
@@ -572,15 +572,29 @@ using WgStaging = wg::Staging<WG_THREADS, WG_BM, WG_BN, WG_STAGES>;
 static_assert(BK == wg::kRowBytes, "a K block is one swizzle row of E4M3 codes");
 
 // A consumer warpgroup's share of a 128-row tile: its 64 rows' scales, the
-// MMAs of one K block, the promotion and the epilogue.
-template <int MODE, bool BLOCK>
+// MMAs of one K block, the promotion and the epilogue. WN: weight rows of the
+// tile (gated GEMM1: half gate, half the matching up rows). 128 (variant 1,
+// and variant 2 with MOE_RUNNER_FP8_BN=128): one m64n128k32 chain per K
+// block, two K blocks in flight (part[2]). 256 (variant 2): two 128-column
+// halves per K block through one part buffer (acc takes 128 registers, so a
+// second part does not fit), issued, waited for and promoted one after the
+// other; the other consumer warpgroup's MMAs fill the tensor cores while one
+// promotes. A half is one 128-row weight scale block either way (gated: the
+// gate block, then the up block), and each column goes through the same
+// MMAs and promotions as with WN = 128: bitwise the same outputs.
+template <int MODE, bool BLOCK, int WN>
 struct Fp8WgMath {
   static constexpr int NSETS = MODE == kGemm1Gated ? 2 : 1;
-  static constexpr int BNS = WG_BN / NSETS;  // output columns per weight set
+  static constexpr int NH = WN / 128;        // 128-column MMA halves
+  static constexpr int BNS = WN / NSETS;     // output columns per weight set
+  static constexpr int NSC = NH == 1 ? NSETS : NH;  // weight scale rows: per set (WN 128) or per half
+  static_assert(WN == 128 || WN == 256, "tile width");
   int group;                                 // 0 or 1: rows 64 group ..
+  int halves;                                // halves with columns below N (WN 256, plain: 1 at the edge)
   const float* srow[2];                      // scale rows of this thread's two rows
-  const float* wsrow[NSETS];                 // BLOCK: the weight scale row of each set
-  float acc[64], part[2][64];  // part: two K blocks in flight (issue / promote)
+  const float* wsrow[NSC];                   // BLOCK: the weight scale row of each set / half
+  float acc[WN / 2];
+  float part[NH == 1 ? 2 : 1][64];  // WN 128: two K blocks in flight (issue / promote)
 
   __device__ __forceinline__ Fp8WgMath(const Fp8RunParams& p, const Work& w, const Tile& ti, int n0, int g)
       : group(g) {
@@ -592,22 +606,27 @@ struct Fp8WgMath {
       srow[h] = nullptr;
       if (r < ti.rows) a_row<MODE>(p, w, ti.row_begin + r, unused, srow[h]);
     }
+    const int N = MODE == kGemm2 ? p.H : p.I;
     const int Kdim = MODE == kGemm2 ? p.I : p.H;
     const int rows_w = MODE == kGemm2 ? p.H : (NSETS * p.I);
     const float* wscale = MODE == kGemm2 ? p.w2_scale : p.w13_scale;
+    halves = NH == 2 && MODE != kGemm1Gated && n0 + 128 >= N ? 1 : NH;
 #pragma unroll
-    for (int s = 0; s < NSETS; ++s) {
-      const int rb = weight_row<MODE>(p, s, n0) / kGroup;
-      wsrow[s] = BLOCK ? wscale + (int64_t(ti.e) * (rows_w / kGroup) + rb) * (Kdim / kGroup) : wscale;
+    for (int s = 0; s < NSC; ++s) {
+      const int row = NSETS == 2 ? weight_row<MODE>(p, s, n0) : n0 + 128 * s;
+      wsrow[s] = !BLOCK ? wscale
+                 : s < halves || NH == 1
+                     ? wscale + (int64_t(ti.e) * (rows_w / kGroup) + row / kGroup) * (Kdim / kGroup)
+                     : nullptr;
     }
 #pragma unroll
-    for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
+    for (int i = 0; i < WN / 2; ++i) acc[i] = 0.0f;
   }
 
-  // Issues this K block's MMAs into part[B] (a_tile: the A tile's first row)
-  // without waiting: the caller waits (wg::wait<1>) once the next block's
-  // MMAs are issued, so that the promotion of one K block overlaps the MMAs
-  // of the next on the tensor cores.
+  // WN 128: issues this K block's MMAs into part[B] (a_tile: the A tile's
+  // first row) without waiting: the caller waits (wg::wait<1>) once the next
+  // block's MMAs are issued, so that the promotion of one K block overlaps the
+  // MMAs of the next on the tensor cores.
   template <int B>
   __device__ __forceinline__ void issue(uint32_t a_tile, uint32_t b_tile) {
     wg::fence_operands(part[B]);
@@ -619,31 +638,57 @@ struct Fp8WgMath {
     wg::commit();
   }
 
-  // acc += part[B] (its MMAs waited for), times the K block's scales (BLOCK).
+  // acc[64 h ..] += part[B] (its MMAs waited for), times the K block's scales
+  // (BLOCK; sw_h: the weight scale of those columns) for register i < 64 of
+  // half h; WN 128 gated: the up columns from register 32 on (sw_up).
   template <int B>
-  __device__ __forceinline__ void promote(const float (&sa)[2], const float (&sw)[NSETS]) {
+  __device__ __forceinline__ void promote_half(int h, const float (&sa)[2], float sw_h, float sw_up) {
     wg::fence_operands(part[B]);
 #pragma unroll
-    for (int j = 0; j < 16; ++j)
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        const int i = 4 * j + q;
-        const int s = NSETS == 2 && j >= 8 ? 1 : 0;
-        if (BLOCK)
-          acc[i] = fmaf(part[B][i], sa[q >> 1] * sw[s], acc[i]);
-        else
-          acc[i] += part[B][i];
-      }
+    for (int i = 0; i < 64; ++i) {
+      const float s = NH == 1 && NSETS == 2 && i >= 32 ? sw_up : sw_h;
+      float& a = acc[(NH == 1 ? 0 : h) * 64 + i];
+      if (BLOCK)
+        a = fmaf(part[B][i], sa[(i & 3) >> 1] * s, a);
+      else
+        a += part[B][i];
+    }
+  }
+  template <int B>
+  __device__ __forceinline__ void promote(const float (&sa)[2], const float (&sw)[NSC]) {
+    promote_half<B>(0, sa, sw[0], sw[NSC - 1]);
   }
 
-  // The K loop: step(parity, kt) issues K block kt (its scales, staging and
-  // MMAs into part[kt % 2]); then the MMAs of kt - 1 are waited for, done(kt
-  // - 1) is called and they are promoted while those of kt run (the last
-  // block: waited for, done, promoted). Peeled so
-  // that every path has the same block in flight at each wait (ptxas
-  // serializes the MMAs when it cannot tell).
+  // WN 256: one K block, both halves through part[0]; release() once the
+  // block's last MMAs are complete (its buffers may then be refilled).
+  template <class Release>
+  __device__ __forceinline__ void kblock_wide(uint32_t a_tile, uint32_t b_tile, const float (&sa)[2],
+                                              const float (&sw)[NSC], Release&& release) {
+#pragma unroll
+    for (int h = 0; h < NH; ++h) {
+      if (h >= halves) break;
+      wg::fence_operands(part[0]);
+      wg::fence();
+#pragma unroll
+      for (int kk = 0; kk < BK / 32; ++kk)
+        wg::mma_m64n128k32_e4m3(part[0], wg::desc_sw128(a_tile + group * 64 * wg::kRowBytes + kk * 32),
+                                wg::desc_sw128(b_tile + uint32_t(h) * 128 * wg::kRowBytes + kk * 32),
+                                kk > 0 ? 1 : 0);
+      wg::commit();
+      wg::wait<0>();
+      if (h + 1 == halves) release();
+      promote_half<0>(h, sa, sw[h], sw[h]);
+    }
+  }
+
+  // The K loop of WN 128: step(parity, kt) issues K block kt (its scales,
+  // staging and MMAs into part[kt % 2]); then the MMAs of kt - 1 are waited
+  // for, done(kt - 1) is called and they are promoted while those of kt run
+  // (the last block: waited for, done, promoted). Peeled so that every path
+  // has the same block in flight at each wait (ptxas serializes the MMAs
+  // when it cannot tell).
   template <class Step, class Done>
-  __device__ __forceinline__ void fp8_pipeline(int KT, float (&sa)[2][2], float (&sw)[2][NSETS], Step&& step,
+  __device__ __forceinline__ void fp8_pipeline(int KT, float (&sa)[2][2], float (&sw)[2][NSC], Step&& step,
                                                Done&& done) {
     using Zero = std::integral_constant<int, 0>;
     using One = std::integral_constant<int, 1>;
@@ -672,11 +717,11 @@ struct Fp8WgMath {
     }
   }
 
-  __device__ __forceinline__ void scales(int kt, float (&sa)[2], float (&sw)[NSETS]) const {
+  __device__ __forceinline__ void scales(int kt, float (&sa)[2], float (&sw)[NSC]) const {
 #pragma unroll
     for (int h = 0; h < 2; ++h) sa[h] = BLOCK && srow[h] ? srow[h][kt] : 0.0f;
 #pragma unroll
-    for (int s = 0; s < NSETS; ++s) sw[s] = BLOCK ? wsrow[s][kt] : 0.0f;
+    for (int s = 0; s < NSC; ++s) sw[s] = BLOCK && wsrow[s] ? wsrow[s][kt] : 0.0f;
   }
 
   __device__ __forceinline__ void store(const Fp8RunParams& p, const Work& w, const Tile& ti, int n0) const {
@@ -702,7 +747,7 @@ struct Fp8WgMath {
         if (MODE == kGemm2) {
           store_slot_pair(p, w, slot, col, a0, a1);
         } else {
-          float h0 = gemm::activate(p.activation, a0), h1 = gemm::activate(p.activation, a1);
+          float h0 = gemm::activate_fast(p.activation, a0), h1 = gemm::activate_fast(p.activation, a1);
           if (MODE == kGemm1Gated) {
             const int ju = j + BNS / 8;
             h0 *= acc[4 * ju + 2 * h] * f;
@@ -717,7 +762,7 @@ struct Fp8WgMath {
 
 template <int MODE, bool BLOCK>
 __global__ void __launch_bounds__(WG_THREADS, 1) fp8_wgmma_kernel(Fp8RunParams p, Work w) {
-  using Math = Fp8WgMath<MODE, BLOCK>;
+  using Math = Fp8WgMath<MODE, BLOCK, WG_BN>;
   constexpr int BNS = Math::BNS;
   extern __shared__ unsigned char fp8_wg_smem_raw[];
   const int tid = threadIdx.x;
@@ -798,17 +843,31 @@ __global__ void sort_codes_kernel(Fp8RunParams p, Work w) {
   gemm::gather_rows_sorted(w.xq, w.xqs, p.H / 16, p.sorted_slots, w.n, p.K, p.offsets, p.E_loc);
 }
 
-template <int MODE, bool BLOCK>
+// Variant 2's tiles: 128 rows x WN weight rows, STAGES buffers (the
+// shared memory of one block per SM either way); the weight rows come in
+// NBOX boxes of BOX_ROWS (gated: gate rows, then the matching up rows).
+template <int MODE, int WN>
+struct TmaTile {
+  static constexpr int NSETS = MODE == kGemm1Gated ? 2 : 1;
+  static constexpr int STAGES = WN == 128 ? WG_STAGES : 4;
+  static constexpr int NBOX = NSETS > WN / 128 ? NSETS : WN / 128;
+  static constexpr int BOX_ROWS = WN / NBOX;
+  using Staging = wg::Staging<WG_THREADS, WG_BM, WN, STAGES>;
+};
+
+template <int MODE, bool BLOCK, int WN>
 __global__ void __launch_bounds__(WS_THREADS, 1)
     fp8_wgmma_tma_kernel(Fp8RunParams p, Work w, const __grid_constant__ CUtensorMap map_a,
                          const __grid_constant__ CUtensorMap map_b, int tiles, int cols) {
-  using Math = Fp8WgMath<MODE, BLOCK>;
-  constexpr int BNS = Math::BNS;
+  using Math = Fp8WgMath<MODE, BLOCK, WN>;
+  using TT = TmaTile<MODE, WN>;
+  using Staging = typename TT::Staging;
+  constexpr int BNS = Math::BNS, STAGES = TT::STAGES;
   extern __shared__ unsigned char fp8_wg_smem_raw[];
-  __shared__ __align__(8) uint64_t bars[2 * WG_STAGES];
+  __shared__ __align__(8) uint64_t bars[2 * STAGES];
   const int tid = threadIdx.x;
-  const WgStaging st(fp8_wg_smem_raw, tid);  // only its aligned buffers are used here
-  const wg::Pipeline<WG_STAGES> pipe(bars);
+  const Staging st(fp8_wg_smem_raw, tid);  // only its aligned buffers are used here
+  const wg::Pipeline<STAGES> pipe(bars);
   const int Kdim = MODE == kGemm2 ? p.I : p.H;
   const int KT = (Kdim + BK - 1) / BK;
   // Persistent: block b takes items b, b + gridDim.x, ... of the grouped
@@ -826,22 +885,24 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
   if (tid < 128) {  // producer warpgroup
     wg::setmaxnreg_dec<40>();
     if (tid == 0) {
-      const int rows_w = MODE == kGemm2 ? p.H : (Math::NSETS * p.I);
+      const int rows_w = MODE == kGemm2 ? p.H : (TT::NSETS * p.I);
       int g = 0;  // pipeline step over all items
       for (int64_t u = blockIdx.x; u < items; u += gridDim.x) {
         Tile ti;
         int n0;
         if (!item(u, ti, n0)) continue;
-        const int b_row0 = ti.e * rows_w + weight_row<MODE>(p, 0, n0);
-        const int b_row1 = ti.e * rows_w + weight_row<MODE>(p, Math::NSETS - 1, n0);
+        int b_row[TT::NBOX];
+#pragma unroll
+        for (int b = 0; b < TT::NBOX; ++b)
+          b_row[b] = ti.e * rows_w + (TT::NSETS == 2 ? weight_row<MODE>(p, b, n0) : n0 + b * TT::BOX_ROWS);
         for (int kt = 0; kt < KT; ++kt, ++g) {
-          const int s = g % WG_STAGES;
-          const uint32_t bar = pipe.produce(g, WgStaging::STAGE_BYTES);
+          const int s = g % STAGES;
+          const uint32_t bar = pipe.produce(g, Staging::STAGE_BYTES);
           const int k0 = kt * BK;
           wg::tma_load_2d(st.a_tile(s), &map_a, k0, ti.row_begin, bar);
-          wg::tma_load_2d(st.b_tile(s), &map_b, k0, b_row0, bar);
-          if (MODE == kGemm1Gated)
-            wg::tma_load_2d(st.b_tile(s) + uint32_t(BNS) * wg::kRowBytes, &map_b, k0, b_row1, bar);
+#pragma unroll
+          for (int b = 0; b < TT::NBOX; ++b)
+            wg::tma_load_2d(st.b_tile(s) + uint32_t(b * TT::BOX_ROWS) * wg::kRowBytes, &map_b, k0, b_row[b], bar);
         }
       }
     }
@@ -855,49 +916,74 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
     int n0;
     if (!item(u, ti, n0)) continue;
     Math m(p, w, ti, n0, tid / 128 - 1);
-    // As variant 1: issue K block kt, wait for kt - 1, return its buffer to
-    // the producer and promote it.
-    float sa[2][2], sw[2][Math::NSETS];
-    auto step = [&](auto parity, int kt) {
-      constexpr int B = decltype(parity)::value;
-      m.scales(kt, sa[B], sw[B]);
-      pipe.consume(g0 + kt);
-      m.template issue<B>(st.a_tile((g0 + kt) % WG_STAGES), st.b_tile((g0 + kt) % WG_STAGES));
-    };
-    m.fp8_pipeline(KT, sa, sw, step, [&](int done) {
-      if (tid % 128 == 0) pipe.release(g0 + done);  // K block done's MMAs are complete
-    });
+    if constexpr (WN == 128) {
+      // As variant 1: issue K block kt, wait for kt - 1, return its buffer to
+      // the producer and promote it.
+      float sa[2][2], sw[2][Math::NSC];
+      auto step = [&](auto parity, int kt) {
+        constexpr int B = decltype(parity)::value;
+        m.scales(kt, sa[B], sw[B]);
+        pipe.consume(g0 + kt);
+        m.template issue<B>(st.a_tile((g0 + kt) % STAGES), st.b_tile((g0 + kt) % STAGES));
+      };
+      m.fp8_pipeline(KT, sa, sw, step, [&](int done) {
+        if (tid % 128 == 0) pipe.release(g0 + done);  // K block done's MMAs are complete
+      });
+    } else {
+      for (int kt = 0; kt < KT; ++kt) {
+        float sa[2], sw[Math::NSC];
+        m.scales(kt, sa, sw);
+        const int g = g0 + kt;
+        pipe.consume(g);
+        m.kblock_wide(st.a_tile(g % STAGES), st.b_tile(g % STAGES), sa, sw, [&] {
+          if (tid % 128 == 0) pipe.release(g);
+        });
+      }
+    }
     m.store(p, w, ti, n0);
     g0 += KT;
   }
 }
 
-// Variant 2: false when a tensor map cannot be made (the caller falls back).
-template <int MODE, bool BLOCK>
-bool launch_gemm_tma(const Fp8RunParams& p, const Work& w, dim3 grid, cudaStream_t stream) {
-  constexpr int NSETS = MODE == kGemm1Gated ? 2 : 1;
+// Weight rows per variant-2 tile: 256, or 128 with MOE_RUNNER_FP8_BN=128
+// (read at each launch, one getenv per GEMM, so that a test can run both in
+// one process: gpu.fp8.tma_tile_widths). Run 70: 256 is 6-12% faster at
+// T >= 8192 and within -1%..+4% at T=1024-2048 (run 67, with the exact SiLU,
+// had 128 ahead by 2-5% at T=1024).
+int fp8_tma_width() {
+  const char* v = std::getenv("MOE_RUNNER_FP8_BN");
+  return v && std::atoi(v) == 128 ? 128 : 256;
+}
+
+// Variant 2 on `tiles` row tiles: false when a tensor map cannot be made or
+// the kernel not configured (the caller falls back to variant 1).
+template <int MODE, bool BLOCK, int WN>
+bool launch_gemm_tma(const Fp8RunParams& p, const Work& w, unsigned tiles, cudaStream_t stream) {
+  using TT = TmaTile<MODE, WN>;
   constexpr CUtensorMapDataType type = CU_TENSOR_MAP_DATA_TYPE_UINT8;
   CUtensorMap map_a, map_b;
   bool ok;
   if (MODE == kGemm2) {
     ok = tma::map_rows_2d(&map_a, w.hq, uint64_t(w.n), uint64_t(p.I), WG_BM, type, 1) &&
-         tma::map_rows_2d(&map_b, p.w2, uint64_t(p.E_loc) * p.H, uint64_t(p.I), WG_BN, type, 1);
+         tma::map_rows_2d(&map_b, p.w2, uint64_t(p.E_loc) * p.H, uint64_t(p.I), TT::BOX_ROWS, type, 1);
   } else {
     ok = tma::map_rows_2d(&map_a, w.xqs, uint64_t(w.n), uint64_t(p.H), WG_BM, type, 1) &&
-         tma::map_rows_2d(&map_b, p.w13, uint64_t(p.E_loc) * NSETS * p.I, uint64_t(p.H), WG_BN / NSETS, type,
-                          1);
+         tma::map_rows_2d(&map_b, p.w13, uint64_t(p.E_loc) * TT::NSETS * p.I, uint64_t(p.H), TT::BOX_ROWS,
+                          type, 1);
   }
   if (!ok) return false;
-  auto kernel = fp8_wgmma_tma_kernel<MODE, BLOCK>;
-  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(WgStaging::SMEM_BYTES)) !=
-      cudaSuccess)
+  auto kernel = fp8_wgmma_tma_kernel<MODE, BLOCK, WN>;
+  constexpr int smem = int(TT::Staging::SMEM_BYTES);
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess)
     return false;
   // One block per SM (the buffers take most of its shared memory).
   const int sms = sm_count();
   if (sms <= 0) return false;
-  const int64_t items = int64_t(grid.x) * grid.y;
+  const int N = MODE == kGemm2 ? p.H : p.I;
+  const int cols = ceil_div(N, WN / TT::NSETS);
+  const int64_t items = int64_t(tiles) * cols;
   const unsigned blocks = unsigned(std::max<int64_t>(1, std::min<int64_t>(items, sms)));
-  kernel<<<blocks, WS_THREADS, WgStaging::SMEM_BYTES, stream>>>(p, w, map_a, map_b, int(grid.x), int(grid.y));
+  kernel<<<blocks, WS_THREADS, smem, stream>>>(p, w, map_a, map_b, int(tiles), cols);
   return true;
 }
 
@@ -930,9 +1016,14 @@ cudaError_t launch_gemm(const Fp8RunParams& p, const Work& w, int rows, int mode
     case 64: return launch_mma<MODE, BLOCK, Fp8CfgMid>(p, w, tiles, stream);
     default: break;
   }
+  if (mode == 2) {
+    const bool wide = fp8_tma_width() == 256;
+    if (wide ? launch_gemm_tma<MODE, BLOCK, 256>(p, w, tiles, stream)
+             : launch_gemm_tma<MODE, BLOCK, 128>(p, w, tiles, stream))
+      return cudaGetLastError();
+  }
   const int N = MODE == kGemm2 ? p.H : p.I;
   const dim3 grid(tiles, unsigned(ceil_div(N, WG_BN / NSETS)));
-  if (mode == 2 && launch_gemm_tma<MODE, BLOCK>(p, w, grid, stream)) return cudaGetLastError();
   cudaError_t err = cudaFuncSetAttribute(fp8_wgmma_kernel<MODE, BLOCK>,
                                          cudaFuncAttributeMaxDynamicSharedMemorySize, int(WgStaging::SMEM_BYTES));
   if (err != cudaSuccess) return err;

@@ -32,6 +32,16 @@
 #              streaming decode kernels on, then off)
 #   decode_timeline  kernel durations (PDL off) of decode layers, streaming
 #              kernels on and off
+#   fp8wide    the FP8 suite with the TMA variant's 256- and 128-row weight
+#              tiles (MOE_RUNNER_FP8_BN; per-case errors against the CPU
+#              backend), bench/fp8_bench.py at MOE_TUNE_FP8_T (default
+#              1024,8192,16384) and the kernel timelines of
+#              MOE_TUNE_FP8_TIMELINE (default deepseek:8192 mixtral:8192,
+#              block scales, PDL off) for each width
+#   fp8san     memcheck and synccheck on the FP8 cases with 128-row tiles
+#   (run 69 also timed, with an option since removed (MOE_FP8_EPI), h
+#   quantized in GEMM1's epilogue instead of by a pass, with the exact and
+#   the fast SiLU and code divide: docs/perf-notes.md v12)
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 build=${MOE_TUNE_BUILD_DIR:-$root/build-tune}
@@ -172,6 +182,41 @@ step_decode_timeline() {
       deepseek:8 mixtral:64 deepseek:256 --reps 20 > "$logs/decode_timeline$v.log" 2>&1
     note "decode timeline MOE_RUNNER_STREAM=$v rc=$?"
     grep -vE 'Warning|warn_once' "$logs/decode_timeline$v.log" | cut -c1-110 | head -n 60 >> "$summary"
+  done
+}
+
+step_fp8san() {
+  local rc tool
+  for tool in memcheck synccheck; do
+    timeout 300 compute-sanitizer --tool $tool --error-exitcode 9 "$tests" \
+      -tc='gpu.fp8.wide_tiles,gpu.fp8.persistent_items,gpu.fp8.block_128,gpu.fp8.degenerate_scales,gpu.fp8.nan_confined' \
+      > "$logs/fp8_$tool.log" 2>&1
+    rc=$?
+    [ $rc -eq 0 ] || status=1
+    note "$tool FP8 cases rc=$rc: $(grep -E 'ERROR SUMMARY|^\[doctest\] test cases' "$logs/fp8_$tool.log" | tr '\n' ' ')"
+  done
+}
+
+step_fp8wide() {
+  local bn rc tool
+  for bn in 256 128; do
+    MOE_RUNNER_FP8_BN=$bn MOE_TEST_PRINT_ERRORS=1 timeout 200 "$tests" -tc='gpu.fp8.*' > "$logs/fp8_bn$bn.log" 2>&1
+    rc=$?
+    [ $rc -eq 0 ] || status=1
+    note "gpu.fp8.*, MOE_RUNNER_FP8_BN=$bn rc=$rc: $(grep -E '^\[doctest\] test cases' "$logs/fp8_bn$bn.log")"
+    note "  $(errors "$logs/fp8_bn$bn.log")"
+  done
+  for bn in 256 128; do
+    MOE_RUNNER_FP8_BN=$bn timeout 200 python3 bench/fp8_bench.py --tokens ${MOE_TUNE_FP8_T:-1024,8192,16384} \
+      --reps 10 --out "$logs/fp8_bench_bn$bn.json" > "$logs/fp8_bench_bn$bn.log" 2>&1
+    note "fp8_bench MOE_RUNNER_FP8_BN=$bn rc=$?"
+    grep -vE 'Warning|warn_once' "$logs/fp8_bench_bn$bn.log" | cut -c1-170 | tail -n 16 | tee -a "$summary"
+  done
+  for bn in 256 128; do
+    MOE_RUNNER_FP8_BN=$bn MOE_PDL=0 timeout 120 python3 bench/layer_timeline.py --quant block \
+      ${MOE_TUNE_FP8_TIMELINE:-deepseek:8192 mixtral:8192} > "$logs/fp8_timeline_bn$bn.log" 2>&1
+    note "FP8 timeline MOE_RUNNER_FP8_BN=$bn rc=$?"
+    grep -vE 'Warning|warn_once' "$logs/fp8_timeline_bn$bn.log" | cut -c1-120 | head -n 40 >> "$summary"
   done
 }
 

@@ -442,10 +442,15 @@ TEST_CASE("gpu.fp8.persistent_items") {
   // block of the persistent TMA kernel (the default 128-row path on sm_90a)
   // walks several items and its pipeline runs on across them; against the
   // CPU backend only (the float64 reference is too slow here).
-  // 64 row tiles: 384 and 256 items.
-  check_case(sized(silu_gated(MOE_QUANT_FP8_BLOCK_128, MOE_ACT_SCALE_DYNAMIC), 8, 1, 0, 2, 512, 384), 4096, false);
-  // k and column tails; 128 and 192 items.
-  check_case(sized(relu2_plain(MOE_QUANT_FP8_PER_TENSOR, MOE_ACT_SCALE_DYNAMIC), 4, 1, 0, 2, 272, 144), 4096, false);
+  // 64 row tiles; with 256-row weight tiles (128 gate + 128 up) 192 GEMM1
+  // and 256 GEMM2 items (MOE_RUNNER_FP8_BN=128: 384 and 512).
+  check_case(sized(silu_gated(MOE_QUANT_FP8_BLOCK_128, MOE_ACT_SCALE_DYNAMIC), 8, 1, 0, 2, 1024, 384), 4096, false);
+  // k and column tails (the last 256-wide tile half past N, or partly),
+  // 128 row tiles: 256 items per GEMM (MOE_RUNNER_FP8_BN=128: 512 and 384).
+  check_case(sized(relu2_plain(MOE_QUANT_FP8_PER_TENSOR, MOE_ACT_SCALE_DYNAMIC), 4, 1, 0, 2, 272, 400), 8192, false);
+  // Block scales, non-gated, N = 384 for GEMM1 and GEMM2: the second column
+  // tile's upper half lies past N (its MMAs skipped, its scale row not read).
+  check_case(sized(relu2_plain(MOE_QUANT_FP8_BLOCK_128, MOE_ACT_SCALE_DYNAMIC), 4, 1, 0, 2, 384, 384), 2048, false);
 }
 
 TEST_CASE("gpu.fp8.static_scale_zero") {
@@ -536,6 +541,50 @@ TEST_CASE("gpu.fp8.batch_independent") {
       INFO("token ", t);
       CHECK(std::memcmp(y1.storage.data(), y_all.storage.data() + row * size_t(t), row) == 0);
     }
+  }
+}
+
+TEST_CASE("gpu.fp8.tma_tile_widths") {
+  // The persistent TMA kernel (128-row tiles on sm_90a) with 256 weight rows
+  // per tile (two 128-column MMA halves, the default) and with 128
+  // (MOE_RUNNER_FP8_BN=128): each column goes through the same MMAs and
+  // promotions, so the outputs must be bitwise the same. Gated and non-gated
+  // with the last tile's upper half past N (N = 384), per-tensor with k and
+  // column tails (H 272, I 400). Elsewhere both runs take the same path.
+  struct Restore {
+    std::string old;
+    bool had;
+    Restore() : had(std::getenv("MOE_RUNNER_FP8_BN") != nullptr) {
+      if (had) old = std::getenv("MOE_RUNNER_FP8_BN");
+    }
+    ~Restore() {
+      if (had)
+        setenv("MOE_RUNNER_FP8_BN", old.c_str(), 1);
+      else
+        unsetenv("MOE_RUNNER_FP8_BN");
+    }
+  } restore;
+  const Case cases[] = {
+      sized(silu_gated(MOE_QUANT_FP8_BLOCK_128, MOE_ACT_SCALE_DYNAMIC), 4, 1, 0, 2, 384, 384),
+      sized(relu2_plain(MOE_QUANT_FP8_BLOCK_128, MOE_ACT_SCALE_DYNAMIC), 4, 1, 0, 2, 384, 384),
+      sized(relu2_plain(MOE_QUANT_FP8_PER_TENSOR, MOE_ACT_SCALE_STATIC), 4, 1, 0, 2, 272, 400),
+  };
+  for (const Case& c : cases) {
+    INFO(std::string(c.name), " ", std::string(quant_name(c)), " H ", c.H, " I ", c.I);
+    auto rng = fresh_rng();
+    Weights wt(c, rng);
+    GpuLayer l(c, wt);
+    Inputs in(c, 600, rng);  // 1200 slots over 4 experts: 128-row tiles
+    GpuBatch b(c, in);
+    HostTensor y128(c.x_dt, {in.T, c.H}), y256(c.x_dt, {in.T, c.H});
+    setenv("MOE_RUNNER_FP8_BN", "128", 1);
+    run_gpu(c, l, b, y128);
+    setenv("MOE_RUNNER_FP8_BN", "256", 1);
+    run_gpu(c, l, b, y256);
+    CHECK(std::memcmp(y128.storage.data(), y256.storage.data(), y128.storage.size()) == 0);
+    int64_t bad = 0;
+    for (double v : values(y256)) bad += !std::isfinite(v);
+    CHECK(bad == 0);
   }
 }
 
