@@ -120,7 +120,7 @@ __device__ __forceinline__ float activate(int act, float v) {
 // activate() with SiLU by the fast exponential and divide (ex2.approx and an
 // approximate reciprocal: relative error about 1e-6 where the exact form's
 // is 1 ulp; NaN and the infinities as the exact form; SiLU(v) for v < -87
-// gives -0 instead of a value below 1e-36). For epilogues whose h is rounded
+// gives a zero instead of a value below 1e-36). For epilogues whose h is rounded
 // to 16 bits or to E4M3 next (bf16/f16 runs, the FP8 runner), where the exact
 // expf and IEEE divide cost up to 14% of the FP8 gated GEMM1 (run 69); f32
 // runs keep activate() (their contract is 1e-5). Other activations: exact.
