@@ -198,7 +198,7 @@ step_fp8san() {
 }
 
 step_fp8wide() {
-  local bn rc tool
+  local bn rc
   for bn in 256 128; do
     MOE_RUNNER_FP8_BN=$bn MOE_TEST_PRINT_ERRORS=1 timeout 200 "$tests" -tc='gpu.fp8.*' > "$logs/fp8_bn$bn.log" 2>&1
     rc=$?
