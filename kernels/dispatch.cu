@@ -2,6 +2,8 @@
 
 #include "common.cuh"
 
+#include <cstdlib>
+
 namespace moe::kernels {
 namespace {
 
@@ -31,8 +33,17 @@ __device__ __forceinline__ int32_t* tile_counters(int32_t* smem, int32_t* hist, 
   return hist + b;
 }
 
-// hist[e * nt + b] = slots of tile b that go to local expert e; also writes local_ids.
-__global__ void dispatch_histogram_kernel(DispatchParams p, int nt, int32_t* hist) {
+// Where dispatch_histogram_kernel puts the count of tile b and expert e:
+// hist[e * e_stride + b * b_stride], columns [0, cols) written (those past
+// E_loc as 0). The scan path keeps expert rows ({nt, 1, E_loc}); the prefix
+// path keeps tile rows padded to a power of two ({1, cols, cols}).
+struct HistLayout {
+  int64_t e_stride, b_stride;
+  int cols;
+};
+
+// The histogram of every tile; also writes local_ids.
+__global__ void dispatch_histogram_kernel(DispatchParams p, int nt, int32_t* hist, HistLayout lay) {
   pdl_wait();
   pdl_trigger();
   extern __shared__ int32_t smem[];
@@ -40,9 +51,9 @@ __global__ void dispatch_histogram_kernel(DispatchParams p, int nt, int32_t* his
   const int b = blockIdx.x * kWarpsPerBlock + warp;
   if (b >= nt) return;
   int64_t stride;
-  int32_t* cnt = tile_counters(smem, hist, p.E_loc, nt, b, warp, stride);
+  int32_t* cnt = tile_counters(smem, hist, lay.cols, nt, b, warp, stride);
   if (stride == 1)
-    for (int e = lane; e < p.E_loc; e += 32) cnt[e] = 0;
+    for (int e = lane; e < lay.cols; e += 32) cnt[e] = 0;
   // Every load of the tile in flight before the first use.
   const int64_t base = int64_t(b) * kDispatchTile + lane;
   int32_t local[kChunks];
@@ -65,7 +76,7 @@ __global__ void dispatch_histogram_kernel(DispatchParams p, int nt, int32_t* his
     __syncwarp();  // orders this chunk's updates before the next chunk's
   }
   if (stride == 1)
-    for (int e = lane; e < p.E_loc; e += 32) hist[int64_t(e) * nt + b] = cnt[e];
+    for (int e = lane; e < lay.cols; e += 32) hist[e * lay.e_stride + b * lay.b_stride] = cnt[e];
 }
 
 // Histogram cells (32 tiles of one expert's row) a warp loads at once in
@@ -75,6 +86,54 @@ __global__ void dispatch_histogram_kernel(DispatchParams p, int nt, int32_t* his
 // unrolled version was slower, run 49).
 constexpr int kScanBatch = 8;
 
+// Exclusive scan of totals[0, E_loc) (shared or global memory) over the
+// block: totals[e] becomes expert e's first sorted position. With `write`,
+// also counts, offsets and offsets[E_loc]. Returns the slots of all local
+// experts to every thread. Any block size that is a multiple of 32.
+__device__ __forceinline__ int32_t scan_totals(const DispatchParams& p, int32_t* totals, bool write) {
+  __shared__ int32_t warp_totals[32];
+  __shared__ int32_t total_sh;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  // Contiguous chunks per thread.
+  const int per = (p.E_loc + blockDim.x - 1) / blockDim.x;
+  const int begin = min(p.E_loc, per * int(threadIdx.x)), end = min(p.E_loc, begin + per);
+  int32_t sum = 0;
+  for (int e = begin; e < end; ++e) sum += totals[e];
+  int32_t incl = sum;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int32_t v = __shfl_up_sync(kFullMask, incl, o);
+    if (lane >= o) incl += v;
+  }
+  if (lane == 31) warp_totals[warp] = incl;
+  __syncthreads();
+  if (warp == 0) {
+    const int32_t t = lane < warps ? warp_totals[lane] : 0;
+    int32_t ti = t;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int32_t v = __shfl_up_sync(kFullMask, ti, o);
+      if (lane >= o) ti += v;
+    }
+    warp_totals[lane] = ti - t;
+    if (lane == 31) total_sh = ti;
+  }
+  __syncthreads();
+  int32_t run = warp_totals[warp] + incl - sum;
+  for (int e = begin; e < end; ++e) {
+    const int32_t c = totals[e];
+    if (write) {
+      p.counts[e] = c;
+      p.offsets[e] = run;
+    }
+    totals[e] = run;  // now the expert's first position
+    run += c;
+  }
+  if (write && threadIdx.x == 0) p.offsets[p.E_loc] = total_sh;
+  __syncthreads();  // every thread's totals[] written
+  return total_sh;
+}
+
 // One block: expert totals, offsets and counts. Each expert's row of the
 // histogram becomes exclusive positions within the row: hist[e * nt + b] =
 // slots of expert e in tiles before b. The scatter adds the expert's offset
@@ -82,8 +141,6 @@ constexpr int kScanBatch = 8;
 // memory; on return totals[e] = offsets[e].
 __device__ __forceinline__ void scan_histogram(const DispatchParams& p, int nt, int32_t* hist,
                                                int32_t* totals) {
-  __shared__ int32_t warp_totals[32];
-  __shared__ int32_t total_sh;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   // 1. Row scans and slots per expert. Warp w owns rows w, w + warps, ...;
   //    its cells in order: row index r, chunk k (tiles 32 k + lane).
@@ -131,40 +188,7 @@ __device__ __forceinline__ void scan_histogram(const DispatchParams& p, int nt, 
   if (nt == 0)
     for (int e = threadIdx.x; e < p.E_loc; e += blockDim.x) totals[e] = 0;
   __syncthreads();
-  // 2. Exclusive scan of the totals over experts (contiguous chunks per thread).
-  const int per = (p.E_loc + blockDim.x - 1) / blockDim.x;
-  const int begin = min(p.E_loc, per * int(threadIdx.x)), end = min(p.E_loc, begin + per);
-  int32_t sum = 0;
-  for (int e = begin; e < end; ++e) sum += totals[e];
-  int32_t incl = sum;
-#pragma unroll
-  for (int o = 1; o < 32; o <<= 1) {
-    const int32_t v = __shfl_up_sync(kFullMask, incl, o);
-    if (lane >= o) incl += v;
-  }
-  if (lane == 31) warp_totals[warp] = incl;
-  __syncthreads();
-  if (warp == 0) {
-    const int32_t t = lane < warps ? warp_totals[lane] : 0;
-    int32_t ti = t;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const int32_t v = __shfl_up_sync(kFullMask, ti, o);
-      if (lane >= o) ti += v;
-    }
-    warp_totals[lane] = ti - t;
-    if (lane == 31) total_sh = ti;
-  }
-  __syncthreads();
-  int32_t run = warp_totals[warp] + incl - sum;
-  for (int e = begin; e < end; ++e) {
-    const int32_t c = totals[e];
-    p.counts[e] = c;
-    p.offsets[e] = run;
-    totals[e] = run;  // now the expert's first position
-    run += c;
-  }
-  if (threadIdx.x == 0) p.offsets[p.E_loc] = total_sh;
+  scan_totals(p, totals, true);
 }
 
 // Shared memory for a histogram kept there: [E_loc][nt] cells and E_loc totals.
@@ -226,6 +250,117 @@ __global__ void dispatch_scatter_kernel(DispatchParams p, int nt, int32_t* hist)
   }
   __syncwarp();
   scatter_tile(p, local, base, pos, stride, p.offsets[p.E_loc]);
+}
+
+// --- prefix path (two launches) --------------------------------------------
+//
+// dispatch_histogram_kernel writes the tile histograms as tile rows
+// [nt][cols] (cols: E_loc rounded up to a power of two >= 4); then each block
+// of dispatch_prefix_scatter_kernel reads the whole histogram from L2 (16-byte
+// loads, kPrefixBatch in flight per thread), sums each expert's slots in the
+// tiles before its own and in all tiles, scans the totals into the expert
+// offsets itself, and scatters its kPrefixWarps tiles. The one-block scan
+// launch is gone: every block repeats the sums (nt * cols * 4 bytes of L2
+// reads per block) instead of waiting for one block to do them.
+constexpr int kPrefixWarps = 8;
+constexpr int kPrefixThreads = 32 * kPrefixWarps;
+constexpr int kPrefixBatch = 16;
+// Shared memory (2 + kPrefixWarps) * cols * 4 bytes: 40 KB at 1024 columns.
+constexpr int kPrefixMaxCols = 1024;
+// Histogram bytes each block reads, at most (beyond: the scan path).
+constexpr int64_t kPrefixMaxHistBytes = 512 * 1024;
+
+int prefix_cols(int E_loc) {
+  int c = 4;
+  while (c < E_loc) c <<= 1;
+  return c;
+}
+
+size_t prefix_smem_bytes(int cols) { return size_t(2 + kPrefixWarps) * size_t(cols) * sizeof(int32_t); }
+
+__device__ __forceinline__ void add4(int4& a, const int4& b) {
+  a.x += b.x;
+  a.y += b.y;
+  a.z += b.z;
+  a.w += b.w;
+}
+
+__global__ void __launch_bounds__(kPrefixThreads)
+    dispatch_prefix_scatter_kernel(DispatchParams p, int nt, int cols, const int32_t* hist) {
+  pdl_wait();
+  pdl_trigger();
+  extern __shared__ int32_t sm[];
+  int32_t* before = sm;          // [cols] slots per expert in tiles before b0
+  int32_t* totals = sm + cols;   // [cols] slots per expert, then its first position
+  int32_t* own = sm + 2 * cols;  // [kPrefixWarps][cols] the block's tiles' counts, then positions
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int b0 = blockIdx.x * kPrefixWarps;
+  // The warp's tile of local ids, loaded first: in flight during the sums.
+  const int b = b0 + warp;
+  const int64_t base = int64_t(b) * kDispatchTile + lane;
+  int32_t local[kChunks];
+#pragma unroll
+  for (int c = 0; c < kChunks; ++c) {
+    const int64_t s = base + c * 32;
+    local[c] = s < p.n ? p.local_ids[s] : -1;
+  }
+  for (int i = tid; i < (2 + kPrefixWarps) * cols; i += kPrefixThreads) sm[i] = 0;
+  __syncthreads();
+  // Column sums. Thread tid owns 4-column group g = tid % gpp (and g + gpp,
+  // ...) in rows tid / gpp, + rstep, ... (cols a power of two: exact). The
+  // block's own rows also go to `own`.
+  const int groups = cols / 4;
+  const int gpp = min(groups, kPrefixThreads);
+  const int rstep = kPrefixThreads / gpp;
+  const int4* h4 = reinterpret_cast<const int4*>(hist);
+  int4* own4 = reinterpret_cast<int4*>(own);
+  for (int g = tid % gpp; g < groups; g += gpp) {
+    int4 bs = make_int4(0, 0, 0, 0), ts = make_int4(0, 0, 0, 0);
+    for (int r0 = tid / gpp; r0 < nt; r0 += rstep * kPrefixBatch) {
+      int4 v[kPrefixBatch];
+#pragma unroll
+      for (int u = 0; u < kPrefixBatch; ++u) {
+        const int r = r0 + u * rstep;
+        v[u] = r < nt ? h4[int64_t(r) * groups + g] : make_int4(0, 0, 0, 0);
+      }
+#pragma unroll
+      for (int u = 0; u < kPrefixBatch; ++u) {
+        const int r = r0 + u * rstep;
+        add4(ts, v[u]);
+        if (r < b0) add4(bs, v[u]);
+        if (r >= b0 && r < b0 + kPrefixWarps && r < nt) own4[(r - b0) * groups + g] = v[u];
+      }
+    }
+    if (rstep > 1) {
+      atomicAdd(&before[4 * g + 0], bs.x);
+      atomicAdd(&before[4 * g + 1], bs.y);
+      atomicAdd(&before[4 * g + 2], bs.z);
+      atomicAdd(&before[4 * g + 3], bs.w);
+      atomicAdd(&totals[4 * g + 0], ts.x);
+      atomicAdd(&totals[4 * g + 1], ts.y);
+      atomicAdd(&totals[4 * g + 2], ts.z);
+      atomicAdd(&totals[4 * g + 3], ts.w);
+    } else {  // the only thread of its group
+      reinterpret_cast<int4*>(before)[g] = bs;
+      reinterpret_cast<int4*>(totals)[g] = ts;
+    }
+  }
+  __syncthreads();
+  const int32_t total = scan_totals(p, totals, blockIdx.x == 0);  // ends with a barrier
+  // Each tile's first position per expert: the expert's offset, its slots in
+  // the tiles before the block's, and in the block's tiles before this one.
+  for (int e = tid; e < p.E_loc; e += kPrefixThreads) {
+    int32_t run = totals[e] + before[e];
+#pragma unroll
+    for (int w = 0; w < kPrefixWarps; ++w) {
+      const int32_t c = own[w * cols + e];
+      own[w * cols + e] = run;
+      run += c;
+    }
+  }
+  __syncthreads();
+  if (b >= nt) return;
+  scatter_tile(p, local, base, own + warp * cols, 1, total);
 }
 
 // Small batches (nt <= kFusedTiles): histogram, scan and scatter in one block,
@@ -292,13 +427,15 @@ __global__ void __launch_bounds__(32 * kFusedMaxTiles) dispatch_fused_kernel(Dis
 // grid-wide step: one launch instead of three. Each block's two passes are
 // latency-bound and grow with n (run 33 on H100: 4-6 us up to n = 2048,
 // 13.5 us at n = 8192 with 128 experts, 22-45 us at n = 32768 where the three
-// kernels take 10-19 us), so the launcher takes it up to kExpertMaxSlots.
+// kernels take 10-19 us), so the launcher takes it up to kExpertMaxSlots
+// (run 72, graph replays: at n = 2048 5-7 us where the prefix path takes
+// 7-10; at n = 8192 the prefix path is ahead, 10.6 against 13.3 us on Qwen3).
 constexpr int kExpertThreads = 512;
 constexpr int kExpertWarps = kExpertThreads / 32;
 constexpr int kExpertV = 16;  // ids per lane and chunk in pass B (a chunk: 8192 slots)
 constexpr int kExpertBatch = 8;  // loads in flight per thread in pass A
 constexpr int kExpertMaxLocal = 1024;
-constexpr int64_t kExpertMaxSlots = 8192;
+constexpr int64_t kExpertMaxSlots = 4096;
 
 __global__ void __launch_bounds__(kExpertThreads) dispatch_by_expert_kernel(DispatchParams p) {
   pdl_wait();  // first: see launch_pdl
@@ -396,17 +533,33 @@ __global__ void __launch_bounds__(kExpertThreads) dispatch_by_expert_kernel(Disp
   }
 }
 
-// Which algorithm launch_dispatch uses: 1 one block per expert where it
-// applies (the default), 0 the histogram/scan/scatter kernels (and the fused
-// one-block kernel for small batches) everywhere. MOE_DISPATCH_ALGO=0|1
-// chooses; results never differ.
-bool by_expert_allowed() {
-  static const bool on = !env_is_zero("MOE_DISPATCH_ALGO");
-  return on;
+// Which algorithms launch_dispatch may use (MOE_DISPATCH_ALGO, read at each
+// launch so that a test can compare them in one process; results never
+// differ): unset or 1, the default choice below; 0, only the
+// histogram/scan/scatter kernels (and the fused one-block kernel for small
+// batches); 2, the prefix path wherever it applies.
+int dispatch_algo() {
+  const char* v = std::getenv("MOE_DISPATCH_ALGO");
+  if (v && v[0] == '0' && v[1] == 0) return 0;
+  if (v && v[0] == '2' && v[1] == 0) return 2;
+  return 1;
 }
 
+bool prefix_applies(int nt, int E_loc) {
+  const int cols = prefix_cols(E_loc);
+  return nt > 0 && E_loc > 0 && cols <= kPrefixMaxCols &&
+         int64_t(nt) * cols * int64_t(sizeof(int32_t)) <= kPrefixMaxHistBytes;
+}
+
+// Histogram cells: [E_loc][nt] for the scan path, [nt][cols] for the prefix
+// path. Sized for the padded rows whenever cols allows the prefix path, not
+// only where it is taken, so that the bytes never decrease as n grows (a
+// workspace sized for max_tokens serves every smaller batch).
 size_t hist_bytes(int64_t n, int E_loc) {
-  return (size_t(num_tiles(n)) * size_t(E_loc) * sizeof(int32_t) + 255) / 256 * 256;
+  const int nt = num_tiles(n);
+  const int cols = prefix_cols(E_loc);
+  const size_t cells = size_t(nt) * size_t(cols <= kPrefixMaxCols ? cols : E_loc);
+  return (cells * sizeof(int32_t) + 255) / 256 * 256;
 }
 
 }  // namespace
@@ -417,12 +570,24 @@ size_t dispatch_workspace_bytes(int64_t n, int E_loc) {
 
 cudaError_t launch_dispatch(const DispatchParams& p, cudaStream_t stream) {
   const int nt = num_tiles(p.n);
+  const int algo = dispatch_algo();
   int32_t* hist = static_cast<int32_t*>(p.workspace);
   int32_t* totals = reinterpret_cast<int32_t*>(static_cast<char*>(p.workspace) + hist_bytes(p.n, p.E_loc));
-  if (p.n > 0 && p.n <= kExpertMaxSlots && p.E_loc > 0 && p.E_loc <= kExpertMaxLocal &&
-      by_expert_allowed())
+  if (algo == 1 && p.n > 0 && p.n <= kExpertMaxSlots && p.E_loc > 0 && p.E_loc <= kExpertMaxLocal)
     return launch_pdl(dispatch_by_expert_kernel, dim3(p.E_loc), dim3(kExpertThreads),
                       size_t(p.E_loc) * sizeof(int32_t), stream, p);
+  const int blocks = ceil_div(nt, kWarpsPerBlock);
+  if (algo != 0 && prefix_applies(nt, p.E_loc)) {
+    const int cols = prefix_cols(p.E_loc);
+    cudaError_t err = launch_pdl(dispatch_histogram_kernel, dim3(blocks), dim3(32 * kWarpsPerBlock),
+                                 size_t(kWarpsPerBlock) * cols * sizeof(int32_t), stream, p, nt, hist,
+                                 HistLayout{1, cols, cols});
+    if (err == cudaSuccess)
+      err = launch_pdl(dispatch_prefix_scatter_kernel, dim3(ceil_div(nt, kPrefixWarps)),
+                       dim3(kPrefixThreads), prefix_smem_bytes(cols), stream, p, nt, cols,
+                       static_cast<const int32_t*>(hist));
+    return err;
+  }
   if (nt > 0 && nt <= kFusedTiles && hist_smem_bytes(nt, p.E_loc) <= kFusedSmem) {
     return launch_pdl(dispatch_fused_kernel, dim3(1), dim3(32 * kFusedMaxTiles),
                       hist_smem_bytes(nt, p.E_loc), stream, p, nt);
@@ -434,11 +599,10 @@ cudaError_t launch_dispatch(const DispatchParams& p, cudaStream_t stream) {
     if (err != cudaSuccess) return err;
   }
   const size_t smem_bytes = smem ? size_t(kWarpsPerBlock) * p.E_loc * sizeof(int32_t) : 0;
-  const int blocks = ceil_div(nt, kWarpsPerBlock);
   cudaError_t err = cudaSuccess;
   if (nt > 0)
     err = launch_pdl(dispatch_histogram_kernel, dim3(blocks), dim3(32 * kWarpsPerBlock), smem_bytes,
-                     stream, p, nt, hist);
+                     stream, p, nt, hist, HistLayout{nt, 1, p.E_loc});
   if (err == cudaSuccess)
     err = launch_pdl(dispatch_scan_kernel, dim3(1), dim3(1024), 0, stream, p, nt, hist, totals);
   if (err == cudaSuccess && nt > 0)

@@ -1,9 +1,12 @@
 // Standard dispatch on the device: global -> local ids, per-expert counts and
 // offsets, and the slot permutation grouped by local expert, stable in (t, j)
-// order. Up to 8192 slots (and 1024 local experts): one launch, one block per
-// local expert. Beyond: three launches (tile histogram, one-block scan, stable
-// scatter), or one block for up to 8 tiles of 256 slots when
-// MOE_DISPATCH_ALGO=0. No host synchronisation and no allocation.
+// order. Up to 4096 slots (and 1024 local experts): one launch, one block per
+// local expert. Beyond, with up to 1024 local experts: two launches (tile
+// histogram; per block, the expert offsets and its tiles' positions from the
+// whole histogram, then the stable scatter). Otherwise three launches (tile
+// histogram, one-block scan, stable scatter), or one block for up to 8 tiles
+// of 256 slots. MOE_DISPATCH_ALGO (dispatch.cu) forces a choice for
+// measurements and tests. No host synchronisation and no allocation.
 #pragma once
 
 #include <cuda_runtime.h>

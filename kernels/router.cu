@@ -318,17 +318,22 @@ __device__ __forceinline__ uint32_t warp_min_u32(uint32_t v) {
 #endif
 }
 
-// The lane's best candidate: largest ordered key, lowest j on ties (0: none).
+// The lane's best two candidates in (larger ordered key, lower j) order among
+// the keys whose bit in `taken` is clear (key 0: none). Scanning j upwards
+// with strict compares keeps the lower j ahead on equal keys.
 template <int V>
-__device__ __forceinline__ void lane_best(const uint32_t (&key)[V], uint32_t& bk, int& bj) {
-  bk = 0;
-  bj = 0;
+__device__ __forceinline__ void lane_top2(const uint32_t (&key)[V], unsigned taken, uint32_t& b1,
+                                          int& j1, uint32_t& b2, int& j2) {
+  b1 = b2 = 0;
+  j1 = j2 = 0;
 #pragma unroll
   for (int j = 0; j < V; ++j) {
-    if (key[j] > bk) {
-      bk = key[j];
-      bj = j;
-    }
+    const uint32_t v = (taken >> j & 1u) ? 0u : key[j];
+    const bool first = v > b1, second = v > b2;
+    b2 = first ? b1 : (second ? v : b2);
+    j2 = first ? j1 : (second ? j : j2);
+    b1 = first ? v : b1;
+    j1 = first ? j : j1;
   }
 }
 
@@ -338,6 +343,8 @@ __global__ void __launch_bounds__(32 * kFastWarps, V <= 8 ? 8 : 4)
   pdl_wait();  // first: see launch_pdl
   pdl_trigger();
   constexpr int E = 32 * V;
+  __shared__ float s_smem[kFastWarps][E];
+  __shared__ int32_t id_smem[kFastWarps][32];
   const int lane = threadIdx.x & 31;
   const int64_t t = int64_t(blockIdx.x) * kFastWarps + (threadIdx.x >> 5);
   if (t >= p.T) return;  // uniform per warp
@@ -423,32 +430,43 @@ __global__ void __launch_bounds__(32 * kFastWarps, V <= 8 ? 8 : 4)
 #pragma unroll
   for (int j = 0; j < V; ++j) key[j] = key_bits(c[j]);
 
-  // Top-k: slot n lives in lane n (k <= 32).
-  uint32_t bk;
-  int bj;
-  lane_best<V>(key, bk, bj);
-  int my_id = -1, n = 0;
-  for (; n < p.k; ++n) {
-    const uint32_t m = warp_max_u32(bk);
-    if (m == 0) break;  // no selectable expert left (uniform)
-    const uint32_t win = warp_min_u32(bk == m ? uint32_t(lane * V + bj) : 0xffffffffu);
-    if (lane == n) my_id = int(win);
-    if (lane == int(win) / V) {
+  // The weights, for the chosen experts' lookup after the top-k rounds.
+  float* s_row = s_smem[threadIdx.x >> 5];
 #pragma unroll
-      for (int j = 0; j < V; ++j)
-        if (j == bj) key[j] = 0u;
-      lane_best<V>(key, bk, bj);
+  for (int j = 0; j < V; ++j) s_row[lane * V + j] = s[j];
+
+  // Top-k: k rounds of a warp-wide max of each lane's best key. Lane l holds
+  // experts l*V .. l*V+V-1, so among lanes whose best equals the maximum the
+  // lowest lane holds the lowest expert: the (key, lower index) winner
+  // without a second reduction. Each lane keeps its best two keys; a lane
+  // that wins rescans only when it wins again with its second already used.
+  int32_t* id_row = id_smem[threadIdx.x >> 5];
+  uint32_t b1, b2;
+  int j1, j2;
+  lane_top2<V>(key, 0u, b1, j1, b2, j2);
+  unsigned taken = 0;
+  bool have2 = true;
+  int n = 0;
+  for (; n < p.k; ++n) {
+    const uint32_t m = warp_max_u32(b1);
+    if (m == 0) break;  // no selectable expert left (uniform)
+    if (lane == __ffs(__ballot_sync(kFullMask, b1 == m)) - 1) {
+      id_row[n] = lane * V + j1;
+      taken |= 1u << j1;
+      if (have2) {
+        b1 = b2;
+        j1 = j2;
+        have2 = false;
+      } else {
+        lane_top2<V>(key, taken, b1, j1, b2, j2);
+        have2 = true;
+      }
     }
   }
-  // The chosen weights: lane i < n fetches s of its expert from the lane
-  // that holds it, and every lane sums them in slot order, the CPU's order.
-  float my_s = 0.0f;
-  const int src = my_id < 0 ? 0 : my_id / V, jj = my_id < 0 ? 0 : my_id % V;
-#pragma unroll
-  for (int j = 0; j < V; ++j) {
-    const float v = __shfl_sync(kFullMask, s[j], src);
-    if (j == jj) my_s = v;
-  }
+  __syncwarp();
+  // Lane i < n: the expert of slot i and its weight.
+  const int my_id = lane < n ? id_row[lane] : -1;
+  const float my_s = lane < n ? s_row[my_id] : 0.0f;
   float sum = 0.0f;
   for (int i = 0; i < n; ++i) sum += __shfl_sync(kFullMask, my_s, i);
 

@@ -18,6 +18,12 @@
 #              T=4096 with PDL off (the dispatch kernels apart)
 #   dispatch   moe_bench --no-peers at T=4096 (router and dispatch times)
 #   router_ncu Nsight Compute on the DeepSeek-V3 router at T=4096
+#   dispatchbench  bench/dispatch_bench.py: router and dispatch times per
+#              MOE_DISPATCH_ALGO (MOE_TUNE_DISPATCH_ALGOS, default 1,0,2) at
+#              MOE_TUNE_DISPATCH_T (default 1,64,256,1024,4096,16384)
+#   dispatchsan  memcheck, racecheck, initcheck and synccheck on the cases
+#              of MOE_TUNE_SAN_TC (default gpu.dispatcher.algorithms_vs_cpu:
+#              every dispatch path)
 #   stream     the bf16 runner's cases with the streaming decode kernels off
 #              (MOE_RUNNER_STREAM=0: gemm_tc_kernel), the GPU suite with them
 #              forced for every size (MOE_RUNNER_STREAM=1), then the
@@ -118,6 +124,27 @@ step_dispatch() {
     --out "$logs/dispatch.json" > "$logs/dispatch.log" 2>&1
   note "moe_bench --no-peers T=4096 rc=$?"
   grep -E '^(mixtral|qwen3|deepseek)' "$logs/dispatch.log" | cut -c1-200 | tee -a "$summary"
+}
+
+step_dispatchbench() {
+  timeout 200 python3 bench/dispatch_bench.py --algos "${MOE_TUNE_DISPATCH_ALGOS:-1,0,2}" \
+    --tokens "${MOE_TUNE_DISPATCH_T:-1,64,256,1024,4096,16384}" --reps 50 \
+    --out "$logs/dispatch_bench.json" > "$logs/dispatch_bench.log" 2>&1
+  local rc=$?
+  [ $rc -eq 0 ] || status=1
+  note "dispatch_bench rc=$rc"
+  tee -a "$summary" < "$logs/dispatch_bench.log" | tail -n 3 > /dev/null
+}
+
+step_dispatchsan() {
+  local rc tool
+  for tool in memcheck racecheck initcheck synccheck; do
+    timeout 300 compute-sanitizer --tool $tool --error-exitcode 9 "$tests" \
+      -tc="${MOE_TUNE_SAN_TC:-gpu.dispatcher.algorithms_vs_cpu}" > "$logs/dispatch_$tool.log" 2>&1
+    rc=$?
+    [ $rc -eq 0 ] || status=1
+    note "$tool ${MOE_TUNE_SAN_TC:-gpu.dispatcher.algorithms_vs_cpu} rc=$rc: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|^\[doctest\] test cases' "$logs/dispatch_$tool.log" | tr '\n' ' ')"
+  done
 }
 
 step_router_ncu() {

@@ -1,5 +1,6 @@
 #include "gpu_support.h"
 
+#include <cstdlib>
 #include <thread>
 
 namespace moe_test {
@@ -80,5 +81,18 @@ std::vector<double> values(const HostTensor& h) {
   for (int64_t i = 0; i < h.numel(); ++i) v[size_t(i)] = h.get(i);
   return v;
 }
+
+ScopedEnv::ScopedEnv(const char* name_) : name(name_), had(std::getenv(name_) != nullptr) {
+  if (had) old = std::getenv(name_);
+}
+
+ScopedEnv::~ScopedEnv() {
+  if (had)
+    setenv(name.c_str(), old.c_str(), 1);
+  else
+    unsetenv(name.c_str());
+}
+
+void ScopedEnv::set(const char* value) const { setenv(name.c_str(), value, 1); }
 
 }  // namespace moe_test

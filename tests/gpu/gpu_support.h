@@ -43,4 +43,16 @@ void fill_uniform_fast(HostTensor& h, uint64_t seed, double a);
 // Values of a host tensor as doubles.
 std::vector<double> values(const HostTensor& h);
 
+// Restores an environment variable (or its absence) when it goes out of
+// scope: for tests that switch a kernel choice read at each launch.
+struct ScopedEnv {
+  std::string name, old;
+  bool had;
+  explicit ScopedEnv(const char* name_);
+  ~ScopedEnv();
+  void set(const char* value) const;
+  ScopedEnv(const ScopedEnv&) = delete;
+  ScopedEnv& operator=(const ScopedEnv&) = delete;
+};
+
 }  // namespace moe_test

@@ -110,6 +110,58 @@ TEST_CASE("gpu.dispatcher.empty_batch_and_all_remote") {
   check_dispatch(64, 0, 1, &none, 1, 500, 4, true);
 }
 
+// Every kernel path against the CPU, MOE_DISPATCH_ALGO=0 (histogram, one-block
+// scan, scatter; the fused kernel for small batches), 1 (the default choice:
+// one block per expert up to 4096 slots, the prefix path beyond) and 2 (the
+// prefix path wherever its histogram fits: up to 1024 padded columns and
+// 512 KB).
+static void check_algorithms(const std::vector<int64_t>& tokens, bool odd_shapes) {
+  ScopedEnv algo("MOE_DISPATCH_ALGO");
+  for (const char* a : {"0", "1", "2"}) {
+    algo.set(a);
+    INFO("MOE_DISPATCH_ALGO=", a);
+    for (int64_t T : tokens) {
+      check_dispatch(128, 0, 1, nullptr, 128, T, 8, true);  // Qwen3
+      check_dispatch(256, 5, 8, nullptr, 32, T, 8, false);  // DeepSeek EP slice
+      check_dispatch(8, 0, 1, nullptr, 8, T, 2, true);      // Mixtral
+    }
+    if (odd_shapes) {
+      // Columns padded from 1, 37 and 600 experts; too many experts for the
+      // prefix path (3000); tile counts that are not a multiple of the prefix
+      // kernel's 8 tiles per block.
+      check_dispatch(1, 0, 1, nullptr, 1, 3000, 1, true);
+      check_dispatch(74, 0, 2, nullptr, 37, 2345, 3, true);
+      check_dispatch(600, 0, 1, nullptr, 600, 1500, 6, true);
+      check_dispatch(6000, 1, 2, nullptr, 3000, 900, 8, true);
+    }
+  }
+}
+
+TEST_CASE("gpu.dispatcher.algorithms_vs_cpu") {
+  check_algorithms({1, 200, 512, 1025, 4096}, true);
+}
+
+TEST_CASE("gpu.dispatcher.algorithms_large_vs_cpu") {
+  // Qwen3 at T=40000 has a 625 KB histogram: past the prefix path's 512 KB.
+  check_algorithms({16384, 40000}, false);
+}
+
+TEST_CASE("gpu.dispatcher.workspace_for_max_tokens_serves_smaller_batches") {
+  // The workspace size never decreases with the batch, whatever path the
+  // kernels take at each size.
+  for (int E_loc : {1, 8, 32, 37, 128, 513, 600, 1024, 1025, 3000}) {
+    Dispatcher gpu(E_loc, 0, 1, nullptr, E_loc, kDLCUDA);
+    size_t prev = 0;
+    for (int64_t T = 0; T <= 70000; T += 997) {
+      size_t bytes = 0;
+      MOE_CHECK_OK(moe_dispatcher_workspace_size(gpu.h, T, 8, &bytes));
+      INFO("E_loc ", E_loc, " T ", T);
+      CHECK(bytes >= prev);
+      prev = bytes;
+    }
+  }
+}
+
 TEST_CASE("gpu.dispatcher.graph_replay_timing") {
   // T=4096, K=8, the DeepSeek EP slice: replays of a captured dispatch give the
   // eager result; the median replay time is reported (target <= 10 us).

@@ -551,19 +551,7 @@ TEST_CASE("gpu.fp8.tma_tile_widths") {
   // promotions, so the outputs must be bitwise the same. Gated and non-gated
   // with the last tile's upper half past N (N = 384), per-tensor with k and
   // column tails (H 272, I 400). Elsewhere both runs take the same path.
-  struct Restore {
-    std::string old;
-    bool had;
-    Restore() : had(std::getenv("MOE_RUNNER_FP8_BN") != nullptr) {
-      if (had) old = std::getenv("MOE_RUNNER_FP8_BN");
-    }
-    ~Restore() {
-      if (had)
-        setenv("MOE_RUNNER_FP8_BN", old.c_str(), 1);
-      else
-        unsetenv("MOE_RUNNER_FP8_BN");
-    }
-  } restore;
+  ScopedEnv width("MOE_RUNNER_FP8_BN");
   const Case cases[] = {
       sized(silu_gated(MOE_QUANT_FP8_BLOCK_128, MOE_ACT_SCALE_DYNAMIC), 4, 1, 0, 2, 384, 384),
       sized(relu2_plain(MOE_QUANT_FP8_BLOCK_128, MOE_ACT_SCALE_DYNAMIC), 4, 1, 0, 2, 384, 384),
@@ -577,9 +565,9 @@ TEST_CASE("gpu.fp8.tma_tile_widths") {
     Inputs in(c, 600, rng);  // 1200 slots over 4 experts: 128-row tiles
     GpuBatch b(c, in);
     HostTensor y128(c.x_dt, {in.T, c.H}), y256(c.x_dt, {in.T, c.H});
-    setenv("MOE_RUNNER_FP8_BN", "128", 1);
+    width.set("128");
     run_gpu(c, l, b, y128);
-    setenv("MOE_RUNNER_FP8_BN", "256", 1);
+    width.set("256");
     run_gpu(c, l, b, y256);
     CHECK(std::memcmp(y128.storage.data(), y256.storage.data(), y128.storage.size()) == 0);
     int64_t bad = 0;
