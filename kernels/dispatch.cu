@@ -295,15 +295,6 @@ __global__ void __launch_bounds__(kPrefixThreads)
   int32_t* own = sm + 2 * cols;  // [kPrefixWarps][cols] the block's tiles' counts, then positions
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int b0 = blockIdx.x * kPrefixWarps;
-  // The warp's tile of local ids, loaded first: in flight during the sums.
-  const int b = b0 + warp;
-  const int64_t base = int64_t(b) * kDispatchTile + lane;
-  int32_t local[kChunks];
-#pragma unroll
-  for (int c = 0; c < kChunks; ++c) {
-    const int64_t s = base + c * 32;
-    local[c] = s < p.n ? p.local_ids[s] : -1;
-  }
   for (int i = tid; i < (2 + kPrefixWarps) * cols; i += kPrefixThreads) sm[i] = 0;
   __syncthreads();
   // Column sums. Thread tid owns 4-column group g = tid % gpp (and g + gpp,
@@ -359,7 +350,15 @@ __global__ void __launch_bounds__(kPrefixThreads)
     }
   }
   __syncthreads();
+  const int b = b0 + warp;
   if (b >= nt) return;
+  const int64_t base = int64_t(b) * kDispatchTile + lane;
+  int32_t local[kChunks];
+#pragma unroll
+  for (int c = 0; c < kChunks; ++c) {
+    const int64_t s = base + c * 32;
+    local[c] = s < p.n ? p.local_ids[s] : -1;
+  }
   scatter_tile(p, local, base, own + warp * cols, 1, total);
 }
 
