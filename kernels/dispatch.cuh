@@ -1,7 +1,8 @@
 // Standard dispatch on the device: global -> local ids, per-expert counts and
 // offsets, and the slot permutation grouped by local expert, stable in (t, j)
-// order. Up to 4096 slots (and 1024 local experts): one launch, one block per
-// local expert. Beyond, with up to 1024 local experts: two launches (tile
+// order. Up to 256 slots (and 1024 local experts): one launch, one block.
+// Up to 4096 slots: one launch, one block per local expert. Beyond, with up
+// to 1024 local experts: two launches (tile
 // histogram; per block, the expert offsets and its tiles' positions from the
 // whole histogram, then the stable scatter). Otherwise three launches (tile
 // histogram, one-block scan, stable scatter), or one block for up to 8 tiles

@@ -308,16 +308,6 @@ __device__ __forceinline__ uint32_t warp_max_u32(uint32_t v) {
 #endif
 }
 
-__device__ __forceinline__ uint32_t warp_min_u32(uint32_t v) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  return __reduce_min_sync(kFullMask, v);
-#else
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = min(v, __shfl_xor_sync(kFullMask, v, o));
-  return v;
-#endif
-}
-
 // The lane's best two candidates in (larger ordered key, lower j) order among
 // the keys whose bit in `taken` is clear (key 0: none). Scanning j upwards
 // with strict compares keeps the lower j ahead on equal keys.

@@ -112,7 +112,8 @@ TEST_CASE("gpu.dispatcher.empty_batch_and_all_remote") {
 
 // Every kernel path against the CPU, MOE_DISPATCH_ALGO=0 (histogram, one-block
 // scan, scatter; the fused kernel for small batches), 1 (the default choice:
-// one block per expert up to 4096 slots, the prefix path beyond) and 2 (the
+// one block up to 256 slots, one block per expert up to 4096, the prefix path
+// beyond) and 2 (the
 // prefix path wherever its histogram fits: up to 1024 padded columns and
 // 512 KB).
 static void check_algorithms(const std::vector<int64_t>& tokens, bool odd_shapes) {
@@ -133,12 +134,15 @@ static void check_algorithms(const std::vector<int64_t>& tokens, bool odd_shapes
       check_dispatch(74, 0, 2, nullptr, 37, 2345, 3, true);
       check_dispatch(600, 0, 1, nullptr, 600, 1500, 6, true);
       check_dispatch(6000, 1, 2, nullptr, 3000, 900, 8, true);
+      // The one-block kernel at its limits: 1000 local experts, 240-256 slots.
+      check_dispatch(600, 0, 1, nullptr, 600, 40, 6, true);
+      check_dispatch(1000, 0, 1, nullptr, 1000, 32, 8, true);
     }
   }
 }
 
 TEST_CASE("gpu.dispatcher.algorithms_vs_cpu") {
-  check_algorithms({1, 200, 512, 1025, 4096}, true);
+  check_algorithms({1, 7, 32, 33, 200, 512, 1025, 4096}, true);
 }
 
 TEST_CASE("gpu.dispatcher.algorithms_large_vs_cpu") {
