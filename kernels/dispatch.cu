@@ -22,6 +22,27 @@ __device__ __forceinline__ int32_t to_local(const int32_t* mapping, int E, int E
   return (l >= 0 && l < E_loc) ? l : -1;
 }
 
+// Lane's ids of a warp tile: src[base + 32 c] for c < kChunks (base = the
+// tile's first slot + lane), -1 past n. Every load issued before any use.
+__device__ __forceinline__ void load_tile(const int32_t* src, int64_t n, int64_t base,
+                                          int32_t (&out)[kChunks]) {
+#pragma unroll
+  for (int c = 0; c < kChunks; ++c) {
+    const int64_t s = base + c * 32;
+    out[c] = s < n ? src[s] : -1;
+  }
+}
+
+// Global ids of a tile to local ids, also written to local_ids.
+__device__ __forceinline__ void map_tile(const DispatchParams& p, int64_t base, int32_t (&local)[kChunks]) {
+#pragma unroll
+  for (int c = 0; c < kChunks; ++c) {
+    local[c] = to_local(p.mapping, p.E, p.E_loc, local[c]);
+    const int64_t s = base + c * 32;
+    if (s < p.n) p.local_ids[s] = local[c];
+  }
+}
+
 // The tile's counters: shared memory, or the global column (then zeroed by a memset).
 __device__ __forceinline__ int32_t* tile_counters(int32_t* smem, int32_t* hist, int E_loc, int nt,
                                                   int b, int warp, int64_t& stride) {
@@ -54,20 +75,10 @@ __global__ void dispatch_histogram_kernel(DispatchParams p, int nt, int32_t* his
   int32_t* cnt = tile_counters(smem, hist, lay.cols, nt, b, warp, stride);
   if (stride == 1)
     for (int e = lane; e < lay.cols; e += 32) cnt[e] = 0;
-  // Every load of the tile in flight before the first use.
   const int64_t base = int64_t(b) * kDispatchTile + lane;
   int32_t local[kChunks];
-#pragma unroll
-  for (int c = 0; c < kChunks; ++c) {
-    const int64_t s = base + c * 32;
-    local[c] = s < p.n ? p.topk_ids[s] : -1;
-  }
-#pragma unroll
-  for (int c = 0; c < kChunks; ++c) {
-    local[c] = to_local(p.mapping, p.E, p.E_loc, local[c]);
-    const int64_t s = base + c * 32;
-    if (s < p.n) p.local_ids[s] = local[c];
-  }
+  load_tile(p.topk_ids, p.n, base, local);
+  map_tile(p, base, local);
   __syncwarp();
   if (stride == 1) {
     // Shared counters: one atomic per slot, all independent (run 75's ncu:
@@ -254,11 +265,7 @@ __global__ void dispatch_scatter_kernel(DispatchParams p, int nt, int32_t* hist)
   for (int e = lane; e < p.E_loc; e += 32) pos[e * stride] = hist[int64_t(e) * nt + b] + p.offsets[e];
   const int64_t base = int64_t(b) * kDispatchTile + lane;
   int32_t local[kChunks];
-#pragma unroll
-  for (int c = 0; c < kChunks; ++c) {
-    const int64_t s = base + c * 32;
-    local[c] = s < p.n ? p.local_ids[s] : -1;
-  }
+  load_tile(p.local_ids, p.n, base, local);
   __syncwarp();
   scatter_tile(p, local, base, pos, stride, p.offsets[p.E_loc]);
 }
@@ -365,11 +372,7 @@ __global__ void __launch_bounds__(kPrefixThreads)
   if (b >= nt) return;
   const int64_t base = int64_t(b) * kDispatchTile + lane;
   int32_t local[kChunks];
-#pragma unroll
-  for (int c = 0; c < kChunks; ++c) {
-    const int64_t s = base + c * 32;
-    local[c] = s < p.n ? p.local_ids[s] : -1;
-  }
+  load_tile(p.local_ids, p.n, base, local);
   scatter_tile(p, local, base, own + warp * cols, 1, total);
 }
 
@@ -397,17 +400,8 @@ __global__ void __launch_bounds__(32 * kFusedMaxTiles) dispatch_fused_kernel(Dis
   int32_t local[kChunks];
   if (owner) {
     for (int e = lane; e < p.E_loc; e += 32) hist[e * nt + b] = 0;
-#pragma unroll
-    for (int c = 0; c < kChunks; ++c) {
-      const int64_t s = base + c * 32;
-      local[c] = s < p.n ? p.topk_ids[s] : -1;
-    }
-#pragma unroll
-    for (int c = 0; c < kChunks; ++c) {
-      local[c] = to_local(p.mapping, p.E, p.E_loc, local[c]);
-      const int64_t s = base + c * 32;
-      if (s < p.n) p.local_ids[s] = local[c];
-    }
+    load_tile(p.topk_ids, p.n, base, local);
+    map_tile(p, base, local);
     __syncwarp();
 #pragma unroll
     for (int c = 0; c < kChunks; ++c) {
