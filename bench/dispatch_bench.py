@@ -20,7 +20,7 @@ import torch
 
 import libmoe
 from moe_bench import NROT, SHAPES
-from timing import events_median, graph_of
+from timing import events_median, graph_of, routing_buffers
 
 
 def bench(name, cfg, T, algos, reps):
@@ -30,12 +30,7 @@ def bench(name, cfg, T, algos, reps):
     disp = libmoe.Dispatcher(E, ep_rank=0, ep_size=cfg["ep_size"], device=dev)
     bias = (0.1 * torch.randn(E, device=dev)) if cfg["method"] == "deepseek_v3" else None
     logits = [torch.randn(T, E, device=dev) for _ in range(NROT)]
-    ids = [torch.empty(T, k, device=dev, dtype=torch.int32) for _ in range(NROT)]
-    wts = [torch.empty(T, k, device=dev, dtype=torch.float32) for _ in range(NROT)]
-    local = [torch.empty(T, k, device=dev, dtype=torch.int32) for _ in range(NROT)]
-    counts = [torch.empty(E_loc, device=dev, dtype=torch.int32) for _ in range(NROT)]
-    offsets = [torch.empty(E_loc + 1, device=dev, dtype=torch.int32) for _ in range(NROT)]
-    slots = [torch.empty(T * k, device=dev, dtype=torch.int32) for _ in range(NROT)]
+    ids, wts, local, counts, offsets, slots = routing_buffers(T, k, E_loc, NROT)
     ws = libmoe.empty_workspace(max(disp.workspace_size(T, k), 256), like=logits[0])
 
     def route(r):

@@ -31,7 +31,7 @@ import time
 import torch
 
 import libmoe
-from timing import copy_gbs, events_median, graph_of, rel_err
+from timing import copy_gbs, events_median, graph_of, rel_err, routing_buffers
 
 SHAPES = {
     # name: E global, E local (this rank), k, H, I, ep_size, router method and options
@@ -137,12 +137,7 @@ def bench_case(name, cfg, mode, tokens, ceilings, reps, check_rows):
     rows_out = []
     for T in tokens:
         xs = [torch.randn(T, H, device=dev).to(bf16) for _ in range(NROT)]
-        ids = [torch.empty(T, k, device=dev, dtype=torch.int32) for _ in range(NROT)]
-        wts = [torch.empty(T, k, device=dev, dtype=torch.float32) for _ in range(NROT)]
-        local = [torch.empty(T, k, device=dev, dtype=torch.int32) for _ in range(NROT)]
-        counts = [torch.empty(E_loc, device=dev, dtype=torch.int32) for _ in range(NROT)]
-        offsets = [torch.empty(E_loc + 1, device=dev, dtype=torch.int32) for _ in range(NROT)]
-        slots = [torch.empty(T * k, device=dev, dtype=torch.int32) for _ in range(NROT)]
+        ids, wts, local, counts, offsets, slots = routing_buffers(T, k, E_loc, NROT)
         ys = [torch.full((T, H), float("nan"), device=dev, dtype=bf16) for _ in range(NROT)]
         ws_d = libmoe.empty_workspace(max(disp.workspace_size(T, k), 256), like=xs[0])
         ws_r = libmoe.empty_workspace(max(runner.workspace_size(T, k, "cuda"), 256), like=xs[0])

@@ -32,7 +32,7 @@ try:
     import torch
 
     import libmoe
-    from timing import copy_gbs, events_median, graph_of, rel_err
+    from timing import copy_gbs, events_median, graph_of, rel_err, routing_buffers
 except ImportError:  # --table needs neither
     torch = libmoe = None
 
@@ -150,12 +150,7 @@ def bench_shape(name, cfg, tokens, ceilings, reps, check_rows, skip_loop_above, 
         C = k
         xs = [torch.randn(T, H, device=dev).to(bf16) for _ in range(NROT)]
         logits = [torch.randn(T, E, device=dev) for _ in range(NROT)]
-        ids = [torch.empty(T, C, device=dev, dtype=torch.int32) for _ in range(NROT)]
-        wts = [torch.empty(T, C, device=dev, dtype=torch.float32) for _ in range(NROT)]
-        local = [torch.empty(T, C, device=dev, dtype=torch.int32) for _ in range(NROT)]
-        counts = [torch.empty(E_loc, device=dev, dtype=torch.int32) for _ in range(NROT)]
-        offsets = [torch.empty(E_loc + 1, device=dev, dtype=torch.int32) for _ in range(NROT)]
-        slots = [torch.empty(T * C, device=dev, dtype=torch.int32) for _ in range(NROT)]
+        ids, wts, local, counts, offsets, slots = routing_buffers(T, C, E_loc, NROT)
         ys = [torch.full((T, H), float("nan"), device=dev, dtype=bf16) for _ in range(NROT)]
         ws_d = libmoe.empty_workspace(max(disp.workspace_size(T, C), 256), like=xs[0])
         ws_r = libmoe.empty_workspace(max(runner.workspace_size(T, C, "cuda"), 256), like=xs[0])

@@ -1,6 +1,7 @@
 """Timing and checking helpers shared by the Python benchmarks (moe_bench.py,
-fp8_bench.py): event-timed medians, CUDA-graph capture, the copy-bandwidth
-ceiling, and the relative error the accuracy contract uses."""
+fp8_bench.py, dispatch_bench.py): event-timed medians, CUDA-graph capture,
+the copy-bandwidth ceiling, the relative error the accuracy contract uses,
+and the router/dispatcher output buffers of rotated input sets."""
 import statistics
 
 import torch
@@ -52,3 +53,14 @@ def rel_err(got, ref):
     if torch.isnan(got).any():
         return float("inf")
     return float(torch.linalg.vector_norm(got - ref) / torch.linalg.vector_norm(ref).clamp_min(1e-30))
+
+
+def routing_buffers(T, k, E_loc, sets):
+    """`sets` sets of router and dispatcher outputs on the GPU for T tokens, k
+    slots per token and E_loc local experts: (ids, weights, local ids, expert
+    counts, expert offsets, sorted slots), each a list of `sets` tensors."""
+    def make(shape, dtype):
+        return [torch.empty(shape, device="cuda", dtype=dtype) for _ in range(sets)]
+    i32 = torch.int32
+    return (make((T, k), i32), make((T, k), torch.float32), make((T, k), i32), make((E_loc,), i32),
+            make((E_loc + 1,), i32), make((T * k,), i32))

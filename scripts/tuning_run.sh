@@ -77,6 +77,15 @@ print("; ".join(f"T={t} n={len(v)} max {max(v):.1e} median {statistics.median(v)
 EOF
 }
 
+# sanitize TOOL CASES NAME LABEL: compute-sanitizer TOOL on the doctest cases
+# CASES (the caller's environment applies), log $logs/NAME.log, one summary line.
+sanitize() {
+  timeout 300 compute-sanitizer --tool "$1" --error-exitcode 9 "$tests" -tc="$2" > "$logs/$3.log" 2>&1
+  local rc=$?
+  [ $rc -eq 0 ] || status=1
+  note "$1 $4 rc=$rc: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|^\[doctest\] test cases' "$logs/$3.log" | tr '\n' ' ')"
+}
+
 step_build() {
   local start=$SECONDS
   cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90a \
@@ -137,13 +146,9 @@ step_dispatchbench() {
 }
 
 step_dispatchsan() {
-  local rc tool
+  local tool cases=${MOE_TUNE_SAN_TC:-gpu.dispatcher.algorithms_vs_cpu}
   for tool in memcheck racecheck initcheck synccheck; do
-    timeout 300 compute-sanitizer --tool $tool --error-exitcode 9 "$tests" \
-      -tc="${MOE_TUNE_SAN_TC:-gpu.dispatcher.algorithms_vs_cpu}" > "$logs/dispatch_$tool.log" 2>&1
-    rc=$?
-    [ $rc -eq 0 ] || status=1
-    note "$tool ${MOE_TUNE_SAN_TC:-gpu.dispatcher.algorithms_vs_cpu} rc=$rc: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|^\[doctest\] test cases' "$logs/dispatch_$tool.log" | tr '\n' ' ')"
+    sanitize $tool "$cases" "dispatch_$tool" "$cases"
   done
 }
 
@@ -165,20 +170,12 @@ step_stream() {
   [ $rc -eq 0 ] || status=1
   note "ctest -L gpu, MOE_RUNNER_STREAM=1 rc=$rc: $(grep -E 'tests passed' "$logs/stream_forced_ctest.log")"
   for tool in ${MOE_TUNE_STREAM_TOOLS:-memcheck synccheck}; do
-    MOE_RUNNER_STREAM=1 timeout 300 compute-sanitizer --tool $tool --error-exitcode 9 "$tests" \
-      -tc='gpu.runner.*,gpu.graph*' > "$logs/stream_$tool.log" 2>&1
-    rc=$?
-    [ $rc -eq 0 ] || status=1
-    note "$tool runner+graph, MOE_RUNNER_STREAM=1 rc=$rc: $(grep -E 'ERROR SUMMARY|^\[doctest\] test cases' "$logs/stream_$tool.log" | tr '\n' ' ')"
+    MOE_RUNNER_STREAM=1 sanitize $tool 'gpu.runner.*,gpu.graph*' "stream_$tool" "runner+graph, MOE_RUNNER_STREAM=1"
   done
 }
 
 step_racecheck_old() {
-  MOE_RUNNER_STREAM=0 timeout 300 compute-sanitizer --tool racecheck --error-exitcode 9 "$tests" \
-    -tc='gpu.runner.*,gpu.graph*' > "$logs/racecheck_stream0.log" 2>&1
-  local rc=$?
-  [ $rc -eq 0 ] || status=1
-  note "racecheck runner+graph, MOE_RUNNER_STREAM=0 rc=$rc: $(grep -E 'RACECHECK SUMMARY|^\[doctest\] test cases' "$logs/racecheck_stream0.log" | tr '\n' ' ')"
+  MOE_RUNNER_STREAM=0 sanitize racecheck 'gpu.runner.*,gpu.graph*' racecheck_stream0 "runner+graph, MOE_RUNNER_STREAM=0"
 }
 
 step_probe() {
@@ -213,14 +210,10 @@ step_decode_timeline() {
 }
 
 step_fp8san() {
-  local rc tool
+  local tool
   for tool in memcheck synccheck; do
-    timeout 300 compute-sanitizer --tool $tool --error-exitcode 9 "$tests" \
-      -tc='gpu.fp8.wide_tiles,gpu.fp8.persistent_items,gpu.fp8.block_128,gpu.fp8.degenerate_scales,gpu.fp8.nan_confined' \
-      > "$logs/fp8_$tool.log" 2>&1
-    rc=$?
-    [ $rc -eq 0 ] || status=1
-    note "$tool FP8 cases rc=$rc: $(grep -E 'ERROR SUMMARY|^\[doctest\] test cases' "$logs/fp8_$tool.log" | tr '\n' ' ')"
+    sanitize $tool 'gpu.fp8.wide_tiles,gpu.fp8.persistent_items,gpu.fp8.block_128,gpu.fp8.degenerate_scales,gpu.fp8.nan_confined' \
+      "fp8_$tool" "FP8 cases"
   done
 }
 
