@@ -50,7 +50,7 @@ Layout layout(DType dtype, int E_loc, int H, int I, int64_t n) {
   size_t off = 0;
   l.tile_start = off;
   off += align256(size_t(E_loc + 1) * sizeof(int32_t));
-  l.bad = off;  // the id check's first bad slot; the chosen row tile at +128
+  l.bad = off;  // the id check's first bad slot; the chosen row tile at +128, item counters at +192
   off += 256;
   l.h = off;
   off += align256(size_t(n) * size_t(I) * (dtype == DType::f32 ? 4 : 2));
@@ -65,6 +65,7 @@ Layout layout(DType dtype, int E_loc, int H, int I, int64_t n) {
 struct Work {
   const int32_t* tile_start;
   const int32_t* rows;  // the row tile the tile map chose; GEMM blocks of other tiles exit
+  unsigned long long* counters;  // [2]: items claimed in GEMM1 and GEMM2 (next_item), zeroed by the tile map
   void* h;
   float* out2;
   int64_t n;  // T * K
@@ -89,12 +90,14 @@ __device__ __forceinline__ int32_t clamped_offset(const MoeRunParams& p, int64_t
 // Row tile: bm_small when the local slots per expert (known only here, not
 // on the host: under expert parallelism most slots may be -1) are at most
 // small_max_avg, else bm_large. Then tile_start[e] = sum over e' < e of
-// ceil(count[e'] / bm), e in [0, E_loc].
+// ceil(count[e'] / bm), e in [0, E_loc]. Also zeroes the GEMMs' item counters.
 __global__ void tile_map_kernel(MoeRunParams p, int64_t n, int bm_small, int bm_large,
-                                int small_max_avg, int32_t* tile_start, int32_t* rows) {
+                                int small_max_avg, int32_t* tile_start, int32_t* rows,
+                                unsigned long long* counters) {
   pdl_wait();  // first: see launch_pdl
   pdl_trigger();
   const int lane = threadIdx.x;
+  if (lane < 2) counters[lane] = 0;
   // The rows the tiles will cover (sum of the per-expert counts, so that the
   // small candidate's grid bound in launch_gemms_typed holds for any offsets).
   int64_t valid = 0;
@@ -147,6 +150,29 @@ __device__ __forceinline__ bool find_tile(const MoeRunParams& p, const Work& w, 
   ti.rows = min(TM, end - ti.row_begin);
   return ti.rows > 0;
 }
+
+// The items of a persistent GEMM kernel, handed out in order as the hardware
+// hands out the blocks of a grid: block b starts with item b, then takes
+// gridDim.x plus the next count of the GEMM's counter (zeroed by the tile
+// map), so the items running at one time stay a window of the grouped order
+// and share weight tiles in L2. (Blocks that walked b, b + gridDim.x, ...
+// drifted apart: run 81, Mixtral T=4096 9% slower than a block per item.)
+// Thread 0 claims the next item as an item starts, into one of two shared
+// slots; next() (every thread, after the item) passes a barrier and reads it.
+struct ItemQueue {
+  unsigned long long* counter;
+  long long* slot;  // shared [2]
+  int parity;
+  __device__ __forceinline__ void claim() const {
+    if (threadIdx.x == 0) slot[parity] = (long long)gridDim.x + (long long)atomicAdd(counter, 1ull);
+  }
+  __device__ __forceinline__ int64_t next() {
+    __syncthreads();  // the claim is visible; the item's shared memory is free again
+    const int64_t u = slot[parity];
+    parity ^= 1;
+    return u;
+  }
+};
 
 // Slot of sorted position pos, or -1 when it is not a valid slot index.
 __device__ __forceinline__ int32_t slot_at(const MoeRunParams& p, const Work& w, int64_t pos) {
@@ -276,10 +302,10 @@ constexpr size_t tc_smem_bytes() {
   return size_t(Cfg::STAGES) * (Cfg::BM + NSETS * Cfg::BN) * Cfg::LD * 2;
 }
 
+// One tile of a tensor-core GEMM: `ti`'s rows against output columns n0 ..
+// n0 + BN of every weight set, staged through the whole dynamic shared memory.
 template <class T, int MODE, class Cfg>
-__global__ void __launch_bounds__(Cfg::THREADS) gemm_tc_kernel(MoeRunParams p, Work w) {
-  pdl_wait();  // first: see launch_pdl
-  pdl_trigger();
+__device__ __forceinline__ void tc_tile(const MoeRunParams& p, const Work& w, const TileInfo& ti, int n0) {
   constexpr int BM = Cfg::BM, BN = Cfg::BN, BK = Cfg::BK, STAGES = Cfg::STAGES, LD = Cfg::LD;
   constexpr int THREADS = Cfg::THREADS;
   constexpr int NSETS = MODE == kGemm1Gated ? 2 : 1;
@@ -296,9 +322,6 @@ __global__ void __launch_bounds__(Cfg::THREADS) gemm_tc_kernel(MoeRunParams p, W
   T (*Bs)[NSETS * BN][LD] =
       reinterpret_cast<T (*)[NSETS * BN][LD]>(smem_raw + size_t(STAGES) * BM * LD * sizeof(T));
 
-  TileInfo ti;
-  if (!find_tile<BM>(p, w, blockIdx.x, ti)) return;
-  const int n0 = blockIdx.y * BN;
   const int Kdim = MODE == kGemm2 ? p.I : p.H;
   const int KT = (Kdim + BK - 1) / BK;
   const int tid = threadIdx.x;
@@ -417,6 +440,37 @@ __global__ void __launch_bounds__(Cfg::THREADS) gemm_tc_kernel(MoeRunParams p, W
     }
 }
 
+// Non-persistent (PERSISTENT false): block (x, y) computes row tile x, column
+// tile y of a grid sized for the bound on the tiles; blocks past the tiles the
+// tile map made leave at once. Persistent: as many blocks as fit on the
+// device take the items of the tiles the tile map made (row tile fastest, as
+// the grid runs) from an ItemQueue, so a row-tile candidate that the tile
+// map did not choose costs one wave of blocks that leave at once, not one
+// block per possible item (run 74: 7.6 + 17.9 us at Qwen3 T=4096; run 81:
+// 1.4-1.5 us). The decode tiles, never a candidate, stay non-persistent (the
+// loop costs them registers).
+template <class T, int MODE, class Cfg, bool PERSISTENT>
+__global__ void __launch_bounds__(Cfg::THREADS) gemm_tc_kernel(MoeRunParams p, Work w, int cols) {
+  pdl_wait();  // first: see launch_pdl
+  pdl_trigger();
+  constexpr int BM = Cfg::BM;
+  if constexpr (!PERSISTENT) {
+    (void)cols;
+    TileInfo ti;
+    if (find_tile<BM>(p, w, blockIdx.x, ti)) tc_tile<T, MODE, Cfg>(p, w, ti, blockIdx.y * Cfg::BN);
+  } else {
+    __shared__ long long claimed[2];
+    ItemQueue q{w.counters + (MODE == kGemm2 ? 1 : 0), claimed, 0};
+    const int tiles = *w.rows == BM ? w.tile_start[p.E_loc] : 0;
+    const int64_t items = int64_t(tiles > 0 ? tiles : 0) * cols;
+    for (int64_t u = blockIdx.x; u < items; u = q.next()) {
+      q.claim();
+      TileInfo ti;
+      if (find_tile<BM>(p, w, int(u % tiles), ti)) tc_tile<T, MODE, Cfg>(p, w, ti, int(u / tiles) * Cfg::BN);
+    }
+  }
+}
+
 // --- wgmma path (sm_90a, the 128-row prefill tiles of bf16 / f16) -----------------
 //
 // A block computes 128 sorted rows x 256 weight rows (gated GEMM1: 128 gate
@@ -458,7 +512,7 @@ __device__ __forceinline__ void wg_epilogue(const MoeRunParams& p, const Work& w
 }
 
 template <class T, int MODE>
-__global__ void __launch_bounds__(WG_THREADS, 1) gemm_wgmma_kernel(MoeRunParams p, Work w) {
+__global__ void __launch_bounds__(WG_THREADS, 1) gemm_wgmma_kernel(MoeRunParams p, Work w, int cols) {
   pdl_wait();  // first: see launch_pdl
   pdl_trigger();
   constexpr int NSETS = MODE == kGemm1Gated ? 2 : 1;
@@ -467,76 +521,91 @@ __global__ void __launch_bounds__(WG_THREADS, 1) gemm_wgmma_kernel(MoeRunParams 
   const int tid = threadIdx.x;
   const WgStaging st(wg_smem_raw, tid);
 
-  TileInfo ti;
-  const gemm::BlockPos bp = gemm::grouped_block(gemm::kRasterGroup);
-  if (!find_tile<WG_BM>(p, w, bp.tile, ti)) return;
-  const int n0 = bp.col * BN;
-  const int Kdim = MODE == kGemm2 ? p.I : p.H;
-  const int KT = (Kdim + WG_BK - 1) / WG_BK;
+  // Persistent, as gemm_tc_kernel's candidates: items in the grouped order
+  // over (row tile, column tile), handed out by an ItemQueue.
+  __shared__ long long claimed[2];
+  ItemQueue q{w.counters + (MODE == kGemm2 ? 1 : 0), claimed, 0};
+  const int tiles = *w.rows == WG_BM ? w.tile_start[p.E_loc] : 0;
+  const int64_t items = int64_t(tiles > 0 ? tiles : 0) * cols;
+  for (int64_t u = blockIdx.x; u < items; u = q.next()) {
+    q.claim();
+    TileInfo ti;
+    const gemm::BlockPos bp = gemm::grouped_pos(u, tiles, cols, gemm::kRasterGroup);
+    if (!find_tile<WG_BM>(p, w, bp.tile, ti)) continue;
+    const int n0 = bp.col * BN;
+    const int Kdim = MODE == kGemm2 ? p.I : p.H;
+    const int KT = (Kdim + WG_BK - 1) / WG_BK;
 
-  const T* a_src[WgStaging::A_CHUNKS];
-#pragma unroll
-  for (int i = 0; i < WgStaging::A_CHUNKS; ++i) {
-    const int r = st.row0 + i * WgStaging::ROWS_PER_PASS;
-    a_src[i] = r < ti.rows ? a_row<T, MODE>(p, w, ti.row_begin + r) : nullptr;
-  }
-  const T* b_src[WgStaging::B_CHUNKS];
-#pragma unroll
-  for (int i = 0; i < WgStaging::B_CHUNKS; ++i) {
-    const int r = st.row0 + i * WgStaging::ROWS_PER_PASS;
-    b_src[i] = b_row<T, MODE>(p, ti.e, r / BN, n0 + r % BN);
-  }
-
-  auto load_stage = [&](int stage, int kt) {
-    const int k = kt * WG_BK + st.chunk * 8;
+    const T* a_src[WgStaging::A_CHUNKS];
 #pragma unroll
     for (int i = 0; i < WgStaging::A_CHUNKS; ++i) {
-      const bool ok = a_src[i] != nullptr && k < Kdim;
-      cp_async16(st.a_dst(stage, i), ok ? a_src[i] + k : p.x, ok);
+      const int r = st.row0 + i * WgStaging::ROWS_PER_PASS;
+      a_src[i] = r < ti.rows ? a_row<T, MODE>(p, w, ti.row_begin + r) : nullptr;
     }
+    const T* b_src[WgStaging::B_CHUNKS];
 #pragma unroll
     for (int i = 0; i < WgStaging::B_CHUNKS; ++i) {
-      const bool ok = b_src[i] != nullptr && k < Kdim;
-      cp_async16(st.b_dst(stage, i), ok ? b_src[i] + k : p.x, ok);
+      const int r = st.row0 + i * WgStaging::ROWS_PER_PASS;
+      b_src[i] = b_row<T, MODE>(p, ti.e, r / BN, n0 + r % BN);
     }
-  };
 
-  const int group = tid / 128;  // warpgroup: sorted rows 64 group .. 64 group + 63
-  float acc[128];
+    auto load_stage = [&](int stage, int kt) {
+      const int k = kt * WG_BK + st.chunk * 8;
 #pragma unroll
-  for (int i = 0; i < 128; ++i) acc[i] = 0.0f;
+      for (int i = 0; i < WgStaging::A_CHUNKS; ++i) {
+        const bool ok = a_src[i] != nullptr && k < Kdim;
+        cp_async16(st.a_dst(stage, i), ok ? a_src[i] + k : p.x, ok);
+      }
+#pragma unroll
+      for (int i = 0; i < WgStaging::B_CHUNKS; ++i) {
+        const bool ok = b_src[i] != nullptr && k < Kdim;
+        cp_async16(st.b_dst(stage, i), ok ? b_src[i] + k : p.x, ok);
+      }
+    };
 
-  // Loads run WG_AHEAD k steps ahead of the MMAs, and the MMAs of one step
-  // overlap the next step's issue (wait<1>): the buffer refilled at step kt
-  // held step kt - 2, whose MMAs every warpgroup finished before the barrier.
-  constexpr int WG_AHEAD = WG_STAGES - 2;
+    const int group = tid / 128;  // warpgroup: sorted rows 64 group .. 64 group + 63
+    // A warpgroup whose 64 rows all lie past the tile's rows (an expert's last,
+    // partial tile) skips its MMAs: nothing of them is stored, and the other
+    // warpgroup's MMAs then have the tensor cores alone. It still stages its
+    // share of the tiles and meets every barrier.
+    const bool active = group * 64 < ti.rows;
+    float acc[128];
 #pragma unroll
-  for (int s = 0; s < WG_AHEAD; ++s) {
-    if (s < KT) load_stage(s, s);
-    cp_async_commit();
-  }
-  for (int kt = 0; kt < KT; ++kt) {
-    cp_async_wait<WG_AHEAD - 1>();  // step kt's group is complete
-    wg::fence_proxy_async();        // this thread's cp.async data, for the async proxy
-    __syncthreads();                // everyone's; and the MMAs of step kt - 2 are done
-    const int next = kt + WG_AHEAD;
-    if (next < KT) load_stage(next % WG_STAGES, next);
-    cp_async_commit();
-    const uint32_t a_tile = st.a_tile(kt % WG_STAGES, group * 64);
-    const uint32_t b_tile = st.b_tile(kt % WG_STAGES);
+    for (int i = 0; i < 128; ++i) acc[i] = 0.0f;
+
+    // Loads run WG_AHEAD k steps ahead of the MMAs, and the MMAs of one step
+    // overlap the next step's issue (wait<1>): the buffer refilled at step kt
+    // held step kt - 2, whose MMAs every warpgroup finished before the barrier.
+    constexpr int WG_AHEAD = WG_STAGES - 2;
+#pragma unroll
+    for (int s = 0; s < WG_AHEAD; ++s) {
+      if (s < KT) load_stage(s, s);
+      cp_async_commit();
+    }
+    for (int kt = 0; kt < KT; ++kt) {
+      cp_async_wait<WG_AHEAD - 1>();  // step kt's group is complete
+      wg::fence_proxy_async();        // this thread's cp.async data, for the async proxy
+      __syncthreads();                // everyone's; and the MMAs of step kt - 2 are done
+      const int next = kt + WG_AHEAD;
+      if (next < KT) load_stage(next % WG_STAGES, next);
+      cp_async_commit();
+      if (!active) continue;
+      const uint32_t a_tile = st.a_tile(kt % WG_STAGES, group * 64);
+      const uint32_t b_tile = st.b_tile(kt % WG_STAGES);
+      wg::fence_operands(acc);
+      wg::fence();
+#pragma unroll
+      for (int kk = 0; kk < WG_BK / 16; ++kk)  // 16 values = 32 bytes per k step
+        wg::mma_m64n256k16<T>(acc, wg::desc_sw128(a_tile + kk * 32), wg::desc_sw128(b_tile + kk * 32), 1);
+      wg::commit();
+      wg::wait<1>();  // step kt - 1's MMAs are done; step kt's may still run
+    }
+    wg::wait<0>();
     wg::fence_operands(acc);
-    wg::fence();
-#pragma unroll
-    for (int kk = 0; kk < WG_BK / 16; ++kk)  // 16 values = 32 bytes per k step
-      wg::mma_m64n256k16<T>(acc, wg::desc_sw128(a_tile + kk * 32), wg::desc_sw128(b_tile + kk * 32), 1);
-    wg::commit();
-    wg::wait<1>();  // step kt - 1's MMAs are done; step kt's may still run
-  }
-  wg::wait<0>();
-  wg::fence_operands(acc);
-  cp_async_wait<0>();
+    cp_async_wait<0>();
 
-  wg_epilogue<T, MODE>(p, w, ti, n0, group, acc);
+    wg_epilogue<T, MODE>(p, w, ti, n0, group, acc);
+  }
 }
 
 // Variant 2 (MOE_RUNNER_WGMMA=2, and GEMM2 of variant 3): the same tiles,
@@ -669,10 +738,28 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
 
   wg::setmaxnreg_inc<232>();
   const int group = tid / 128 - 1;  // consumer warpgroup: sorted rows 64 group ..
+  // Hands step `step`'s buffer back (one thread of the warpgroup).
+  auto give_back = [&](int step) {
+    if (tid % 128 != 0) return;
+    if (coupled)
+      pipe.release_pair(step, rank);
+    else
+      pipe.release(step);
+  };
   int g = 0;
   for (int64_t u = first; u < items; u += stride) {
     PairItem it;
     if (!pair_item<WG_BM>(p, w, u, pairs, cols, rank, it)) continue;
+    // As variant 1, a warpgroup with no row of the tile (or a block whose tile
+    // is empty: it only reads for its partner) runs no MMAs; it still waits
+    // for every step's copies before it hands the buffer back.
+    if (!it.mine || group * 64 >= it.ti.rows) {
+      for (int kt = 0; kt < KT; ++kt, ++g) {
+        pipe.consume(g);
+        give_back(g);
+      }
+      continue;
+    }
     float acc[128];
 #pragma unroll
     for (int i = 0; i < 128; ++i) acc[i] = 0.0f;
@@ -687,22 +774,12 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
         wg::mma_m64n256k16<T>(acc, wg::desc_sw128(a_tile + kk * 32), wg::desc_sw128(b_tile + kk * 32), 1);
       wg::commit();
       wg::wait<1>();  // step g - 1's MMAs are done: hand its buffer back
-      if (kt > 0 && tid % 128 == 0) {
-        if (coupled)
-          pipe.release_pair(g - 1, rank);
-        else
-          pipe.release(g - 1);
-      }
+      if (kt > 0) give_back(g - 1);
     }
     wg::wait<0>();
     wg::fence_operands(acc);
-    if (tid % 128 == 0) {  // the item's last step
-      if (coupled)
-        pipe.release_pair(g - 1, rank);
-      else
-        pipe.release(g - 1);
-    }
-    if (it.mine) wg_epilogue<T, MODE>(p, w, it.ti, it.col * BN, group, acc);
+    give_back(g - 1);  // the item's last step
+    wg_epilogue<T, MODE>(p, w, it.ti, it.col * BN, group, acc);
   }
   wg::cluster_sync();
 }
@@ -1094,8 +1171,8 @@ Work make_work(const MoeRunParams& p) {
   const int64_t n = p.T * p.K;
   const Layout l = layout(p.dtype, p.E_loc, p.H, p.I, n);
   char* ws = static_cast<char*>(p.workspace);
-  return Work{reinterpret_cast<int32_t*>(ws + l.tile_start),
-              reinterpret_cast<int32_t*>(ws + l.bad + 128), ws + l.h,
+  return Work{reinterpret_cast<int32_t*>(ws + l.tile_start), reinterpret_cast<int32_t*>(ws + l.bad + 128),
+              reinterpret_cast<unsigned long long*>(ws + l.bad + 192), ws + l.h,
               reinterpret_cast<float*>(ws + l.out2), n, ws + l.xs};
 }
 
@@ -1126,28 +1203,46 @@ using CfgMid = TcCfg<64, 64, 2, 2, 32, 4>;
 using CfgWide1 = TcCfg<128, 64, 4, 2, 64, 3>;   // gated GEMM1: 2 x 64 weight rows
 using CfgWide2 = TcCfg<128, 128, 4, 2, 64, 3>;  // plain GEMM1 and GEMM2
 
-template <class T, int MODE, class Cfg>
+template <class T, int MODE, class Cfg, bool PERSISTENT>
 void launch_tc(const MoeRunParams& p, const Work& w, unsigned tiles, int N, cudaStream_t stream) {
   constexpr size_t smem = tc_smem_bytes<Cfg, MODE == kGemm1Gated ? 2 : 1>();
-  auto kernel = gemm_tc_kernel<T, MODE, Cfg>;
+  auto kernel = gemm_tc_kernel<T, MODE, Cfg, PERSISTENT>;
   // Above 48 KB a kernel needs the opt-in; cheap, and legal during graph capture.
   if (smem > 48 * 1024)
     cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-  const dim3 grid(tiles, unsigned(ceil_div(N, Cfg::BN)));
-  launch_pdl(kernel, grid, dim3(Cfg::THREADS), smem, stream, p, w);
+  const int cols = ceil_div(N, Cfg::BN);
+  if constexpr (!PERSISTENT) {
+    launch_pdl(kernel, dim3(tiles, unsigned(cols)), dim3(Cfg::THREADS), smem, stream, p, w, cols);
+  } else {
+    // As many blocks as fit on the device at once, at most one per item the
+    // bound on the tiles allows.
+    static const int per_sm = [&] {
+      int n = 0;
+      if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, Cfg::THREADS, smem) != cudaSuccess) {
+        cudaGetLastError();  // clear it: one block per SM still works
+        n = 1;
+      }
+      return n > 0 ? n : 1;
+    }();
+    const int64_t items = int64_t(tiles) * cols;
+    const int64_t resident = int64_t(std::max(sm_count(), 1)) * per_sm;
+    const unsigned blocks = unsigned(std::max<int64_t>(1, std::min(items, resident)));
+    launch_pdl(kernel, dim3(blocks), dim3(Cfg::THREADS), smem, stream, p, w, cols);
+  }
 }
 
-// GEMM1 (second = false) or GEMM2 of one configuration pair.
-template <class T, class Cfg1, class Cfg2>
+// GEMM1 (second = false) or GEMM2 of one configuration pair; PERSISTENT: see
+// gemm_tc_kernel.
+template <class T, class Cfg1, class Cfg2, bool PERSISTENT = false>
 void launch_tc_stage(const MoeRunParams& p, const Work& w, unsigned tiles, bool second,
                      cudaStream_t stream) {
   static_assert(Cfg1::BM == Cfg2::BM, "one tile map serves both GEMMs");
   if (second)
-    launch_tc<T, kGemm2, Cfg2>(p, w, tiles, p.H, stream);
+    launch_tc<T, kGemm2, Cfg2, PERSISTENT>(p, w, tiles, p.H, stream);
   else if (p.gated)
-    launch_tc<T, kGemm1Gated, Cfg1>(p, w, tiles, p.I, stream);
+    launch_tc<T, kGemm1Gated, Cfg1, PERSISTENT>(p, w, tiles, p.I, stream);
   else
-    launch_tc<T, kGemm1Plain, Cfg2>(p, w, tiles, p.I, stream);
+    launch_tc<T, kGemm1Plain, Cfg2, PERSISTENT>(p, w, tiles, p.I, stream);
 }
 
 // Upper bound on the tiles of bm rows: each expert adds at most one partial tile.
@@ -1188,8 +1283,11 @@ void launch_wgmma(const MoeRunParams& p, const Work& w, unsigned tiles, int N, c
   constexpr int BN = WG_BN / (MODE == kGemm1Gated ? 2 : 1);
   auto kernel = gemm_wgmma_kernel<T, MODE>;
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(WgStaging::SMEM_BYTES));
-  const dim3 grid(tiles, unsigned(ceil_div(N, BN)));
-  launch_pdl(kernel, grid, dim3(WG_THREADS), WgStaging::SMEM_BYTES, stream, p, w);
+  // One persistent block per SM (see gemm_wgmma_kernel), at most one per item.
+  const int cols = ceil_div(N, BN);
+  const int64_t items = int64_t(tiles) * cols;
+  const unsigned blocks = unsigned(std::max<int64_t>(1, std::min<int64_t>(items, std::max(sm_count(), 1))));
+  launch_pdl(kernel, dim3(blocks), dim3(WG_THREADS), WgStaging::SMEM_BYTES, stream, p, w, cols);
 }
 
 // Variant 2: false when a tensor map cannot be made (the caller falls back).
@@ -1343,10 +1441,12 @@ bool launch_stream_stage(const MoeRunParams& p, const Work& w, bool second, cuda
   return launch_stream<T, kGemm1Plain, StreamCfg<BM_, BN_, 1, kBlocks>>(p, w, p.I, stream);
 }
 
-// rows_bound: the most rows the tiles of this candidate can cover.
+// rows_bound: the most rows the tiles of this candidate can cover;
+// candidate: the tile map chooses between two row tiles, so this launch may
+// do nothing (the 32- and 128-row gemm_tc_kernel then run persistent).
 template <class T>
 void launch_tc_rows(const MoeRunParams& p, const Work& w, int bm, int64_t rows_bound, bool second,
-                    cudaStream_t stream) {
+                    bool candidate, cudaStream_t stream) {
   const unsigned tiles = max_tiles(p, rows_bound, bm);
   switch (bm) {
     case 16:
@@ -1359,13 +1459,18 @@ void launch_tc_rows(const MoeRunParams& p, const Work& w, int bm, int64_t rows_b
       break;
     case 32:
       if (stream_enabled() && launch_stream_stage<T, 32, 32>(p, w, second, stream)) break;
-      launch_tc_stage<T, CfgDecode32, CfgDecode32>(p, w, tiles, second, stream);
+      if (candidate)
+        launch_tc_stage<T, CfgDecode32, CfgDecode32, true>(p, w, tiles, second, stream);
+      else
+        launch_tc_stage<T, CfgDecode32, CfgDecode32>(p, w, tiles, second, stream);
       break;
     case 64: launch_tc_stage<T, CfgMid, CfgMid>(p, w, tiles, second, stream); break;
     default:
       static_assert(WG_BM == CfgWide1::BM, "the wgmma path replaces the 128-row tiles");
       if (const int mode = wgmma_mode(bf16_wgmma_default(p, w.n)))
         launch_wgmma_stage<T>(p, w, tiles, second, mode, stream);
+      else if (candidate)
+        launch_tc_stage<T, CfgWide1, CfgWide2, true>(p, w, tiles, second, stream);
       else
         launch_tc_stage<T, CfgWide1, CfgWide2>(p, w, tiles, second, stream);
       break;
@@ -1383,15 +1488,16 @@ void launch_gemms_typed(const MoeRunParams& p, const Work& w, const RowChoice& r
                dim3(F_THREADS), 0, stream, p, w);
     launch_pdl(gemm_f32_kernel<kGemm2>, grid2, dim3(F_THREADS), 0, stream, p, w);
   } else {
-    // Both candidates are launched; blocks of the one not chosen exit at once.
-    // The tile map picks the small one only for at most small_max_avg rows
-    // per expert on average, which bounds its grid (run 23's profile: at
-    // Qwen3 T=4096 the unbounded grids of exiting blocks took ~70 us).
-    const int64_t small_rows =
-        rc.large != rc.small ? std::min<int64_t>(w.n, int64_t(rc.small_max_avg) * p.E_loc) : w.n;
+    // Both candidates are launched; blocks of the one not chosen exit at once
+    // (persistent kernels: one wave of them). The tile map picks the small one
+    // only for at most small_max_avg rows per expert on average, which bounds
+    // its tiles (run 23's profile: at Qwen3 T=4096 the unbounded grids of
+    // exiting blocks took ~70 us).
+    const bool two = rc.large != rc.small;
+    const int64_t small_rows = two ? std::min<int64_t>(w.n, int64_t(rc.small_max_avg) * p.E_loc) : w.n;
     for (const bool second : {false, true}) {
-      launch_tc_rows<T>(p, w, rc.small, small_rows, second, stream);
-      if (rc.large != rc.small) launch_tc_rows<T>(p, w, rc.large, w.n, second, stream);
+      launch_tc_rows<T>(p, w, rc.small, small_rows, second, two, stream);
+      if (two) launch_tc_rows<T>(p, w, rc.large, w.n, second, true, stream);
     }
   }
 }
@@ -1417,12 +1523,12 @@ int decode_stages(int64_t matrix_elems) {
 // among the 9.x targets (MOE_CUDA_WGMMA, set by CMake) and the current
 // device is compute capability 9.0; MOE_RUNNER_WGMMA=0|1|2|3 chooses
 // (unset: `unset`; the bf16 runner passes bf16_wgmma_default, the FP8 runner 2).
+// Read at each GEMM launch (one getenv), so that a test can run every variant
+// in one process (gpu.runner.wgmma_variants_partial_tiles).
 int wgmma_mode(int unset) {
 #if defined(MOE_CUDA_WGMMA)
-  static const int env_mode = [] {
-    const char* v = std::getenv("MOE_RUNNER_WGMMA");
-    return (v && v[0] >= '0' && v[0] <= '3' && v[1] == 0) ? v[0] - '0' : -1;
-  }();
+  const char* v = std::getenv("MOE_RUNNER_WGMMA");
+  const int env_mode = (v && v[0] >= '0' && v[0] <= '3' && v[1] == 0) ? v[0] - '0' : -1;
   if (env_mode == 0 || !sm90a_device()) return 0;
   return env_mode > 0 ? env_mode : unset;
 #else
@@ -1454,7 +1560,7 @@ cudaError_t launch_moe_gemms(const MoeRunParams& p, cudaStream_t stream) {
   const Work w = make_work(p);
   const RowChoice rc = p.dtype == DType::f32 ? RowChoice{BM, BM, 0} : pick_rows(p, w.n);
   launch_pdl(tile_map_kernel, dim3(1), dim3(32), 0, stream, p, w.n, rc.small, rc.large,
-             rc.small_max_avg, const_cast<int32_t*>(w.tile_start), const_cast<int32_t*>(w.rows));
+             rc.small_max_avg, const_cast<int32_t*>(w.tile_start), const_cast<int32_t*>(w.rows), w.counters);
   switch (p.dtype) {
     case DType::bf16: launch_gemms_typed<__nv_bfloat16>(p, w, rc, stream); break;
     case DType::f16: launch_gemms_typed<__half>(p, w, rc, stream); break;

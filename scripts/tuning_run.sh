@@ -45,6 +45,16 @@
 #              MOE_TUNE_FP8_TIMELINE (default deepseek:8192 mixtral:8192,
 #              block scales, PDL off) for each width
 #   fp8san     memcheck and synccheck on the FP8 cases with 128-row tiles
+#   partial    memcheck and synccheck on gpu.runner.wgmma_variants_partial_tiles
+#              (every 128-row variant; warpgroups without rows skip their
+#              MMAs; the persistent gemm_tc_kernel), racecheck on the runner
+#              cases of variant 1 and gemm_tc_kernel (MOE_RUNNER_WGMMA=1,
+#              MOE_RUNNER_STREAM=0: kernels without mbarriers)
+#   prefill    moe_bench --no-peers at MOE_TUNE_PREFILL_T (default
+#              256,1024,4096,16384), bench/fp8_bench.py (DeepSeek slice, block
+#              scales) at MOE_TUNE_FP8_T
+#              (default 1024,4096,8192) and the kernel timelines (PDL off) of
+#              MOE_TUNE_PREFILL_TIMELINE
 #   (run 69 also timed, with an option since removed (MOE_FP8_EPI), h
 #   quantized in GEMM1's epilogue instead of by a pass, with the exact and
 #   the fast SiLU and code divide: docs/perf-notes.md v12)
@@ -238,6 +248,32 @@ step_fp8wide() {
     note "FP8 timeline MOE_RUNNER_FP8_BN=$bn rc=$?"
     grep -vE 'Warning|warn_once' "$logs/fp8_timeline_bn$bn.log" | cut -c1-120 | head -n 40 >> "$summary"
   done
+}
+
+step_partial() {
+  local tool
+  for tool in memcheck synccheck; do
+    sanitize $tool gpu.runner.wgmma_variants_partial_tiles "partial_$tool" "partial tiles, every variant"
+  done
+  MOE_RUNNER_WGMMA=1 MOE_RUNNER_STREAM=0 sanitize racecheck \
+    'gpu.runner.wide_tiles_odd_sizes,gpu.runner.large_batch_small_model,gpu.runner.activation_gated_dtype' \
+    partial_racecheck "runner cases, MOE_RUNNER_WGMMA=1 MOE_RUNNER_STREAM=0"
+}
+
+step_prefill() {
+  timeout 240 python3 bench/moe_bench.py --no-peers --tokens ${MOE_TUNE_PREFILL_T:-256,1024,4096,16384} \
+    --reps 10 --out "$logs/prefill.json" > "$logs/prefill.log" 2>&1
+  note "moe_bench --no-peers prefill rc=$?"
+  grep -E '^(mixtral|qwen3|deepseek)' "$logs/prefill.log" | cut -c1-100 | tee -a "$summary"
+  timeout 200 python3 bench/fp8_bench.py --shapes deepseek --modes block --tokens ${MOE_TUNE_FP8_T:-1024,4096,8192} --reps 10 \
+    --out "$logs/fp8_bench.json" > "$logs/fp8_bench.log" 2>&1
+  note "fp8_bench rc=$?"
+  grep -vE 'Warning|warn_once' "$logs/fp8_bench.log" | cut -c1-170 | tail -n 16 | tee -a "$summary"
+  MOE_PDL=0 timeout 150 python3 bench/layer_timeline.py \
+    ${MOE_TUNE_PREFILL_TIMELINE:-qwen3:1024 qwen3:4096 deepseek:1024 deepseek:4096 mixtral:1024} --reps 10 \
+    > "$logs/prefill_timeline.log" 2>&1
+  note "prefill timeline rc=$?"
+  grep -vE 'Warning|warn_once' "$logs/prefill_timeline.log" | cut -c1-120 | head -n 60 >> "$summary"
 }
 
 for s in "$@"; do

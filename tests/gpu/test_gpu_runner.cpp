@@ -317,6 +317,35 @@ TEST_CASE("gpu.runner.wide_tiles_odd_sizes") {
   }
 }
 
+TEST_CASE("gpu.runner.wgmma_variants_partial_tiles") {
+  // Every 128-row kernel (MOE_RUNNER_WGMMA, read at each launch; on a device
+  // without the sm_90a kernels all of them run mma.sync) on experts whose last
+  // tile has at most 64 rows (its second warpgroup skips its MMAs), more than
+  // 64, or is the only one; T=300 gives ~150 rows per expert, T=100 ~50, and
+  // tile counts of both parities (variant 2 pairs tiles: a pair may hold one
+  // empty tile or two experts' tiles).
+  ScopedEnv env("MOE_RUNNER_WGMMA");
+  for (const char* mode : {"1", "2", "3"}) {
+    env.set(mode);
+    for (DT dt : {DT::bf16, DT::f16}) {
+      CAPTURE(mode);
+      Model m{"partial", 4, 1, 0, 2, 256, 192};
+      m.dt = dt;
+      check_model(m, 300, true);
+      check_model(m, 100, false);
+      m.gated = false;
+      m.activation = MOE_ACTIVATION_RELU2;
+      check_model(m, 230, false);
+    }
+  }
+  // Under expert parallelism the host expects 150 rows per local expert and
+  // launches both row-tile candidates; ~19 are local, so the tile map picks
+  // the 32-row one (the persistent gemm_tc_kernel) and the 128-row kernels
+  // find no tile.
+  Model ep{"ep_small_tiles", 32, 8, 3, 2, 256, 192};
+  check_model(ep, 300, true);
+}
+
 TEST_CASE("gpu.runner.model_shapes") {
   // BRIEF.md: Mixtral-8x7B, Qwen3-30B-A3B, one EP-of-8 slice of DeepSeek-V3.
   const Model shapes[] = {
