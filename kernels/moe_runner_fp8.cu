@@ -915,18 +915,6 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
     Tile ti;
     int n0;
     if (!item(u, ti, n0)) continue;
-    if ((tid / 128 - 1) * 64 >= ti.rows) {
-      // None of this warpgroup's 64 rows is in the tile (an expert's last,
-      // partial tile): no MMAs and no stores; each step's buffer is handed
-      // back once its copies landed, so the other warpgroup's MMAs have the
-      // tensor cores alone.
-      for (int kt = 0; kt < KT; ++kt) {
-        pipe.consume(g0 + kt);
-        if (tid % 128 == 0) pipe.release(g0 + kt);
-      }
-      g0 += KT;
-      continue;
-    }
     Math m(p, w, ti, n0, tid / 128 - 1);
     if constexpr (WN == 128) {
       // As variant 1: issue K block kt, wait for kt - 1, return its buffer to
