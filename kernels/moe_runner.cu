@@ -582,32 +582,25 @@ __global__ void __launch_bounds__(WG_THREADS, 1) gemm_wgmma_kernel(MoeRunParams 
       if (s < KT) load_stage(s, s);
       cp_async_commit();
     }
-    // Step kt's data is in, and step kt + WG_AHEAD's loads are issued.
-    auto stage_step = [&](int kt) {
+    for (int kt = 0; kt < KT; ++kt) {
       cp_async_wait<WG_AHEAD - 1>();  // step kt's group is complete
       wg::fence_proxy_async();        // this thread's cp.async data, for the async proxy
       __syncthreads();                // everyone's; and the MMAs of step kt - 2 are done
       const int next = kt + WG_AHEAD;
       if (next < KT) load_stage(next % WG_STAGES, next);
       cp_async_commit();
-    };
-    // Two loops, so that the MMA loop has no branch on `active` (with one,
-    // ptxas moved the descriptors off the uniform datapath).
-    if (!active) {
-      for (int kt = 0; kt < KT; ++kt) stage_step(kt);
-    } else {
-      for (int kt = 0; kt < KT; ++kt) {
-        stage_step(kt);
-        const uint32_t a_tile = st.a_tile(kt % WG_STAGES, group * 64);
-        const uint32_t b_tile = st.b_tile(kt % WG_STAGES);
-        wg::fence_operands(acc);
-        wg::fence();
+      // One barrier for both warpgroups: a loop of its own for the inactive
+      // one had compute-sanitizer synccheck report divergent barriers (run 85).
+      if (!active) continue;
+      const uint32_t a_tile = st.a_tile(kt % WG_STAGES, group * 64);
+      const uint32_t b_tile = st.b_tile(kt % WG_STAGES);
+      wg::fence_operands(acc);
+      wg::fence();
 #pragma unroll
-        for (int kk = 0; kk < WG_BK / 16; ++kk)  // 16 values = 32 bytes per k step
-          wg::mma_m64n256k16<T>(acc, wg::desc_sw128(a_tile + kk * 32), wg::desc_sw128(b_tile + kk * 32), 1);
-        wg::commit();
-        wg::wait<1>();  // step kt - 1's MMAs are done; step kt's may still run
-      }
+      for (int kk = 0; kk < WG_BK / 16; ++kk)  // 16 values = 32 bytes per k step
+        wg::mma_m64n256k16<T>(acc, wg::desc_sw128(a_tile + kk * 32), wg::desc_sw128(b_tile + kk * 32), 1);
+      wg::commit();
+      wg::wait<1>();  // step kt - 1's MMAs are done; step kt's may still run
     }
     wg::wait<0>();
     wg::fence_operands(acc);
