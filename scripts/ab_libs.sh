@@ -54,7 +54,7 @@ for r in $(seq 1 "${MOE_AB_ROUNDS:-2}"); do
       --out "$logs/${name}_$r.json" > "$logs/${name}_$r.log" 2>&1
     rc=$?
     [ $rc -eq 0 ] || status=1
-    note "moe_bench $name round $r rc=$rc"
+    note "bench $name round $r rc=$rc"
   done
 done
 
