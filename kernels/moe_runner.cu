@@ -65,7 +65,7 @@ Layout layout(DType dtype, int E_loc, int H, int I, int64_t n) {
 struct Work {
   const int32_t* tile_start;
   const int32_t* rows;  // the row tile the tile map chose; GEMM blocks of other tiles exit
-  unsigned long long* counters;  // [2]: items claimed in GEMM1 and GEMM2 (next_item), zeroed by the tile map
+  unsigned long long* counters;  // [2]: items claimed in GEMM1 and GEMM2 (ItemQueue), zeroed by the tile map
   void* h;
   float* out2;
   int64_t n;  // T * K
@@ -155,9 +155,8 @@ __device__ __forceinline__ bool find_tile(const MoeRunParams& p, const Work& w, 
 // hands out the blocks of a grid: block b starts with item b, then takes
 // gridDim.x plus the next count of the GEMM's counter (zeroed by the tile
 // map), so the items running at one time stay a window of the grouped order
-// and share weight tiles in L2. (Blocks that walked b, b + gridDim.x, ...
-// drifted apart: run 81, Mixtral T=4096 9% slower than a block per item.)
-// Thread 0 claims the next item as an item starts, into one of two shared
+// and share weight tiles in L2, as with a block per item (run 83: the two
+// within 2-4% of each other, either way). Thread 0 claims the next item as an item starts, into one of two shared
 // slots; next() (every thread, after the item) passes a barrier and reads it.
 struct ItemQueue {
   unsigned long long* counter;
