@@ -158,10 +158,14 @@ __device__ __forceinline__ bool find_tile(const MoeRunParams& p, const Work& w, 
 // and share weight tiles in L2, as with a block per item (run 83: the two
 // within 2-4% of each other, either way). Thread 0 claims the next item as an item starts, into one of two shared
 // slots; next() (every thread, after the item) passes a barrier and reads it.
+// Items: tiles x cols, tiles those of the tile map when it chose this
+// kernel's row tile, else none (item_queue).
 struct ItemQueue {
   unsigned long long* counter;
   long long* slot;  // shared [2]
   int parity;
+  int tiles;
+  int64_t items;
   __device__ __forceinline__ void claim() const {
     if (threadIdx.x == 0) slot[parity] = (long long)gridDim.x + (long long)atomicAdd(counter, 1ull);
   }
@@ -172,6 +176,12 @@ struct ItemQueue {
     return u;
   }
 };
+template <int BM, int MODE>
+__device__ __forceinline__ ItemQueue item_queue(const MoeRunParams& p, const Work& w, int cols, long long* slot) {
+  int tiles = *w.rows == BM ? w.tile_start[p.E_loc] : 0;
+  tiles = tiles > 0 ? tiles : 0;
+  return ItemQueue{w.counters + (MODE == kGemm2 ? 1 : 0), slot, 0, tiles, int64_t(tiles) * cols};
+}
 
 // Slot of sorted position pos, or -1 when it is not a valid slot index.
 __device__ __forceinline__ int32_t slot_at(const MoeRunParams& p, const Work& w, int64_t pos) {
@@ -459,13 +469,12 @@ __global__ void __launch_bounds__(Cfg::THREADS) gemm_tc_kernel(MoeRunParams p, W
     if (find_tile<BM>(p, w, blockIdx.x, ti)) tc_tile<T, MODE, Cfg>(p, w, ti, blockIdx.y * Cfg::BN);
   } else {
     __shared__ long long claimed[2];
-    ItemQueue q{w.counters + (MODE == kGemm2 ? 1 : 0), claimed, 0};
-    const int tiles = *w.rows == BM ? w.tile_start[p.E_loc] : 0;
-    const int64_t items = int64_t(tiles > 0 ? tiles : 0) * cols;
-    for (int64_t u = blockIdx.x; u < items; u = q.next()) {
+    ItemQueue q = item_queue<BM, MODE>(p, w, cols, claimed);
+    for (int64_t u = blockIdx.x; u < q.items; u = q.next()) {
       q.claim();
       TileInfo ti;
-      if (find_tile<BM>(p, w, int(u % tiles), ti)) tc_tile<T, MODE, Cfg>(p, w, ti, int(u / tiles) * Cfg::BN);
+      if (find_tile<BM>(p, w, int(u % q.tiles), ti))
+        tc_tile<T, MODE, Cfg>(p, w, ti, int(u / q.tiles) * Cfg::BN);
     }
   }
 }
@@ -523,13 +532,11 @@ __global__ void __launch_bounds__(WG_THREADS, 1) gemm_wgmma_kernel(MoeRunParams 
   // Persistent, as gemm_tc_kernel's candidates: items in the grouped order
   // over (row tile, column tile), handed out by an ItemQueue.
   __shared__ long long claimed[2];
-  ItemQueue q{w.counters + (MODE == kGemm2 ? 1 : 0), claimed, 0};
-  const int tiles = *w.rows == WG_BM ? w.tile_start[p.E_loc] : 0;
-  const int64_t items = int64_t(tiles > 0 ? tiles : 0) * cols;
-  for (int64_t u = blockIdx.x; u < items; u = q.next()) {
+  ItemQueue q = item_queue<WG_BM, MODE>(p, w, cols, claimed);
+  for (int64_t u = blockIdx.x; u < q.items; u = q.next()) {
     q.claim();
     TileInfo ti;
-    const gemm::BlockPos bp = gemm::grouped_pos(u, tiles, cols, gemm::kRasterGroup);
+    const gemm::BlockPos bp = gemm::grouped_pos(u, q.tiles, cols, gemm::kRasterGroup);
     if (!find_tile<WG_BM>(p, w, bp.tile, ti)) continue;
     const int n0 = bp.col * BN;
     const int Kdim = MODE == kGemm2 ? p.I : p.H;
