@@ -169,6 +169,8 @@ struct ItemQueue {
   __device__ __forceinline__ void claim() const {
     if (threadIdx.x == 0) slot[parity] = (long long)gridDim.x + (long long)atomicAdd(counter, 1ull);
   }
+  // The claimed item, before next(): only after a barrier that follows claim().
+  __device__ __forceinline__ int64_t peek() const { return slot[parity]; }
   __device__ __forceinline__ int64_t next() {
     __syncthreads();  // the claim is visible; the item's shared memory is free again
     const int64_t u = slot[parity];
@@ -519,6 +521,16 @@ __device__ __forceinline__ void wg_epilogue(const MoeRunParams& p, const Work& w
   }
 }
 
+// The operand rows of one item of gemm_wgmma_kernel: its tile, first output
+// column, and this thread's source row of each A and B chunk (null: zeros).
+template <class T>
+struct WgItem {
+  TileInfo ti;
+  int n0;
+  const T* a_src[WgStaging::A_CHUNKS];
+  const T* b_src[WgStaging::B_CHUNKS];
+};
+
 template <class T, int MODE>
 __global__ void __launch_bounds__(WG_THREADS, 1) gemm_wgmma_kernel(MoeRunParams p, Work w, int cols) {
   pdl_wait();  // first: see launch_pdl
@@ -528,66 +540,89 @@ __global__ void __launch_bounds__(WG_THREADS, 1) gemm_wgmma_kernel(MoeRunParams 
   extern __shared__ unsigned char wg_smem_raw[];
   const int tid = threadIdx.x;
   const WgStaging st(wg_smem_raw, tid);
+  const int Kdim = MODE == kGemm2 ? p.I : p.H;
+  const int KT = (Kdim + WG_BK - 1) / WG_BK;
+  const int group = tid / 128;  // warpgroup: sorted rows 64 group .. 64 group + 63
 
   // Persistent, as gemm_tc_kernel's candidates: items in the grouped order
-  // over (row tile, column tile), handed out by an ItemQueue.
+  // over (row tile, column tile), handed out by an ItemQueue. The next
+  // item's first WG_AHEAD k steps are staged before this item's epilogue,
+  // so that their loads overlap its stores (and the tile lookup of the
+  // next item its MMAs' drain).
   __shared__ long long claimed[2];
   ItemQueue q = item_queue<WG_BM, MODE>(p, w, cols, claimed);
-  for (int64_t u = blockIdx.x; u < q.items; u = q.next()) {
-    q.claim();
-    TileInfo ti;
-    const gemm::BlockPos bp = gemm::grouped_pos(u, q.tiles, cols, gemm::kRasterGroup);
-    if (!find_tile<WG_BM>(p, w, bp.tile, ti)) continue;
-    const int n0 = bp.col * BN;
-    const int Kdim = MODE == kGemm2 ? p.I : p.H;
-    const int KT = (Kdim + WG_BK - 1) / WG_BK;
-
-    const T* a_src[WgStaging::A_CHUNKS];
+  int64_t u = blockIdx.x;
+  WgItem<T> it;
+  // The item's source rows, once its tile is known.
+  auto set_rows = [&](const TileInfo& ti, int n0) {
+    it.ti = ti;
+    it.n0 = n0;
 #pragma unroll
     for (int i = 0; i < WgStaging::A_CHUNKS; ++i) {
       const int r = st.row0 + i * WgStaging::ROWS_PER_PASS;
-      a_src[i] = r < ti.rows ? a_row<T, MODE>(p, w, ti.row_begin + r) : nullptr;
+      it.a_src[i] = r < ti.rows ? a_row<T, MODE>(p, w, ti.row_begin + r) : nullptr;
     }
-    const T* b_src[WgStaging::B_CHUNKS];
 #pragma unroll
     for (int i = 0; i < WgStaging::B_CHUNKS; ++i) {
       const int r = st.row0 + i * WgStaging::ROWS_PER_PASS;
-      b_src[i] = b_row<T, MODE>(p, ti.e, r / BN, n0 + r % BN);
+      it.b_src[i] = b_row<T, MODE>(p, ti.e, r / BN, n0 + r % BN);
     }
-
-    auto load_stage = [&](int stage, int kt) {
-      const int k = kt * WG_BK + st.chunk * 8;
+  };
+  // Item v's tile and first column: false when it has no rows.
+  auto lookup = [&](int64_t v, TileInfo& ti, int& n0) {
+    const gemm::BlockPos bp = gemm::grouped_pos(v, q.tiles, cols, gemm::kRasterGroup);
+    n0 = bp.col * BN;
+    return find_tile<WG_BM>(p, w, bp.tile, ti);
+  };
+  // From item u on, the first item with rows (claiming the next one as each
+  // starts): false when none is left. Every thread takes the same path.
+  auto open_next = [&]() {
+    for (; u < q.items; u = q.next()) {
+      q.claim();
+      TileInfo ti;
+      int n0;
+      if (!lookup(u, ti, n0)) continue;
+      set_rows(ti, n0);
+      return true;
+    }
+    return false;
+  };
+  auto load_stage = [&](int stage, int kt) {
+    const int k = kt * WG_BK + st.chunk * 8;
 #pragma unroll
-      for (int i = 0; i < WgStaging::A_CHUNKS; ++i) {
-        const bool ok = a_src[i] != nullptr && k < Kdim;
-        cp_async16(st.a_dst(stage, i), ok ? a_src[i] + k : p.x, ok);
-      }
+    for (int i = 0; i < WgStaging::A_CHUNKS; ++i) {
+      const bool ok = it.a_src[i] != nullptr && k < Kdim;
+      cp_async16(st.a_dst(stage, i), ok ? it.a_src[i] + k : p.x, ok);
+    }
 #pragma unroll
-      for (int i = 0; i < WgStaging::B_CHUNKS; ++i) {
-        const bool ok = b_src[i] != nullptr && k < Kdim;
-        cp_async16(st.b_dst(stage, i), ok ? b_src[i] + k : p.x, ok);
-      }
-    };
-
-    const int group = tid / 128;  // warpgroup: sorted rows 64 group .. 64 group + 63
-    // A warpgroup whose 64 rows all lie past the tile's rows (an expert's last,
-    // partial tile) skips its MMAs: nothing of them is stored, and the other
-    // warpgroup's MMAs then have the tensor cores alone. It still stages its
-    // share of the tiles and meets every barrier.
-    const bool active = group * 64 < ti.rows;
-    float acc[128];
-#pragma unroll
-    for (int i = 0; i < 128; ++i) acc[i] = 0.0f;
-
-    // Loads run WG_AHEAD k steps ahead of the MMAs, and the MMAs of one step
-    // overlap the next step's issue (wait<1>): the buffer refilled at step kt
-    // held step kt - 2, whose MMAs every warpgroup finished before the barrier.
-    constexpr int WG_AHEAD = WG_STAGES - 2;
+    for (int i = 0; i < WgStaging::B_CHUNKS; ++i) {
+      const bool ok = it.b_src[i] != nullptr && k < Kdim;
+      cp_async16(st.b_dst(stage, i), ok ? it.b_src[i] + k : p.x, ok);
+    }
+  };
+  // Loads run WG_AHEAD k steps ahead of the MMAs, and the MMAs of one step
+  // overlap the next step's issue (wait<1>): the buffer refilled at step kt
+  // held step kt - 2, whose MMAs every warpgroup finished before the barrier.
+  constexpr int WG_AHEAD = WG_STAGES - 2;
+  auto prologue = [&]() {
 #pragma unroll
     for (int s = 0; s < WG_AHEAD; ++s) {
       if (s < KT) load_stage(s, s);
       cp_async_commit();
     }
+  };
+
+  if (!open_next()) return;
+  prologue();
+  for (;;) {
+    // A warpgroup whose 64 rows all lie past the tile's rows (an expert's last,
+    // partial tile) skips its MMAs: nothing of them is stored, and the other
+    // warpgroup's MMAs then have the tensor cores alone. It still stages its
+    // share of the tiles and meets every barrier.
+    const bool active = group * 64 < it.ti.rows;
+    float acc[128];
+#pragma unroll
+    for (int i = 0; i < 128; ++i) acc[i] = 0.0f;
     for (int kt = 0; kt < KT; ++kt) {
       cp_async_wait<WG_AHEAD - 1>();  // step kt's group is complete
       wg::fence_proxy_async();        // this thread's cp.async data, for the async proxy
@@ -608,11 +643,30 @@ __global__ void __launch_bounds__(WG_THREADS, 1) gemm_wgmma_kernel(MoeRunParams 
       wg::commit();
       wg::wait<1>();  // step kt - 1's MMAs are done; step kt's may still run
     }
+    // The next item (claimed as this one started, visible since the loop's
+    // first barrier): its tile is looked up while the last MMAs run.
+    const int64_t u_next = q.peek();
+    TileInfo ti_next;
+    int n0_next = 0;
+    const bool found = u_next < q.items && lookup(u_next, ti_next, n0_next);
     wg::wait<0>();
     wg::fence_operands(acc);
     cp_async_wait<0>();
-
+    const TileInfo ti = it.ti;
+    const int n0 = it.n0;
+    // q.next()'s barrier: every warpgroup's MMAs are done, so every buffer
+    // may be refilled with the next item's first steps.
+    u = q.next();
+    bool more = found;
+    if (found) {
+      q.claim();
+      set_rows(ti_next, n0_next);
+    } else {
+      more = open_next();
+    }
+    if (more) prologue();
     wg_epilogue<T, MODE>(p, w, ti, n0, group, acc);
+    if (!more) return;
   }
 }
 
