@@ -6,8 +6,10 @@
 # build folder is reused), then runs `bench/moe_bench.py --no-peers` for each
 # case under ncu, profiling the first MOE_PROFILE_LAUNCHES (default 8) launches
 # of libmoe's kernels: duration, speed of light, memory, scheduler and warp
-# stalls, instruction mix. MOE_PROFILE_KERNELS replaces the kernel regex
-# (e.g. route for the router kernels).
+# stalls, tensor pipes, instruction mix. MOE_PROFILE_KERNELS replaces the
+# kernel regex (e.g. route for the router kernels), MOE_PROFILE_BENCH the
+# benchmark and its options before --shapes (e.g. "bench/fp8_bench.py
+# --modes block" with MOE_PROFILE_KERNELS=fp8_wgmma for the FP8 GEMMs).
 # Reports go to $OUT/ncu_<shape>_<T>.txt (or build-bench/out).
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -27,12 +29,14 @@ status=0
 for c in $cases; do
   shape=${c%%:*} T=${c#*:}
   report="$out/ncu_${shape}_${T}.txt"
+  # shellcheck disable=SC2086  # MOE_PROFILE_BENCH splits at spaces
   timeout 200 ncu --kernel-name-base function \
     --kernel-name "regex:$kernels" \
     --launch-count "${MOE_PROFILE_LAUNCHES:-8}" \
     --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
     --section LaunchStats --section Occupancy --section SchedulerStats --section InstructionStats \
-    python3 bench/moe_bench.py --no-peers --shapes "$shape" --tokens "$T" --reps 1 \
+    --section ComputeWorkloadAnalysis \
+    python3 ${MOE_PROFILE_BENCH:-bench/moe_bench.py --no-peers} --shapes "$shape" --tokens "$T" --reps 1 \
     --out /tmp/profile.json > "$report" 2>&1
   rc=$?
   [ $rc -eq 0 ] || status=1

@@ -46,10 +46,12 @@
 #              block scales, PDL off) for each width
 #   fp8san     memcheck and synccheck on the FP8 cases with 128-row tiles
 #   partial    memcheck and synccheck on gpu.runner.wgmma_variants_partial_tiles
-#              (every 128-row variant; warpgroups without rows skip their
-#              MMAs; the persistent gemm_tc_kernel), racecheck on the runner
-#              cases of variant 1 and gemm_tc_kernel (MOE_RUNNER_WGMMA=1,
-#              MOE_RUNNER_STREAM=0: kernels without mbarriers)
+#              and gpu.runner.wgmma_persistent_items (every 128-row variant;
+#              warpgroups without rows skip their MMAs; several items per
+#              persistent block; the persistent gemm_tc_kernel), racecheck on
+#              the runner cases of variant 1 and gemm_tc_kernel
+#              (MOE_RUNNER_WGMMA=1, MOE_RUNNER_STREAM=0: kernels without
+#              mbarriers)
 #   prefill    moe_bench --no-peers at MOE_TUNE_PREFILL_T (default
 #              256,1024,4096,16384), bench/fp8_bench.py (DeepSeek slice, block
 #              scales) at MOE_TUNE_FP8_T
@@ -253,10 +255,11 @@ step_fp8wide() {
 step_partial() {
   local tool
   for tool in memcheck synccheck; do
-    sanitize $tool gpu.runner.wgmma_variants_partial_tiles "partial_$tool" "partial tiles, every variant"
+    sanitize $tool gpu.runner.wgmma_variants_partial_tiles,gpu.runner.wgmma_persistent_items "partial_$tool" \
+      "partial tiles and several items per block, every variant"
   done
   MOE_RUNNER_WGMMA=1 MOE_RUNNER_STREAM=0 sanitize racecheck \
-    'gpu.runner.wide_tiles_odd_sizes,gpu.runner.large_batch_small_model,gpu.runner.activation_gated_dtype' \
+    'gpu.runner.wide_tiles_odd_sizes,gpu.runner.large_batch_small_model,gpu.runner.activation_gated_dtype,gpu.runner.wgmma_persistent_items' \
     partial_racecheck "runner cases, MOE_RUNNER_WGMMA=1 MOE_RUNNER_STREAM=0"
 }
 

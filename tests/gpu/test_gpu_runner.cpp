@@ -346,6 +346,25 @@ TEST_CASE("gpu.runner.wgmma_variants_partial_tiles") {
   check_model(ep, 300, true);
 }
 
+TEST_CASE("gpu.runner.wgmma_persistent_items") {
+  // More 128-row items than an H100 has SMs, so that every persistent block
+  // runs several: variant 1 stages an item's first k steps during the
+  // previous item's epilogue, variant 2's producer runs on into the next
+  // item. E=64, T=3200, k=2: ~100 rows per expert (one tile, or two with a
+  // short last one), ~280 GEMM1 items (4 column tiles) and ~210 GEMM2 items
+  // (3); a small model, so that compute-sanitizer can run it.
+  ScopedEnv env("MOE_RUNNER_WGMMA");
+  for (const char* mode : {"1", "2", "3"}) {
+    env.set(mode);
+    CAPTURE(mode);
+    Model m{"many_items", 64, 1, 0, 2, 768, 512};
+    check_model(m, 3200, false);
+    m.gated = false;
+    m.activation = MOE_ACTIVATION_RELU2;
+    check_model(m, 3001, false);
+  }
+}
+
 TEST_CASE("gpu.runner.model_shapes") {
   // BRIEF.md: Mixtral-8x7B, Qwen3-30B-A3B, one EP-of-8 slice of DeepSeek-V3.
   const Model shapes[] = {
