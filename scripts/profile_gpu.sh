@@ -9,7 +9,9 @@
 # stalls, tensor pipes, instruction mix. MOE_PROFILE_KERNELS replaces the
 # kernel regex (e.g. route for the router kernels), MOE_PROFILE_BENCH the
 # benchmark and its options before --shapes (e.g. "bench/fp8_bench.py
-# --modes block" with MOE_PROFILE_KERNELS=fp8_wgmma for the FP8 GEMMs).
+# --modes block" with MOE_PROFILE_KERNELS=fp8_wgmma for the FP8 GEMMs),
+# MOE_PROFILE_ARGS adds ncu options (e.g. "--section SourceCounters
+# --print-details all" for the stall reasons and where they occur).
 # Reports go to $OUT/ncu_<shape>_<T>.txt (or build-bench/out).
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -35,7 +37,7 @@ for c in $cases; do
     --launch-count "${MOE_PROFILE_LAUNCHES:-8}" \
     --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
     --section LaunchStats --section Occupancy --section SchedulerStats --section InstructionStats \
-    --section ComputeWorkloadAnalysis \
+    --section ComputeWorkloadAnalysis ${MOE_PROFILE_ARGS:-} \
     python3 ${MOE_PROFILE_BENCH:-bench/moe_bench.py --no-peers} --shapes "$shape" --tokens "$T" --reps 1 \
     --out /tmp/profile.json > "$report" 2>&1
   rc=$?
