@@ -930,23 +930,14 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
         if (tid % 128 == 0) pipe.release(g0 + done);  // K block done's MMAs are complete
       });
     } else {
-      // Each K block's scales are loaded one K block ahead: the promotion
-      // of its first half follows its MMAs by only ~256 tensor cycles, less
-      // than a load from L2.
-      float sa[2], sw[Math::NSC];
-      m.scales(0, sa, sw);
       for (int kt = 0; kt < KT; ++kt) {
-        float sa_next[2], sw_next[Math::NSC];
-        m.scales(kt + 1 < KT ? kt + 1 : kt, sa_next, sw_next);
+        float sa[2], sw[Math::NSC];
+        m.scales(kt, sa, sw);
         const int g = g0 + kt;
         pipe.consume(g);
         m.kblock_wide(st.a_tile(g % STAGES), st.b_tile(g % STAGES), sa, sw, [&] {
           if (tid % 128 == 0) pipe.release(g);
         });
-#pragma unroll
-        for (int h = 0; h < 2; ++h) sa[h] = sa_next[h];
-#pragma unroll
-        for (int i = 0; i < Math::NSC; ++i) sw[i] = sw_next[i];
       }
     }
     m.store(p, w, ti, n0);
