@@ -169,16 +169,13 @@ struct ItemQueue {
   __device__ __forceinline__ void claim() const {
     if (threadIdx.x == 0) slot[parity] = (long long)gridDim.x + (long long)atomicAdd(counter, 1ull);
   }
-  // next() without its barrier, for a caller that has passed one since the
-  // claim and whose shared memory stays in use.
-  __device__ __forceinline__ int64_t advance() {
+  // The claimed item, before next(): only after a barrier that follows claim().
+  __device__ __forceinline__ int64_t peek() const { return slot[parity]; }
+  __device__ __forceinline__ int64_t next() {
+    __syncthreads();  // the claim is visible; the item's shared memory is free again
     const int64_t u = slot[parity];
     parity ^= 1;
     return u;
-  }
-  __device__ __forceinline__ int64_t next() {
-    __syncthreads();  // the claim is visible; the item's shared memory is free again
-    return advance();
   }
 };
 template <int BM, int MODE>
@@ -548,7 +545,10 @@ __global__ void __launch_bounds__(WG_THREADS, 1) gemm_wgmma_kernel(MoeRunParams 
   const int group = tid / 128;  // warpgroup: sorted rows 64 group .. 64 group + 63
 
   // Persistent, as gemm_tc_kernel's candidates: items in the grouped order
-  // over (row tile, column tile), handed out by an ItemQueue.
+  // over (row tile, column tile), handed out by an ItemQueue. The next
+  // item's first WG_AHEAD k steps are staged before this item's epilogue,
+  // so that their loads overlap its stores (and the tile lookup of the
+  // next item its MMAs' drain).
   __shared__ long long claimed[2];
   ItemQueue q = item_queue<WG_BM, MODE>(p, w, cols, claimed);
   int64_t u = blockIdx.x;
@@ -568,15 +568,21 @@ __global__ void __launch_bounds__(WG_THREADS, 1) gemm_wgmma_kernel(MoeRunParams 
       it.b_src[i] = b_row<T, MODE>(p, ti.e, r / BN, n0 + r % BN);
     }
   };
+  // Item v's tile and first column: false when it has no rows.
+  auto lookup = [&](int64_t v, TileInfo& ti, int& n0) {
+    const gemm::BlockPos bp = gemm::grouped_pos(v, q.tiles, cols, gemm::kRasterGroup);
+    n0 = bp.col * BN;
+    return find_tile<WG_BM>(p, w, bp.tile, ti);
+  };
   // From item u on, the first item with rows (claiming the next one as each
   // starts): false when none is left. Every thread takes the same path.
   auto open_next = [&]() {
     for (; u < q.items; u = q.next()) {
       q.claim();
-      const gemm::BlockPos bp = gemm::grouped_pos(u, q.tiles, cols, gemm::kRasterGroup);
       TileInfo ti;
-      if (!find_tile<WG_BM>(p, w, bp.tile, ti)) continue;
-      set_rows(ti, bp.col * BN);
+      int n0;
+      if (!lookup(u, ti, n0)) continue;
+      set_rows(ti, n0);
       return true;
     }
     return false;
@@ -598,33 +604,22 @@ __global__ void __launch_bounds__(WG_THREADS, 1) gemm_wgmma_kernel(MoeRunParams 
   // overlap the next step's issue (wait<1>): the buffer refilled at step kt
   // held step kt - 2, whose MMAs every warpgroup finished before the barrier.
   constexpr int WG_AHEAD = WG_STAGES - 2;
-  // The item's first WG_AHEAD k steps, into the buffers from `base` on.
-  auto prologue = [&](int base) {
+  auto prologue = [&]() {
 #pragma unroll
     for (int s = 0; s < WG_AHEAD; ++s) {
-      if (s < KT) load_stage((base + s) % WG_STAGES, s);
+      if (s < KT) load_stage(s, s);
       cp_async_commit();
     }
   };
 
-  // The pipeline runs on across items: the item's k step kt uses buffer
-  // (base + kt) % WG_STAGES, and once the item's own loads are issued (at k
-  // step KT - WG_AHEAD) the next item is opened and its first WG_AHEAD k
-  // steps are loaded during this item's last MMAs and epilogue. Items of
-  // fewer k steps than that open the next one after their MMAs instead.
-  const bool chain = KT >= WG_AHEAD;
-  int base = 0;
   if (!open_next()) return;
-  prologue(base);
+  prologue();
   for (;;) {
-    const TileInfo ti = it.ti;
-    const int n0 = it.n0;
     // A warpgroup whose 64 rows all lie past the tile's rows (an expert's last,
     // partial tile) skips its MMAs: nothing of them is stored, and the other
     // warpgroup's MMAs then have the tensor cores alone. It still stages its
     // share of the tiles and meets every barrier.
-    const bool active = group * 64 < ti.rows;
-    bool more = false;
+    const bool active = group * 64 < it.ti.rows;
     float acc[128];
 #pragma unroll
     for (int i = 0; i < 128; ++i) acc[i] = 0.0f;
@@ -633,22 +628,13 @@ __global__ void __launch_bounds__(WG_THREADS, 1) gemm_wgmma_kernel(MoeRunParams 
       wg::fence_proxy_async();        // this thread's cp.async data, for the async proxy
       __syncthreads();                // everyone's; and the MMAs of step kt - 2 are done
       const int next = kt + WG_AHEAD;
-      if (chain && next == KT) {
-        // The item claimed as this one started (visible: a barrier has
-        // passed since); this item's source rows are no longer needed.
-        u = q.advance();
-        more = open_next();
-      }
-      if (next < KT)
-        load_stage((base + next) % WG_STAGES, next);
-      else if (more)
-        load_stage((base + next) % WG_STAGES, next - KT);
+      if (next < KT) load_stage(next % WG_STAGES, next);
       cp_async_commit();
       // One barrier for both warpgroups: a loop of its own for the inactive
       // one had compute-sanitizer synccheck report divergent barriers (run 85).
       if (!active) continue;
-      const uint32_t a_tile = st.a_tile((base + kt) % WG_STAGES, group * 64);
-      const uint32_t b_tile = st.b_tile((base + kt) % WG_STAGES);
+      const uint32_t a_tile = st.a_tile(kt % WG_STAGES, group * 64);
+      const uint32_t b_tile = st.b_tile(kt % WG_STAGES);
       wg::fence_operands(acc);
       wg::fence();
 #pragma unroll
@@ -657,17 +643,28 @@ __global__ void __launch_bounds__(WG_THREADS, 1) gemm_wgmma_kernel(MoeRunParams 
       wg::commit();
       wg::wait<1>();  // step kt - 1's MMAs are done; step kt's may still run
     }
+    // The next item (claimed as this one started, visible since the loop's
+    // first barrier): its tile is looked up while the last MMAs run.
+    const int64_t u_next = q.peek();
+    TileInfo ti_next;
+    int n0_next = 0;
+    const bool found = u_next < q.items && lookup(u_next, ti_next, n0_next);
     wg::wait<0>();
     wg::fence_operands(acc);
-    base = (base + KT) % WG_STAGES;
-    if (!chain) {
-      // q.next()'s barrier: every warpgroup's MMAs are done, so every buffer
-      // may be refilled with the next item's first steps.
-      cp_async_wait<0>();
-      u = q.next();
+    cp_async_wait<0>();
+    const TileInfo ti = it.ti;
+    const int n0 = it.n0;
+    // q.next()'s barrier: every warpgroup's MMAs are done, so every buffer
+    // may be refilled with the next item's first steps.
+    u = q.next();
+    bool more = found;
+    if (found) {
+      q.claim();
+      set_rows(ti_next, n0_next);
+    } else {
       more = open_next();
-      if (more) prologue(base);
     }
+    if (more) prologue();
     wg_epilogue<T, MODE>(p, w, ti, n0, group, acc);
     if (!more) return;
   }
