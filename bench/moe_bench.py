@@ -20,6 +20,7 @@ not time the L2 cache. Writes bench/results/moe_bench.json (or --out) and, with
 
   PYTHONPATH=bindings/python MOE_LIB_PATH=build python3 bench/moe_bench.py --plots
   python3 bench/moe_bench.py --table bench/results/moe_bench.json   # markdown table
+  python3 bench/moe_bench.py --plots-of bench/results/moe_bench.json  # PNGs again (matplotlib)
 """
 import argparse
 import json
@@ -291,6 +292,9 @@ def table(path):
 def main():
     if len(sys.argv) == 3 and sys.argv[1] == "--table":
         return table(sys.argv[2])
+    if len(sys.argv) == 3 and sys.argv[1] == "--plots-of":
+        with open(sys.argv[2]) as f:
+            return plots(json.load(f)["results"], os.path.dirname(os.path.abspath(sys.argv[2])))
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="mixtral,qwen3,deepseek")
     ap.add_argument("--tokens", default=",".join(map(str, TOKENS)))
