@@ -16,12 +16,10 @@
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 out=${OUT:-$root/build-ab-out}
-logs="$out/ab"
-mkdir -p "$logs"
 cd "$root"
-summary="$out/summary.txt"
-note() { echo "$*" | tee -a "$summary"; }
-nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader >> "$summary" 2>&1
+# shellcheck source=scripts/run_log.sh
+source scripts/run_log.sh
+run_log_open "$out/ab"
 [ $# -ge 1 ] || { note "usage: ab_libs.sh DIR..."; exit 2; }
 status=0
 

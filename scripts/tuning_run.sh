@@ -64,12 +64,10 @@ set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 build=${MOE_TUNE_BUILD_DIR:-$root/build-tune}
 out=${OUT:-$build/out}
-logs="$out/logs"
-mkdir -p "$logs"
 cd "$root"
-summary="$out/summary.txt"
-note() { echo "$*" | tee -a "$summary"; }
-nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader >> "$summary" 2>&1
+# shellcheck source=scripts/run_log.sh
+source scripts/run_log.sh
+run_log_open "$out/logs"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$root/bindings/python" MOE_LIB_PATH="$build"
 tests="$build/tests/moe_gpu_tests"
 status=0
