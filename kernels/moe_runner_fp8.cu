@@ -893,6 +893,10 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
   __shared__ __align__(16) float stage_sa[SC_STAGES][WG_BM];
   __shared__ __align__(16) float stage_sw[SC_STAGES][4];
   static_assert(Math::NSC <= 4, "weight scales per stage");
+  // Threads of the producer warpgroup that copy scales (two rows each: two
+  // warps keep them within the 40 registers the producer gives back to the
+  // consumers; setmaxnreg needs exactly those: 128 x (168 - 40) = 256 x (232 - 168)).
+  constexpr int kScaleLanes = 64;
   const int tid = threadIdx.x;
   const Staging st(fp8_wg_smem_raw, tid);  // only its aligned buffers are used here
   const wg::Pipeline<STAGES> pipe(bars);
@@ -907,13 +911,13 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
     n0 = bp.col * BNS;
     return gemm::find_tile<WG_BM>(w.tile_start, p.offsets, p.E_loc, w.n, bp.tile, ti);
   };
-  if (tid == 0) pipe.init(2, BLOCK ? 32 : 0);  // BLOCK: one scale-copy arrival per producer lane
+  if (tid == 0) pipe.init(2, BLOCK ? kScaleLanes : 0);  // BLOCK: one scale-copy arrival per scale lane
   __syncthreads();
 
-  if (tid < 128) {  // producer warpgroup: thread 0 the tiles, warp 0 the scales (BLOCK)
-    wg::setmaxnreg_dec<48>();
-    if (tid < (BLOCK ? 32 : 1)) {
-      const int lane = tid;
+  if (tid < 128) {  // producer warpgroup: thread 0 the tiles, warps 0-1 the scales (BLOCK)
+    wg::setmaxnreg_dec<40>();
+    if (tid < (BLOCK ? kScaleLanes : 1)) {
+      const int pt = tid;  // producer thread
       const int rows_w = MODE == kGemm2 ? p.H : (TT::NSETS * p.I);
       const float* any_scale = MODE == kGemm2 ? p.w2_scale : p.w13_scale;  // read by no zero-fill
       int g = 0;  // pipeline step over all items
@@ -921,17 +925,17 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
         Tile ti;
         int n0;
         if (!item(u, ti, n0)) continue;
-        const float* sa_row[WG_BM / 32];  // scale rows of tile rows lane + 32 i
+        const float* sa_row[WG_BM / kScaleLanes];  // scale rows of tile rows pt + kScaleLanes i
         const float* sw_row = nullptr;
         if constexpr (BLOCK) {
 #pragma unroll
-          for (int i = 0; i < WG_BM / 32; ++i) {
-            const int r = lane + 32 * i;
+          for (int i = 0; i < WG_BM / kScaleLanes; ++i) {
+            const int r = pt + kScaleLanes * i;
             const uint8_t* unused;
             sa_row[i] = nullptr;
             if (r < ti.rows) a_row<MODE>(p, w, ti.row_begin + r, unused, sa_row[i]);
           }
-          if (lane < Math::NSC) sw_row = Math::wscale_row(p, ti.e, n0, lane, Math::halves_of(p, n0));
+          if (pt < Math::NSC) sw_row = Math::wscale_row(p, ti.e, n0, pt, Math::halves_of(p, n0));
         }
         int b_row[TT::NBOX];
 #pragma unroll
@@ -939,7 +943,7 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
           b_row[b] = ti.e * rows_w + (TT::NSETS == 2 ? weight_row<MODE>(p, b, n0) : n0 + b * TT::BOX_ROWS);
         for (int kt = 0; kt < KT; ++kt, ++g) {
           const int s = g % STAGES;
-          if (lane == 0) {
+          if (pt == 0) {
             const uint32_t bar = pipe.produce(g, Staging::STAGE_BYTES);
             const int k0 = kt * BK;
             wg::tma_load_2d(st.a_tile(s), &map_a, k0, ti.row_begin, bar);
@@ -949,12 +953,12 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
                               bar);
           }
           if constexpr (BLOCK) {
-            if (lane != 0) pipe.wait_empty(g);  // the consumers have read the stage's last scales
+            if (pt != 0) pipe.wait_empty(g);  // the consumers have read the stage's last scales
 #pragma unroll
-            for (int i = 0; i < WG_BM / 32; ++i)
-              gemm::cp_async4(&stage_sa[s][lane + 32 * i], sa_row[i] ? sa_row[i] + kt : any_scale,
+            for (int i = 0; i < WG_BM / kScaleLanes; ++i)
+              gemm::cp_async4(&stage_sa[s][pt + kScaleLanes * i], sa_row[i] ? sa_row[i] + kt : any_scale,
                               sa_row[i] != nullptr);
-            if (lane < 4) gemm::cp_async4(&stage_sw[s][lane], sw_row ? sw_row + kt : any_scale, sw_row != nullptr);
+            if (pt < 4) gemm::cp_async4(&stage_sw[s][pt], sw_row ? sw_row + kt : any_scale, sw_row != nullptr);
             wg::cp_async_arrive_noinc(pipe.full_bar(g));
           }
         }
