@@ -606,29 +606,21 @@ struct Fp8WgMath {
       srow[h] = nullptr;
       if (r < ti.rows) a_row<MODE>(p, w, ti.row_begin + r, unused, srow[h]);
     }
-    halves = halves_of(p, n0);
-#pragma unroll
-    for (int s = 0; s < NSC; ++s) wsrow[s] = wscale_row(p, ti.e, n0, s, halves);
-#pragma unroll
-    for (int i = 0; i < WN / 2; ++i) acc[i] = 0.0f;
-  }
-
-  // 128-column halves of a tile at column n0 that hold columns below N.
-  static __device__ __forceinline__ int halves_of(const Fp8RunParams& p, int n0) {
     const int N = MODE == kGemm2 ? p.H : p.I;
-    return NH == 2 && MODE != kGemm1Gated && n0 + 128 >= N ? 1 : NH;
-  }
-  // The weight scales of set / half s of expert e's tile at column n0 (one
-  // per K block; BLOCK), null for a half past N; !BLOCK: the per-tensor scales.
-  static __device__ __forceinline__ const float* wscale_row(const Fp8RunParams& p, int e, int n0, int s,
-                                                            int halves) {
     const int Kdim = MODE == kGemm2 ? p.I : p.H;
     const int rows_w = MODE == kGemm2 ? p.H : (NSETS * p.I);
     const float* wscale = MODE == kGemm2 ? p.w2_scale : p.w13_scale;
-    if (!BLOCK) return wscale;
-    if (NH == 2 && s >= halves) return nullptr;
-    const int row = NSETS == 2 ? weight_row<MODE>(p, s, n0) : n0 + 128 * s;
-    return wscale + (int64_t(e) * (rows_w / kGroup) + row / kGroup) * (Kdim / kGroup);
+    halves = NH == 2 && MODE != kGemm1Gated && n0 + 128 >= N ? 1 : NH;
+#pragma unroll
+    for (int s = 0; s < NSC; ++s) {
+      const int row = NSETS == 2 ? weight_row<MODE>(p, s, n0) : n0 + 128 * s;
+      wsrow[s] = !BLOCK ? wscale
+                 : s < halves || NH == 1
+                     ? wscale + (int64_t(ti.e) * (rows_w / kGroup) + row / kGroup) * (Kdim / kGroup)
+                     : nullptr;
+    }
+#pragma unroll
+    for (int i = 0; i < WN / 2; ++i) acc[i] = 0.0f;
   }
 
   // WN 128: issues this K block's MMAs into part[B] (a_tile: the A tile's
@@ -730,17 +722,6 @@ struct Fp8WgMath {
     for (int h = 0; h < 2; ++h) sa[h] = BLOCK && srow[h] ? srow[h][kt] : 0.0f;
 #pragma unroll
     for (int s = 0; s < NSC; ++s) sw[s] = BLOCK && wsrow[s] ? wsrow[s][kt] : 0.0f;
-  }
-  // The same from a stage's copy in shared memory (the TMA kernel, BLOCK):
-  // the 128 rows' activation scales, then the NSC weight scales (zeros where
-  // scales() has zeros).
-  __device__ __forceinline__ void staged_scales(const float* sa_st, const float* sw_st, float (&sa)[2],
-                                                float (&sw)[NSC]) const {
-    const int lane = threadIdx.x & 31, warp_in_group = (threadIdx.x >> 5) & 3;
-#pragma unroll
-    for (int h = 0; h < 2; ++h) sa[h] = sa_st[group * 64 + warp_in_group * 16 + (lane >> 2) + 8 * h];
-#pragma unroll
-    for (int s = 0; s < NSC; ++s) sw[s] = sw_st[s];
   }
 
   __device__ __forceinline__ void store(const Fp8RunParams& p, const Work& w, const Tile& ti, int n0) const {
@@ -884,19 +865,6 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
   constexpr int BNS = Math::BNS, STAGES = TT::STAGES;
   extern __shared__ unsigned char fp8_wg_smem_raw[];
   __shared__ __align__(8) uint64_t bars[2 * STAGES];
-  // BLOCK: each stage's scales (the tile rows' activation scales, the weight
-  // scales of its sets / halves), copied by the producer warp with cp.async
-  // that arrive on the stage's full barrier: the consumers read them from
-  // shared memory, not from L2 right before the K block's MMAs (run 95's
-  // source profile: ~6% of the consumer warps' samples waited there).
-  constexpr int SC_STAGES = BLOCK ? STAGES : 1;
-  __shared__ __align__(16) float stage_sa[SC_STAGES][WG_BM];
-  __shared__ __align__(16) float stage_sw[SC_STAGES][4];
-  static_assert(Math::NSC <= 4, "weight scales per stage");
-  // Threads of the producer warpgroup that copy scales (two rows each: two
-  // warps keep them within the 40 registers the producer gives back to the
-  // consumers; setmaxnreg needs exactly those: 128 x (168 - 40) = 256 x (232 - 168)).
-  constexpr int kScaleLanes = 64;
   const int tid = threadIdx.x;
   const Staging st(fp8_wg_smem_raw, tid);  // only its aligned buffers are used here
   const wg::Pipeline<STAGES> pipe(bars);
@@ -911,61 +879,31 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
     n0 = bp.col * BNS;
     return gemm::find_tile<WG_BM>(w.tile_start, p.offsets, p.E_loc, w.n, bp.tile, ti);
   };
-  if (tid == 0) pipe.init(2, BLOCK ? kScaleLanes : 0);  // BLOCK: one scale-copy arrival per scale lane
+  if (tid == 0) pipe.init(2);
   __syncthreads();
 
-  if (tid < 128) {  // producer warpgroup: thread 0 the tiles, warps 0-1 the scales (BLOCK)
+  if (tid < 128) {  // producer warpgroup
     wg::setmaxnreg_dec<40>();
-    if (tid < (BLOCK ? kScaleLanes : 1)) {
-      const int pt = tid;  // producer thread
+    if (tid == 0) {
       const int rows_w = MODE == kGemm2 ? p.H : (TT::NSETS * p.I);
-      const float* any_scale = MODE == kGemm2 ? p.w2_scale : p.w13_scale;  // read by no zero-fill
       int g = 0;  // pipeline step over all items
       for (int64_t u = blockIdx.x; u < items; u += gridDim.x) {
         Tile ti;
         int n0;
         if (!item(u, ti, n0)) continue;
-        const float* sa_row[WG_BM / kScaleLanes];  // scale rows of tile rows pt + kScaleLanes i
-        const float* sw_row = nullptr;
-        if constexpr (BLOCK) {
-#pragma unroll
-          for (int i = 0; i < WG_BM / kScaleLanes; ++i) {
-            const int r = pt + kScaleLanes * i;
-            const uint8_t* unused;
-            sa_row[i] = nullptr;
-            if (r < ti.rows) a_row<MODE>(p, w, ti.row_begin + r, unused, sa_row[i]);
-          }
-          if (pt < Math::NSC) sw_row = Math::wscale_row(p, ti.e, n0, pt, Math::halves_of(p, n0));
-        }
         int b_row[TT::NBOX];
 #pragma unroll
         for (int b = 0; b < TT::NBOX; ++b)
           b_row[b] = ti.e * rows_w + (TT::NSETS == 2 ? weight_row<MODE>(p, b, n0) : n0 + b * TT::BOX_ROWS);
         for (int kt = 0; kt < KT; ++kt, ++g) {
           const int s = g % STAGES;
-          if (pt == 0) {
-            const uint32_t bar = pipe.produce(g, Staging::STAGE_BYTES);
-            const int k0 = kt * BK;
-            wg::tma_load_2d(st.a_tile(s), &map_a, k0, ti.row_begin, bar);
+          const uint32_t bar = pipe.produce(g, Staging::STAGE_BYTES);
+          const int k0 = kt * BK;
+          wg::tma_load_2d(st.a_tile(s), &map_a, k0, ti.row_begin, bar);
 #pragma unroll
-            for (int b = 0; b < TT::NBOX; ++b)
-              wg::tma_load_2d(st.b_tile(s) + uint32_t(b * TT::BOX_ROWS) * wg::kRowBytes, &map_b, k0, b_row[b],
-                              bar);
-          }
-          if constexpr (BLOCK) {
-            if (pt != 0) pipe.wait_empty(g);  // the consumers have read the stage's last scales
-#pragma unroll
-            for (int i = 0; i < WG_BM / kScaleLanes; ++i)
-              gemm::cp_async4(&stage_sa[s][pt + kScaleLanes * i], sa_row[i] ? sa_row[i] + kt : any_scale,
-                              sa_row[i] != nullptr);
-            if (pt < 4) gemm::cp_async4(&stage_sw[s][pt], sw_row ? sw_row + kt : any_scale, sw_row != nullptr);
-            wg::cp_async_arrive_noinc(pipe.full_bar(g));
-          }
+          for (int b = 0; b < TT::NBOX; ++b)
+            wg::tma_load_2d(st.b_tile(s) + uint32_t(b * TT::BOX_ROWS) * wg::kRowBytes, &map_b, k0, b_row[b], bar);
         }
-      }
-      if constexpr (BLOCK) {  // no copy outlives its thread
-        gemm::cp_async_commit();
-        gemm::cp_async_wait<0>();
       }
     }
     return;
@@ -984,26 +922,19 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
       float sa[2][2], sw[2][Math::NSC];
       auto step = [&](auto parity, int kt) {
         constexpr int B = decltype(parity)::value;
-        const int g = g0 + kt;
-        pipe.consume(g);
-        if constexpr (BLOCK)
-          m.staged_scales(stage_sa[g % STAGES], stage_sw[g % STAGES], sa[B], sw[B]);
-        else
-          m.scales(kt, sa[B], sw[B]);
-        m.template issue<B>(st.a_tile(g % STAGES), st.b_tile(g % STAGES));
+        m.scales(kt, sa[B], sw[B]);
+        pipe.consume(g0 + kt);
+        m.template issue<B>(st.a_tile((g0 + kt) % STAGES), st.b_tile((g0 + kt) % STAGES));
       };
       m.fp8_pipeline(KT, sa, sw, step, [&](int done) {
         if (tid % 128 == 0) pipe.release(g0 + done);  // K block done's MMAs are complete
       });
     } else {
       for (int kt = 0; kt < KT; ++kt) {
+        float sa[2], sw[Math::NSC];
+        m.scales(kt, sa, sw);
         const int g = g0 + kt;
         pipe.consume(g);
-        float sa[2], sw[Math::NSC];
-        if constexpr (BLOCK)
-          m.staged_scales(stage_sa[g % STAGES], stage_sw[g % STAGES], sa, sw);
-        else
-          m.scales(kt, sa, sw);
         m.kblock_wide(st.a_tile(g % STAGES), st.b_tile(g % STAGES), sa, sw, [&] {
           if (tid % 128 == 0) pipe.release(g);
         });

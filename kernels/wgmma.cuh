@@ -205,30 +205,26 @@ struct Pipeline {
 
   __device__ __forceinline__ explicit Pipeline(uint64_t* bars)
       : full0(uint32_t(__cvta_generic_to_shared(bars))), empty0(full0 + 8 * STAGES) {}
-  // By one thread, before a barrier across the block. `extra_arrivals`:
-  // arrivals on each full barrier beside the producer's expect_tx one (e.g.
-  // cp.async copies of a stage's scales, cp_async_arrive_noinc).
-  __device__ __forceinline__ void init(uint32_t consumer_groups, uint32_t extra_arrivals = 0) const {
+  // By one thread, before a barrier across the block.
+  __device__ __forceinline__ void init(uint32_t consumer_groups) const {
     for (int s = 0; s < STAGES; ++s) {
-      mbar_init(full0 + 8 * s, 1 + extra_arrivals);  // the producer's arrive (plus the copies' bytes)
+      mbar_init(full0 + 8 * s, 1);  // the producer's arrive (plus the copies' bytes)
       mbar_init(empty0 + 8 * s, consumer_groups);
     }
     mbar_init_fence();
   }
-  // Until buffer kt % STAGES is free for step kt (its step kt - STAGES released).
-  __device__ __forceinline__ void wait_empty(int kt) const {
-    if (kt >= STAGES) mbar_wait(empty0 + 8 * (kt % STAGES), uint32_t((kt / STAGES - 1) & 1));
-  }
-  __device__ __forceinline__ uint32_t full_bar(int kt) const { return full0 + 8 * (kt % STAGES); }
   // Producer: the full barrier of step kt once its buffer is free, announced
   // to receive `bytes` of copies.
   __device__ __forceinline__ uint32_t produce(int kt, uint32_t bytes) const {
-    wait_empty(kt);
-    const uint32_t bar = full_bar(kt);
+    const int s = kt % STAGES;
+    if (kt >= STAGES) mbar_wait(empty0 + 8 * s, uint32_t((kt / STAGES - 1) & 1));
+    const uint32_t bar = full0 + 8 * s;
     mbar_arrive_expect_tx(bar, bytes);
     return bar;
   }
-  __device__ __forceinline__ void consume(int kt) const { mbar_wait(full_bar(kt), uint32_t((kt / STAGES) & 1)); }
+  __device__ __forceinline__ void consume(int kt) const {
+    mbar_wait(full0 + 8 * (kt % STAGES), uint32_t((kt / STAGES) & 1));
+  }
   __device__ __forceinline__ void release(int kt) const { mbar_arrive(empty0 + 8 * (kt % STAGES)); }
 
   // A pair of blocks (a 2-block cluster) whose producers each fill part of
