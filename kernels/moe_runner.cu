@@ -696,6 +696,8 @@ __global__ void __launch_bounds__(WG_THREADS, 1) gemm_wgmma_kernel(MoeRunParams 
 // read once): 0 as described, 1 no multicast (each block loads its whole
 // weight tile), 2 also independent pipelines (no cross-block barriers).
 constexpr int WS_THREADS = 384;
+// Its producer warpgroup keeps 40 registers, the two consumer warpgroups 232.
+using WsRegs = wg::RegSplit<WS_THREADS, 128, 40, 232>;
 constexpr uint32_t WS_TX_BYTES = WgStaging::STAGE_BYTES;  // one k step of A and B
 
 // Token rows in sorted order for the TMA variant's GEMM1 (only when the
@@ -757,7 +759,7 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
   wg::cluster_sync();  // both blocks' barriers initialised before any copy or arrival
 
   if (tid < 128) {  // producer warpgroup
-    wg::setmaxnreg_dec<40>();
+    WsRegs::producer();
     if (tid == 0) {
       int g = 0;  // pipeline step, over all items
       for (int64_t u = first; u < items; u += stride) {
@@ -798,7 +800,7 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
     return;
   }
 
-  wg::setmaxnreg_inc<232>();
+  WsRegs::consumer();
   const int group = tid / 128 - 1;  // consumer warpgroup: sorted rows 64 group ..
   // Hands step `step`'s buffer back (one thread of the warpgroup).
   auto give_back = [&](int step) {

@@ -568,6 +568,8 @@ __global__ void __launch_bounds__(Cfg::THREADS) fp8_gemm_kernel(Fp8RunParams p, 
 namespace wg = moe::kernels::wgmma;
 
 constexpr int WG_BM = 128, WG_BN = 128, WG_STAGES = 6, WG_THREADS = 256, WS_THREADS = 384;
+// The TMA kernel's producer warpgroup keeps 40 registers, its consumers 232.
+using WsRegs = wg::RegSplit<WS_THREADS, 128, 40, 232>;
 using WgStaging = wg::Staging<WG_THREADS, WG_BM, WG_BN, WG_STAGES>;
 static_assert(BK == wg::kRowBytes, "a K block is one swizzle row of E4M3 codes");
 
@@ -883,7 +885,7 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
   __syncthreads();
 
   if (tid < 128) {  // producer warpgroup
-    wg::setmaxnreg_dec<40>();
+    WsRegs::producer();
     if (tid == 0) {
       const int rows_w = MODE == kGemm2 ? p.H : (TT::NSETS * p.I);
       int g = 0;  // pipeline step over all items
@@ -909,7 +911,7 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
     return;
   }
 
-  wg::setmaxnreg_inc<232>();
+  WsRegs::consumer();
   int g0 = 0;  // pipeline step of the item's first K block
   for (int64_t u = blockIdx.x; u < items; u += gridDim.x) {
     Tile ti;

@@ -252,6 +252,27 @@ __device__ __forceinline__ void setmaxnreg_dec() {
 #endif
 }
 
+// The register split of a warp-specialized block of THREADS threads
+// (__launch_bounds__(THREADS, 1)), whose PRODUCERS first threads give
+// registers back (setmaxnreg.dec to DEC) and whose other threads take them
+// (setmaxnreg.inc to INC). The block is launched with LAUNCH registers per
+// thread (the register file over its threads, in steps of 8: ptxas caps
+// these kernels there), and setmaxnreg.inc waits until the block's own pool
+// holds what it asks for: a split that takes more than is given back hangs
+// the consumers for ever (run 96: 128 x (168 - 48) given back for
+// 256 x (232 - 168) taken). So it is checked here, at compile time.
+template <int THREADS, int PRODUCERS, int DEC, int INC>
+struct RegSplit {
+  static constexpr int LAUNCH = (65536 / THREADS) & ~7;
+  static_assert(DEC % 8 == 0 && INC % 8 == 0 && DEC >= 24 && INC <= 256 && DEC <= LAUNCH && INC >= LAUNCH,
+                "setmaxnreg counts: multiples of 8 in 24..256, around the launch count");
+  static_assert(PRODUCERS % 128 == 0 && THREADS % 128 == 0, "whole warpgroups");
+  static_assert(PRODUCERS * (LAUNCH - DEC) >= (THREADS - PRODUCERS) * (INC - LAUNCH),
+                "the consumers take more registers than the producers give back: setmaxnreg.inc would wait for ever");
+  __device__ __forceinline__ static void producer() { setmaxnreg_dec<DEC>(); }
+  __device__ __forceinline__ static void consumer() { setmaxnreg_inc<INC>(); }
+};
+
 // Shared memory written by the generic proxy (cp.async, st.shared) that
 // wgmma reads next: each writer fences before the barrier.
 __device__ __forceinline__ void fence_proxy_async() {

@@ -2,16 +2,23 @@
 """Summarize the source page of an Nsight Compute report (CSV, SASS view).
 
     ncu -i REPORT.ncu-rep --page source --csv --print-source sass > src.csv
-    python3 scripts/ncu_source_top.py src.csv [N]
+    python3 scripts/ncu_source_top.py src.csv[.gz] [N]
+    python3 scripts/ncu_source_top.py src.csv[.gz] --regions K LO:HI:NAME...
 
 For each kernel in the file: the column names, the sum of every numeric
 column, and the N (default 60) instructions with the most warp stall
 samples, each with its address, SASS text and the non-zero sample and
 stall columns. Used by scripts/profile_gpu.sh (MOE_PROFILE_SOURCE=1).
+--regions: for kernel K (0: the first in the file) the samples of each
+address range LO..HI (hex, the low 20 bits of the address, both included)
+and its five largest stall reasons, as shares of the kernel's samples.
+Run 95's reports (two kernels each) printed the same table, the first
+kernel's, under every kernel name: read only the first kernel's table.
 The column set differs between ncu versions, so columns are found by name:
 the ranking column is the first whose name holds "Warp Stall Sampling (All".
 """
 import csv
+import gzip
 import sys
 
 
@@ -41,11 +48,31 @@ def blocks(rows):
         yield title, header, body
 
 
+def regions(tables, kernel, specs):
+    title, header, body = tables[kernel]
+    addr = next(i for i, h in enumerate(header) if "address" in h.lower())
+    samples = header.index("# Samples")
+    reasons = [i for i, h in enumerate(header) if h.startswith("stall_") and "Not Issued" not in h]
+    total = sum(number(r[samples]) or 0.0 for r in body) or 1.0
+    print(f"== {title}")
+    print(f"   {total:.0f} samples")
+    for spec in specs:
+        lo, hi, name = spec.split(":")
+        sel = [r for r in body if int(lo, 16) <= int(r[addr], 16) & 0xFFFFF <= int(hi, 16)]
+        got = sum(number(r[samples]) or 0.0 for r in sel)
+        by = sorted(((sum(number(r[i]) or 0.0 for r in sel), header[i][6:]) for i in reasons), reverse=True)[:5]
+        print(f"   {name:14s} {got:8.0f} {100 * got / total:5.1f}%  " + ", ".join(f"{k}={v:.0f}" for v, k in by))
+
+
 def main():
     path = sys.argv[1]
-    top = int(sys.argv[2]) if len(sys.argv) > 2 else 60
-    with open(path, newline="") as f:
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt", newline="") as f:
         rows = list(csv.reader(f))
+    if len(sys.argv) > 3 and sys.argv[2] == "--regions":
+        regions(list(blocks(rows)), int(sys.argv[3]), sys.argv[4:])
+        return
+    top = int(sys.argv[2]) if len(sys.argv) > 2 else 60
     found = False
     for title, header, body in blocks(rows):
         found = True
