@@ -633,10 +633,10 @@ struct Fp8WgMath {
   __device__ __forceinline__ void issue(uint32_t a_tile, uint32_t b_tile) {
     wg::fence_operands(part[B]);
     wg::fence();
+    const wg::DescSw128 da(a_tile + group * 64 * wg::kRowBytes), db(b_tile);
 #pragma unroll
     for (int kk = 0; kk < BK / 32; ++kk)
-      wg::mma_m64n128k32_e4m3(part[B], wg::desc_sw128(a_tile + group * 64 * wg::kRowBytes + kk * 32),
-                              wg::desc_sw128(b_tile + kk * 32), kk > 0 ? 1 : 0);
+      wg::mma_m64n128k32_e4m3(part[B], da.at(kk * 32), db.at(kk * 32), kk > 0 ? 1 : 0);
     wg::commit();
   }
 
@@ -671,11 +671,10 @@ struct Fp8WgMath {
       if (h >= halves) break;
       wg::fence_operands(part[0]);
       wg::fence();
+      const wg::DescSw128 da(a_tile + group * 64 * wg::kRowBytes), db(b_tile + uint32_t(h) * 128 * wg::kRowBytes);
 #pragma unroll
       for (int kk = 0; kk < BK / 32; ++kk)
-        wg::mma_m64n128k32_e4m3(part[0], wg::desc_sw128(a_tile + group * 64 * wg::kRowBytes + kk * 32),
-                                wg::desc_sw128(b_tile + uint32_t(h) * 128 * wg::kRowBytes + kk * 32),
-                                kk > 0 ? 1 : 0);
+        wg::mma_m64n128k32_e4m3(part[0], da.at(kk * 32), db.at(kk * 32), kk > 0 ? 1 : 0);
       wg::commit();
       wg::wait<0>();
       if (h + 1 == halves) release();

@@ -51,6 +51,19 @@ __device__ __forceinline__ uint64_t desc_sw128(uint32_t saddr) {
   return d;
 }
 
+// desc_sw128(saddr + offset) for the offsets of a k step inside a tile's
+// first swizzle row (16-byte multiples below 128): the start-address field
+// is computed once per tile and only added to per k step (shared addresses
+// are below 2^18, so the 14-bit field does not carry), which keeps the
+// per-MMA descriptor arithmetic at one add.
+struct DescSw128 {
+  uint32_t lo;  // bits 0-31 of desc_sw128(saddr)
+  __device__ __forceinline__ explicit DescSw128(uint32_t saddr) : lo(((saddr & 0x3FFFF) >> 4) | (1u << 16)) {}
+  __device__ __forceinline__ uint64_t at(uint32_t offset) const {
+    return (uint64_t((kSwizzleBytes >> 4) | (1u << 30)) << 32) | (lo + (offset >> 4));
+  }
+};
+
 // The k-step buffers of a block: STAGES x (A_ROWS rows of A, then B_ROWS
 // rows of B), 128 swizzled bytes a row, in dynamic shared memory launched
 // with SMEM_BYTES (one swizzle period of slack: the start is aligned here).
