@@ -633,13 +633,12 @@ __global__ void __launch_bounds__(WG_THREADS, 1) gemm_wgmma_kernel(MoeRunParams 
       // One barrier for both warpgroups: a loop of its own for the inactive
       // one had compute-sanitizer synccheck report divergent barriers (run 85).
       if (!active) continue;
-      const uint32_t a_tile = st.a_tile(kt % WG_STAGES, group * 64);
-      const uint32_t b_tile = st.b_tile(kt % WG_STAGES);
+      const wg::DescSw128 da(st.a_tile(kt % WG_STAGES, group * 64)), db(st.b_tile(kt % WG_STAGES));
       wg::fence_operands(acc);
       wg::fence();
 #pragma unroll
       for (int kk = 0; kk < WG_BK / 16; ++kk)  // 16 values = 32 bytes per k step
-        wg::mma_m64n256k16<T>(acc, wg::desc_sw128(a_tile + kk * 32), wg::desc_sw128(b_tile + kk * 32), 1);
+        wg::mma_m64n256k16<T>(acc, da.at(kk * 32), db.at(kk * 32), 1);
       wg::commit();
       wg::wait<1>();  // step kt - 1's MMAs are done; step kt's may still run
     }
@@ -830,12 +829,12 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
     for (int kt = 0; kt < KT; ++kt, ++g) {
       const int s = g % WG_STAGES;
       pipe.consume(g);
-      const uint32_t a_tile = st.a_tile(s, group * 64), b_tile = st.b_tile(s);
+      const wg::DescSw128 da(st.a_tile(s, group * 64)), db(st.b_tile(s));
       wg::fence_operands(acc);
       wg::fence();
 #pragma unroll
       for (int kk = 0; kk < WG_BK / 16; ++kk)
-        wg::mma_m64n256k16<T>(acc, wg::desc_sw128(a_tile + kk * 32), wg::desc_sw128(b_tile + kk * 32), 1);
+        wg::mma_m64n256k16<T>(acc, da.at(kk * 32), db.at(kk * 32), 1);
       wg::commit();
       wg::wait<1>();  // step g - 1's MMAs are done: hand its buffer back
       if (kt > 0) give_back(g - 1);
