@@ -38,26 +38,16 @@ __device__ __forceinline__ uint32_t swizzled_offset(int row, int chunk) {
 }
 
 // Shared-memory matrix descriptor of a K-major, 128B-swizzled operand whose
-// first row starts at shared address `saddr` (+ the k step's byte offset):
-// start address >> 4 (bits 0-13), leading byte offset 16 >> 4 (bits 16-29,
-// unused by the swizzled K-major layout), stride byte offset 1024 >> 4
-// between 8-row groups (bits 32-45), base offset 0, swizzle mode 1 = 128B
-// (bits 62-63).
-__device__ __forceinline__ uint64_t desc_sw128(uint32_t saddr) {
-  uint64_t d = uint64_t((saddr & 0x3FFFF) >> 4);
-  d |= uint64_t(16 >> 4) << 16;
-  d |= uint64_t(kSwizzleBytes >> 4) << 32;
-  d |= uint64_t(1) << 62;
-  return d;
-}
-
-// desc_sw128(saddr + offset) for the offsets of a k step inside a tile's
-// first swizzle row (16-byte multiples below 128): the start-address field
-// is computed once per tile and only added to per k step (shared addresses
-// are below 2^18, so the 14-bit field does not carry), which keeps the
-// per-MMA descriptor arithmetic at one add.
+// first row starts at shared address `saddr`, for the k steps inside that
+// first swizzle row: at(offset) describes saddr + offset (offset a 16-byte
+// multiple below 128). Fields: start address >> 4 (bits 0-13), leading byte
+// offset 16 >> 4 (bits 16-29, unused by the swizzled K-major layout), stride
+// byte offset 1024 >> 4 between 8-row groups (bits 32-45), base offset 0,
+// swizzle mode 1 = 128B (bits 62-63). The start field is computed once and
+// only added to per k step (shared addresses are below 2^18, so the 14-bit
+// field does not carry): one add per MMA (v16).
 struct DescSw128 {
-  uint32_t lo;  // bits 0-31 of desc_sw128(saddr)
+  uint32_t lo;  // bits 0-31 at offset 0
   __device__ __forceinline__ explicit DescSw128(uint32_t saddr) : lo(((saddr & 0x3FFFF) >> 4) | (1u << 16)) {}
   __device__ __forceinline__ uint64_t at(uint32_t offset) const {
     return (uint64_t((kSwizzleBytes >> 4) | (1u << 30)) << 32) | (lo + (offset >> 4));
