@@ -1567,15 +1567,17 @@ void launch_gemms_typed(const MoeRunParams& p, const Work& w, const RowChoice& r
 
 }  // namespace
 
-// Stages of the 16-row decode tiles (both runners; see CfgDecode16s4 above).
-int decode_stages(int64_t matrix_elems) {
+// Stages of the 16-row decode tiles (both runners; see CfgDecode16s4 above):
+// 4 for expert matrices of at most kShallowElems elements, else
+// `large_stages` (the bf16 runner: 12; the FP8 runner picks 6 or 12).
+int decode_stages(int64_t matrix_elems, int large_stages) {
   static const int forced = [] {
     const char* e = std::getenv("MOE_RUNNER_DECODE_STAGES");
     const int s = e ? std::atoi(e) : 0;
     return (s == 12 || s == 6 || s == 4) ? s : 0;
   }();
   if (forced) return forced;
-  return matrix_elems <= kShallowElems ? 4 : 12;
+  return matrix_elems <= kShallowElems ? 4 : large_stages;
 }
 
 // Which kernels the 128-row tiles use (both runners): 0 mma.sync, 1 wgmma

@@ -1008,7 +1008,15 @@ cudaError_t launch_gemm(const Fp8RunParams& p, const Work& w, int rows, int mode
   constexpr int NSETS = MODE == kGemm1Gated ? 2 : 1;
   switch (rows) {
     case 16:
-      switch (decode_stages(int64_t(p.H) * p.I * NSETS)) {
+      // Large expert matrices: 6 stages once the batch has as many slots as
+      // there are local experts (a 16-row tile per expert could then be
+      // needed: enough blocks per SM that a shallower pipeline each wins),
+      // else 12 (a few tiles: each block needs the deep pipeline). Run 101
+      // (fp8_bench, runner us, stages 12 / 6): Mixtral block T=8 519-522 /
+      // 473-476, per-tensor 579-583 / 548; the DeepSeek slice block T=8
+      // 174-177 / 159-161, per-tensor 118 / 114-115; at T=1 the DeepSeek
+      // slice 37.2-37.3 / 39.1-39.3 (n = 8 < 32 local experts: 12 kept).
+      switch (decode_stages(int64_t(p.H) * p.I * NSETS, w.n >= p.E_loc ? 6 : 12)) {
         case 4: return launch_mma<MODE, BLOCK, Fp8CfgDecode16s4>(p, w, tiles, stream);
         case 6: return launch_mma<MODE, BLOCK, Fp8CfgDecode16s6>(p, w, tiles, stream);
         default: return launch_mma<MODE, BLOCK, Fp8CfgDecode16>(p, w, tiles, stream);
