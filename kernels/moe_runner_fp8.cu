@@ -337,7 +337,11 @@ struct Fp8Cfg {
 // expert still keeps many weight bytes in flight on every SM (the bf16
 // runner's decode tiles, kernels/moe_runner.cu).
 using Fp8CfgMid = Fp8Cfg<64, 64, 2, 2, 3>;
-using Fp8CfgDecode32 = Fp8Cfg<32, 32, 1, 4, 8>;
+// 32-row tiles: 6 stages (run 104, fp8_bench T=64, runner us, 8 / 6 stages:
+// DeepSeek slice block 386-388 / 357, per-tensor 310-313 / 292-294, Mixtral
+// block 627-631 / 581-582, per-tensor 638 / 616; 4 stages was 1.5% slower
+// than 8 on Mixtral per-tensor).
+using Fp8CfgDecode32 = Fp8Cfg<32, 32, 1, 4, 6>;
 using Fp8CfgDecode16 = Fp8Cfg<16, 16, 1, 2, 12>;
 using Fp8CfgDecode16s6 = Fp8Cfg<16, 16, 1, 2, 6>;
 using Fp8CfgDecode16s4 = Fp8Cfg<16, 16, 1, 2, 4>;  // stages: decode_stages (moe_runner.cuh)
