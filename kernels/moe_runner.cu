@@ -1514,7 +1514,12 @@ void launch_tc_rows(const MoeRunParams& p, const Work& w, int bm, int64_t rows_b
   switch (bm) {
     case 16:
       if (stream_enabled() && launch_stream_stage<T, 16, 16>(p, w, second, stream)) break;
-      switch (decode_stages(int64_t(p.H) * p.I * (!second && p.gated ? 2 : 1))) {
+      // Small expert matrices: 6 stages once the batch has at least one slot
+      // per two local experts (many tiles, so many blocks per SM), else 4.
+      // Run 106 (moe_bench Qwen3, layer us, 4 / 6 stages): T=8 206.3-206.6 /
+      // 203.5-203.9, T=64 453.6-454.0 / 449.7-452.2; T=1 (n = 8, 128 local
+      // experts: 4 kept) 45.2-45.4 / 48.2-48.5.
+      switch (decode_stages(int64_t(p.H) * p.I * (!second && p.gated ? 2 : 1), 12, 2 * w.n >= p.E_loc ? 6 : 4)) {
         case 6: launch_tc_stage<T, CfgDecode16s6, CfgDecode16s6>(p, w, tiles, second, stream); break;
         case 4: launch_tc_stage<T, CfgDecode16s4, CfgDecode16s4>(p, w, tiles, second, stream); break;
         default: launch_tc_stage<T, CfgDecode16, CfgDecode16>(p, w, tiles, second, stream); break;
@@ -1568,16 +1573,17 @@ void launch_gemms_typed(const MoeRunParams& p, const Work& w, const RowChoice& r
 }  // namespace
 
 // Stages of the 16-row decode tiles (both runners; see CfgDecode16s4 above):
-// 4 for expert matrices of at most kShallowElems elements, else
-// `large_stages` (the bf16 runner: 12; the FP8 runner picks 6 or 12).
-int decode_stages(int64_t matrix_elems, int large_stages) {
+// `small_stages` for expert matrices of at most kShallowElems elements (the
+// bf16 runner picks 4 or 6; the FP8 runner 4), else `large_stages` (the
+// bf16 runner: 12; the FP8 runner picks 6 or 12).
+int decode_stages(int64_t matrix_elems, int large_stages, int small_stages) {
   static const int forced = [] {
     const char* e = std::getenv("MOE_RUNNER_DECODE_STAGES");
     const int s = e ? std::atoi(e) : 0;
     return (s == 12 || s == 6 || s == 4) ? s : 0;
   }();
   if (forced) return forced;
-  return matrix_elems <= kShallowElems ? 4 : large_stages;
+  return matrix_elems <= kShallowElems ? small_stages : large_stages;
 }
 
 // Which kernels the 128-row tiles use (both runners): 0 mma.sync, 1 wgmma
