@@ -49,8 +49,9 @@ bool moe_run_supported(int H, int I);
 int wgmma_mode(int unset = 1);
 
 // Stages of the 16-row decode tiles for a GEMM whose expert matrix has
-// matrix_elems elements: 4 for small matrices (<= 4M elements), 12 otherwise;
-// MOE_RUNNER_DECODE_STAGES=12|6|4 forces one (both runners).
+// matrix_elems elements: small_stages for small matrices (<= 4M elements),
+// large_stages otherwise (each runner picks them from its batch: see the
+// callers); MOE_RUNNER_DECODE_STAGES=12|6|4 forces one (both runners).
 int decode_stages(int64_t matrix_elems, int large_stages = 12, int small_stages = 4);
 
 size_t moe_run_workspace_bytes(DType dtype, int E_loc, int H, int I, int64_t n_slots);
