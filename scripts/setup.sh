@@ -21,4 +21,10 @@ if ! "$py" -c "import numpy, pytest" >/dev/null 2>&1; then
   echo "setup: pip install numpy pytest"
   "$py" -m pip install -q numpy pytest
 fi
+# Optional (not needed to build or test): cuobjdump and nvdisasm from PyPI,
+# for scripts/sass_diff.sh on a machine whose CUDA toolkit lacks them.
+if [ "${1:-}" = "--sass-tools" ]; then
+  echo "setup: pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm"
+  "$py" -m pip install -q nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm
+fi
 echo "setup: done"
