@@ -7,6 +7,7 @@
 #include <type_traits>
 
 #include "common.cuh"
+#include "stream.cuh"
 #include "tma.cuh"
 #include "wgmma.cuh"
 #include "moe/moe.h"
@@ -126,12 +127,8 @@ __global__ void tile_map_kernel(MoeRunParams p, int64_t n, int bm_small, int bm_
   }
 }
 
-// Which expert and rows a GEMM block owns; false when the block has no work.
-struct TileInfo {
-  int e;
-  int32_t row_begin;  // first sorted position
-  int rows;           // valid rows, 1..TM
-};
+// Which expert and rows a GEMM block owns (find_tile: false when the block has no work).
+using TileInfo = gemm::Tile;
 
 template <int TM>
 __device__ __forceinline__ bool find_tile(const MoeRunParams& p, const Work& w, int tile,
@@ -876,50 +873,8 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
 // One block per SM serialised too many m16n8k16 chains (run 57:
 // 2.2x slower at T=64). Needs K % 64 == 0 (whole 128-byte rows per step; otherwise the
 // caller keeps gemm_tc_kernel).
-constexpr size_t kStreamSmemBytes = 216 * 1024;  // dynamic shared memory of the blocks of one SM
-
-template <int BM_, int BN_, int NSETS_, int BLOCKS_>
-struct StreamCfg {
-  static constexpr int BM = BM_, BN = BN_, NSETS = NSETS_, BLOCKS = BLOCKS_;  // BLOCKS: per SM
-  static constexpr int CONSUMERS = BN / 8;  // warps, 8 columns of every set each
-  static constexpr int THREADS = 32 * (1 + CONSUMERS);
-  static constexpr int A_LD = 144;  // bytes per A row: 128 + 16, conflict-free ldmatrix
-  static constexpr uint32_t B_BYTES = uint32_t(NSETS) * BN * wg::kRowBytes;
-  static constexpr uint32_t A_BYTES = uint32_t(BM) * A_LD;
-  static constexpr int STAGES = int((kStreamSmemBytes / BLOCKS - wg::kSwizzleBytes) / (B_BYTES + A_BYTES));
-  static constexpr size_t SMEM_BYTES = wg::kSwizzleBytes + size_t(STAGES) * (B_BYTES + A_BYTES);
-  static_assert(BM % 16 == 0 && BM <= 32, "one producer lane per A row");
-  static_assert(BN % 8 == 0 && B_BYTES % wg::kSwizzleBytes == 0, "whole swizzle periods per set");
-};
-
-// What the producer tells the consumers about the item whose first k step
-// sits in a buffer (written before that step's full barrier is armed, read
-// after it completes; rows == 0: no more items).
-template <int BM>
-struct StreamItem {
-  int64_t row_begin;
-  int rows, n0;
-  int32_t slot[BM];  // slot of each valid row (slot_at), -1 for none
-};
-
-// The tile of row-tile index `tile` found by one warp (ts non-decreasing,
-// ts[0] = 0): the largest expert e with ts[e] <= tile, 32 experts a load.
-template <int BM>
-__device__ __forceinline__ bool warp_find_tile(const MoeRunParams& p, const Work& w, int tile, TileInfo& ti) {
-  const int lane = threadIdx.x & 31;
-  int e = 0;
-  for (int base = 0; base < p.E_loc; base += 32) {
-    const int c = base + lane;
-    const unsigned m = __ballot_sync(kFullMask, c < p.E_loc && w.tile_start[c] <= tile);
-    if (m) e = base + 31 - __clz(int(m));
-    if (m != kFullMask) break;
-  }
-  ti.e = e;
-  const int32_t begin = clamped_offset(p, w.n, e), end = clamped_offset(p, w.n, e + 1);
-  ti.row_begin = begin + (tile - w.tile_start[e]) * BM;
-  ti.rows = min(BM, end - ti.row_begin);
-  return ti.rows > 0;
-}
+using gemm::StreamCfg;
+using gemm::StreamItem;
 
 template <class T, int MODE, class Cfg>
 __global__ void __launch_bounds__(Cfg::THREADS, Cfg::BLOCKS)
@@ -966,7 +921,7 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::BLOCKS)
     // same time on one expert's row tiles read the same weight tile.
     for (int64_t u = blockIdx.x; u < items; u += gridDim.x) {
       TileInfo ti;
-      if (!warp_find_tile<BM>(p, w, int(u % tiles), ti)) continue;
+      if (!gemm::warp_find_tile<BM>(w.tile_start, p.offsets, p.E_loc, w.n, int(u % tiles), ti)) continue;
       const int n0 = int(u / tiles) * BN;
       const int32_t slot = lane < ti.rows ? slot_at(p, w, ti.row_begin + lane) : -1;
       // This lane copies 16-byte chunk lane % 8 of A rows lane / 8 + 4 i.
@@ -1447,14 +1402,6 @@ int bf16_wgmma_default(const MoeRunParams& p, int64_t n) {
   return int64_t(p.H) * p.I >= kLargeExpertElems && n <= int64_t(WG_BM) * p.E_loc ? 2 : 1;
 }
 
-// Whether the streaming decode kernels run: a build with the sm_90a kernels
-// on a compute capability 9.0 device, unless MOE_RUNNER_STREAM=0 (the
-// switch exists to compare with gemm_tc_kernel; results are bitwise equal).
-bool stream_enabled() {
-  static const bool env_on = !env_is_zero("MOE_RUNNER_STREAM");
-  return env_on && sm90a_device();
-}
-
 // One streaming GEMM (see gemm_stream_kernel): false when it does not apply
 // (K % 64, a weight view the tensor map refuses), so the caller falls back.
 template <class T, int MODE, class Cfg>
@@ -1490,14 +1437,10 @@ bool launch_stream(const MoeRunParams& p, const Work& w, int N, cudaStream_t str
 // small blocks of gemm_tc_kernel overlap more items per SM. Four blocks per
 // SM (shallower buffers) were slower on every shape but Qwen3 T=64-256.
 // MOE_RUNNER_STREAM=1 takes them for every size (the GPU suite's small
-// models then run them too).
+// models then run them too): stream_kernels_for.
 template <class T, int BM_, int BN_>
 bool launch_stream_stage(const MoeRunParams& p, const Work& w, bool second, cudaStream_t stream) {
-  static const bool forced = [] {
-    const char* v = std::getenv("MOE_RUNNER_STREAM");
-    return v && v[0] == '1' && v[1] == 0;
-  }();
-  if (!forced && int64_t(p.H) * p.I * (!second && p.gated ? 2 : 1) <= kShallowElems) return false;
+  if (!stream_kernels_for(int64_t(p.H) * p.I * (!second && p.gated ? 2 : 1))) return false;
   constexpr int kBlocks = 2;
   if (second) return launch_stream<T, kGemm2, StreamCfg<BM_, BN_, 1, kBlocks>>(p, w, p.H, stream);
   if (p.gated) return launch_stream<T, kGemm1Gated, StreamCfg<BM_, BN_, 2, kBlocks>>(p, w, p.I, stream);
@@ -1513,7 +1456,7 @@ void launch_tc_rows(const MoeRunParams& p, const Work& w, int bm, int64_t rows_b
   const unsigned tiles = max_tiles(p, rows_bound, bm);
   switch (bm) {
     case 16:
-      if (stream_enabled() && launch_stream_stage<T, 16, 16>(p, w, second, stream)) break;
+      if (launch_stream_stage<T, 16, 16>(p, w, second, stream)) break;
       // Small expert matrices: 6 stages once the batch has at least one slot
       // per two local experts (many tiles, so many blocks per SM), else 4.
       // Run 106 (moe_bench Qwen3, layer us, 4 / 6 stages): T=8 206.3-206.6 /
@@ -1526,7 +1469,7 @@ void launch_tc_rows(const MoeRunParams& p, const Work& w, int bm, int64_t rows_b
       }
       break;
     case 32:
-      if (stream_enabled() && launch_stream_stage<T, 32, 32>(p, w, second, stream)) break;
+      if (launch_stream_stage<T, 32, 32>(p, w, second, stream)) break;
       if (candidate)
         launch_tc_stage<T, CfgDecode32, CfgDecode32, true>(p, w, tiles, second, stream);
       else
@@ -1576,6 +1519,15 @@ void launch_gemms_typed(const MoeRunParams& p, const Work& w, const RowChoice& r
 // `small_stages` for expert matrices of at most kShallowElems elements (the
 // bf16 runner picks 4 or 6; the FP8 runner 4), else `large_stages` (the
 // bf16 runner: 12; the FP8 runner picks 6 or 12).
+bool stream_kernels_for(int64_t matrix_elems) {
+  static const bool env_on = !env_is_zero("MOE_RUNNER_STREAM");
+  static const bool forced = [] {
+    const char* v = std::getenv("MOE_RUNNER_STREAM");
+    return v && v[0] == '1' && v[1] == 0;
+  }();
+  return env_on && sm90a_device() && (forced || matrix_elems > kShallowElems);
+}
+
 int decode_stages(int64_t matrix_elems, int large_stages, int small_stages) {
   static const int forced = [] {
     const char* e = std::getenv("MOE_RUNNER_DECODE_STAGES");

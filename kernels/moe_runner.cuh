@@ -48,6 +48,14 @@ bool moe_run_supported(int H, int I);
 // moe_runner.cu for when each applies.
 int wgmma_mode(int unset = 1);
 
+// Whether a 16- or 32-row decode GEMM of an expert matrix of matrix_elems
+// elements takes the streaming kernels (both runners: gemm_stream_kernel,
+// fp8_stream_kernel): an sm_90a build on a compute capability 9.0 device,
+// matrices over 4M elements (the small ones keep the tile kernels; see
+// launch_stream_stage in moe_runner.cu), MOE_RUNNER_STREAM=0 never,
+// MOE_RUNNER_STREAM=1 for every size. Results are bitwise the same either way.
+bool stream_kernels_for(int64_t matrix_elems);
+
 // Stages of the 16-row decode tiles for a GEMM whose expert matrix has
 // matrix_elems elements: small_stages for small matrices (<= 4M elements),
 // large_stages otherwise (each runner picks them from its batch: see the

@@ -8,6 +8,7 @@
 
 #include "common.cuh"
 #include "moe_runner.cuh"
+#include "stream.cuh"
 #include "tma.cuh"
 #include "wgmma.cuh"
 
@@ -15,6 +16,7 @@ namespace moe::kernels {
 namespace {
 
 using gemm::Tile;
+namespace wg = moe::kernels::wgmma;
 
 constexpr int kGroup = 128;     // BLOCK_128: weight block edge and activation group
 constexpr int BK = 128;         // K bytes per stage (mma.sync tiles): one scale block
@@ -187,19 +189,21 @@ __global__ void __launch_bounds__(QUANT_THREADS) quantize128_kernel(QuantJob j) 
   }
 }
 
-// Any group size (per tensor: a whole row): one warp per (row, group), eight
-// columns per lane per step; the amax pass and the code pass both read the
-// group (the second from cache).
+// Any group size (per tensor: a whole row): one block per (row, group),
+// eight columns per thread per step, the amax reduced over the block; the
+// amax pass and the code pass both read the group (the second from cache).
+// A warp per group (before v17) left a decode batch, a handful of rows of
+// 4096-14336 columns, to a handful of warps that walked their rows one
+// dependent load after another.
 template <class T>
 __global__ void __launch_bounds__(QUANT_THREADS) quantize_kernel(QuantJob j) {
-  const int lane = threadIdx.x & 31;
-  const int64_t warp = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
-  const int64_t warps = (int64_t(gridDim.x) * blockDim.x) >> 5;
+  __shared__ float warp_amax[QUANT_THREADS / 32];
+  const int tid = threadIdx.x, lane = tid & 31;
   const int per_row = j.cols / j.group;
   const int64_t valid = quant_rows(j);
   const int64_t rows = quant_rows_written(j, valid);
   const T* src = static_cast<const T*>(j.src);
-  for (int64_t gi = warp; gi < rows * per_row; gi += warps) {
+  for (int64_t gi = blockIdx.x; gi < rows * per_row; gi += gridDim.x) {  // uniform over the block
     const int64_t row = gi / per_row;
     const int c0 = int(gi % per_row) * j.group;
     const bool pad = row >= valid;  // a zero row after the valid ones
@@ -219,18 +223,25 @@ __global__ void __launch_bounds__(QUANT_THREADS) quantize_kernel(QuantJob j) {
     };
     float amax = 0.0f;
     if (!j.static_scale) {
-      for (int c = lane * 8; c < j.group; c += 256) {  // group % 16 == 0: whole chunks
+#pragma unroll 4
+      for (int c = tid * 8; c < j.group; c += QUANT_THREADS * 8) {  // group % 16 == 0: whole chunks
         float v[8];
         values(c, v);
         amax = fmaxf(amax, amax8(v));
       }
       amax = warp_max(amax);
+      if (lane == 0) warp_amax[tid >> 5] = amax;
+      __syncthreads();
+#pragma unroll
+      for (int i = 0; i < QUANT_THREADS / 32; ++i) amax = fmaxf(amax, warp_amax[i]);
+      __syncthreads();  // read by all before the next group writes it
     }
     bool zero;
     const float s = group_scale(j, amax, zero);
-    if (lane == 0) j.scales[row * per_row + c0 / j.group] = zero ? 0.0f : s;
+    if (tid == 0) j.scales[row * per_row + c0 / j.group] = zero ? 0.0f : s;
     uint8_t* out = j.q + row * j.cols + c0;
-    for (int c = lane * 8; c < j.group; c += 256) {
+#pragma unroll 4
+    for (int c = tid * 8; c < j.group; c += QUANT_THREADS * 8) {
       float v[8];
       values(c, v);
       *reinterpret_cast<uint2*>(out + c) = zero ? make_uint2(0, 0) : quant8(v, s);
@@ -241,8 +252,10 @@ __global__ void __launch_bounds__(QUANT_THREADS) quantize_kernel(QuantJob j) {
 template <class T>
 void launch_quantize(const QuantJob& j, cudaStream_t stream) {
   const int64_t groups = j.rows * (j.cols / j.group);
-  const int64_t warps = j.group == kGroup ? (groups + 1) / 2 : groups;
-  const int64_t blocks = std::min<int64_t>((warps + QUANT_THREADS / 32 - 1) / (QUANT_THREADS / 32), 16384);
+  // quantize128_kernel: a half-warp per group; quantize_kernel: a block.
+  const int64_t blocks = j.group == kGroup
+                             ? std::min<int64_t>(((groups + 1) / 2 + QUANT_THREADS / 32 - 1) / (QUANT_THREADS / 32), 16384)
+                             : std::min<int64_t>(groups, 16384);
   const unsigned grid = unsigned(std::max<int64_t>(blocks, 1));
   if (j.group == kGroup)
     quantize128_kernel<T><<<grid, QUANT_THREADS, 0, stream>>>(j);
@@ -558,6 +571,242 @@ __global__ void __launch_bounds__(Cfg::THREADS) fp8_gemm_kernel(Fp8RunParams p, 
     }
 }
 
+// --- streaming decode tiles (sm_90a, 16- and 32-row tiles) -------------------------
+//
+// moe_runner.cu's gemm_stream_kernel for E4M3 codes (kernels/stream.cuh):
+// the tiles, fragments and K order of fp8_gemm_kernel's decode
+// configurations (BM rows x BN columns per weight set, one warp per 8
+// columns, m16n8k32 over each 128-column K block in order into a partial
+// sum that is then promoted), so every output is bitwise what those give
+// (gpu.fp8.stream_kernels compares them); what changes is how the weights
+// arrive. fp8_gemm_kernel keeps STAGES - 1 K blocks of one tile in flight per
+// block and starts every tile's pipeline from empty; here 2 persistent
+// blocks per SM walk the (row tile, column tile) items, each with a producer
+// warp that copies each K block's weight tile by one TMA copy per weight set
+// and the tile's valid code rows by cp.async into 16-33 buffers, the ring
+// running on across items. The consumers read the K block's scales from
+// global memory before they wait for its buffer. Needs K % 128 == 0 (whole
+// K blocks; otherwise the caller keeps fp8_gemm_kernel). racecheck does not
+// model the mbarriers between the producer warp and the consumers (see
+// gemm_stream_kernel); memcheck, synccheck and the GPU suite check this.
+template <int MODE, bool BLOCK, class Cfg>
+__global__ void __launch_bounds__(Cfg::THREADS, Cfg::BLOCKS)
+    fp8_stream_kernel(Fp8RunParams p, Work w, const __grid_constant__ CUtensorMap map_b, int cols) {
+  constexpr int BM = Cfg::BM, BN = Cfg::BN, NSETS = Cfg::NSETS, STAGES = Cfg::STAGES;
+  constexpr int MI = BM / 16;
+  static_assert(NSETS == (MODE == kGemm1Gated ? 2 : 1), "weight sets of the mode");
+  static_assert(kGroup % BN == 0, "a column tile lies inside one 128-row weight block");
+  extern __shared__ unsigned char fp8_stream_smem_raw[];
+  __shared__ __align__(8) uint64_t bars[2 * STAGES];
+  __shared__ gemm::StreamItem<BM> desc[STAGES];
+  const int tiles = w.tile_start[p.E_loc];
+  const int64_t items = int64_t(tiles > 0 ? tiles : 0) * cols;
+  if (int64_t(blockIdx.x) >= items) return;
+
+  const uint32_t raw = uint32_t(__cvta_generic_to_shared(fp8_stream_smem_raw));
+  const uint32_t b_base = (raw + wg::kSwizzleBytes - 1) & ~uint32_t(wg::kSwizzleBytes - 1);
+  const uint32_t a_base = b_base + uint32_t(STAGES) * Cfg::B_BYTES;
+  const unsigned char* smem = fp8_stream_smem_raw + (b_base - raw);  // generic address of b_base
+  const wg::Pipeline<STAGES> pipe(bars);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  if (tid == 0) {
+    // Full: the producer's arrival with the weight copies' bytes, plus one
+    // arrival per producer lane once its cp.async of the code rows landed.
+    for (int s = 0; s < STAGES; ++s) {
+      wg::mbar_init(pipe.full0 + 8 * s, 1 + 32);
+      wg::mbar_init(pipe.empty0 + 8 * s, Cfg::CONSUMERS);
+    }
+    wg::mbar_init_fence();
+  }
+  __syncthreads();
+  const int Kdim = MODE == kGemm2 ? p.I : p.H;
+  const int KT = Kdim / BK;
+  const int rows_w = MODE == kGemm2 ? p.H : (NSETS * p.I);  // rows of one expert's weight
+
+  if (warp == 0) {  // producer
+    int g = 0;      // pipeline step over all items
+    auto acquire = [&](int step) {
+      const int st = step % STAGES;
+      if (step >= STAGES) wg::mbar_wait(pipe.empty0 + 8 * st, uint32_t((step / STAGES - 1) & 1));
+      return st;
+    };
+    // Items in order: row tile fastest (blocks at work at the same time on
+    // one expert's row tiles read the same weight tile).
+    for (int64_t u = blockIdx.x; u < items; u += gridDim.x) {
+      Tile ti;
+      if (!gemm::warp_find_tile<BM>(w.tile_start, p.offsets, p.E_loc, w.n, int(u % tiles), ti)) continue;
+      const int n0 = int(u / tiles) * BN;
+      const int32_t slot = lane < ti.rows ? slot_at(p, w.n, ti.row_begin + lane) : -1;
+      // This lane copies 16-byte chunk lane % 8 of code rows lane / 8 + 4 i.
+      const uint8_t* src[BM / 4];
+#pragma unroll
+      for (int i = 0; i < BM / 4; ++i) {
+        const int r = lane / 8 + 4 * i;
+        const int32_t rs = __shfl_sync(kFullMask, slot, r);
+        src[i] = nullptr;
+        if (r < ti.rows) {
+          if (MODE == kGemm2)
+            src[i] = w.hq + (ti.row_begin + r) * int64_t(p.I) + (lane % 8) * 16;
+          else if (rs >= 0)
+            src[i] = w.xq + int64_t(rs / p.K) * p.H + (lane % 8) * 16;
+        }
+      }
+      unsigned char* a_dst = const_cast<unsigned char*>(smem) + (a_base - b_base) + (lane / 8) * Cfg::A_LD +
+                             (lane % 8) * 16;
+      int brow[NSETS];
+#pragma unroll
+      for (int s = 0; s < NSETS; ++s) brow[s] = ti.e * rows_w + weight_row<MODE>(p, s, n0);
+      for (int kt = 0; kt < KT; ++kt, ++g) {
+        const int st = acquire(g);
+        const uint32_t full = pipe.full0 + 8 * st;
+        if (kt == 0) {
+          if (lane < BM) desc[st].slot[lane] = slot;
+          if (lane == 0) desc[st].row_begin = ti.row_begin, desc[st].rows = ti.rows, desc[st].n0 = n0, desc[st].e = ti.e;
+          __syncwarp();
+        }
+        if (lane == 0) {
+          wg::mbar_arrive_expect_tx(full, Cfg::B_BYTES);  // releases the descriptor too
+#pragma unroll
+          for (int s = 0; s < NSETS; ++s)
+            wg::tma_load_2d(b_base + st * Cfg::B_BYTES + uint32_t(s * BN) * wg::kRowBytes, &map_b, kt * BK,
+                            brow[s], full);
+        }
+#pragma unroll
+        for (int i = 0; i < BM / 4; ++i)
+          if (src[i]) gemm::cp_async16(a_dst + st * Cfg::A_BYTES + 4 * i * Cfg::A_LD, src[i] + kt * BK, true);
+        wg::cp_async_arrive_noinc(full);
+      }
+    }
+    const int st = acquire(g);  // the end marker
+    if (lane == 0) desc[st].rows = 0;
+    __syncwarp();
+    if (lane == 0) wg::mbar_arrive(pipe.full0 + 8 * st);
+    wg::cp_async_arrive_noinc(pipe.full0 + 8 * st);
+    return;
+  }
+
+  const int wn = warp - 1;  // this warp's 8 columns of every set
+  const int brow = wn * 8 + (lane & 7);
+  const int N = MODE == kGemm2 ? p.H : p.I;
+  const float* wscale = MODE == kGemm2 ? p.w2_scale : p.w13_scale;
+  for (int g = 0;;) {
+    pipe.consume(g);
+    const gemm::StreamItem<BM>& it = desc[g % STAGES];
+    const int rows = it.rows;
+    if (rows == 0) break;
+    const int64_t row_begin = it.row_begin;
+    const int n0 = it.n0, e = it.e;
+    // This thread's accumulator rows (mi * 16 + lane / 4 + 8 half): slot and scale row.
+    int32_t slot[MI][2];
+    const float* srow[MI][2];
+#pragma unroll
+    for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int r = mi * 16 + (lane >> 2) + half * 8;
+        slot[mi][half] = r < rows ? it.slot[r] : -1;
+        srow[mi][half] = nullptr;
+        if (r < rows) {
+          if (MODE == kGemm2)
+            srow[mi][half] = w.hs + (row_begin + r) * (BLOCK ? p.I / kGroup : 1);
+          else if (slot[mi][half] >= 0)
+            srow[mi][half] = w.xs + int64_t(slot[mi][half] / p.K) * (BLOCK ? p.H / kGroup : 1);
+        }
+      }
+    const float* wsrow[NSETS];
+#pragma unroll
+    for (int s = 0; s < NSETS; ++s)
+      wsrow[s] = BLOCK ? wscale + (int64_t(e) * (rows_w / kGroup) + weight_row<MODE>(p, s, n0) / kGroup) * KT
+                       : wscale;
+    uint32_t a_off[MI];
+#pragma unroll
+    for (int mi = 0; mi < MI; ++mi) {
+      const int r = mi * 16 + (lane & 15);
+      a_off[mi] = uint32_t(r < rows ? r : 0) * Cfg::A_LD + uint32_t(lane >> 4) * 16;
+    }
+    float acc[NSETS][MI][4];
+#pragma unroll
+    for (int s = 0; s < NSETS; ++s)
+#pragma unroll
+      for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) acc[s][mi][r] = 0.0f;
+    for (int kt = 0; kt < KT; ++kt, ++g) {
+      // This K block's scales, loaded before the wait for its buffer.
+      float sa[MI][2], sw[NSETS];
+      if (BLOCK) {
+#pragma unroll
+        for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+          for (int half = 0; half < 2; ++half) sa[mi][half] = srow[mi][half] ? srow[mi][half][kt] : 0.0f;
+#pragma unroll
+        for (int s = 0; s < NSETS; ++s) sw[s] = wsrow[s][kt];
+      }
+      const int st = g % STAGES;
+      if (kt > 0) pipe.consume(g);
+      const unsigned char* a_st = smem + (a_base - b_base) + size_t(st) * Cfg::A_BYTES;
+      const unsigned char* b_st = smem + size_t(st) * Cfg::B_BYTES;
+      float part[NSETS][MI][4];
+#pragma unroll
+      for (int s = 0; s < NSETS; ++s)
+#pragma unroll
+        for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+          for (int r = 0; r < 4; ++r) part[s][mi][r] = 0.0f;
+#pragma unroll
+      for (int kk = 0; kk < BK / 32; ++kk) {
+        uint32_t a[MI][4];
+#pragma unroll
+        for (int mi = 0; mi < MI; ++mi) gemm::ldmatrix_x4(a[mi], a_st + a_off[mi] + kk * 32);
+#pragma unroll
+        for (int s = 0; s < NSETS; ++s) {
+          uint32_t b[2];
+          gemm::ldmatrix_x2(b, b_st + wg::swizzled_offset(s * BN + brow, 2 * kk + ((lane >> 3) & 1)));
+#pragma unroll
+          for (int mi = 0; mi < MI; ++mi) mma_e4m3(part[s][mi], a[mi], b[0], b[1]);
+        }
+      }
+      __syncwarp();
+      if (lane == 0) pipe.release(g);
+      // Promotion (fp8_gemm_kernel's, with the block scales).
+#pragma unroll
+      for (int s = 0; s < NSETS; ++s)
+#pragma unroll
+        for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+          for (int r = 0; r < 4; ++r) {
+            if (BLOCK)
+              acc[s][mi][r] = fmaf(part[s][mi][r], sa[mi][r >> 1] * sw[s], acc[s][mi][r]);
+            else
+              acc[s][mi][r] += part[s][mi][r];
+          }
+    }
+    // fp8_gemm_kernel's epilogue.
+    const float w_tensor = BLOCK ? 1.0f : wscale[e];
+    const int col = n0 + wn * 8 + (lane & 3) * 2;
+#pragma unroll
+    for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int r = mi * 16 + (lane >> 2) + half * 8;
+        if (r >= rows || !srow[mi][half] || col >= N) continue;  // N % 16 == 0: col + 1 < N as well
+        const int64_t pos = row_begin + r;
+        const float f = BLOCK ? 1.0f : srow[mi][half][0] * w_tensor;
+        const float a0 = acc[0][mi][2 * half] * f, a1 = acc[0][mi][2 * half + 1] * f;
+        if (MODE == kGemm2) {
+          if (slot[mi][half] >= 0) store_slot_pair(p, w, slot[mi][half], col, a0, a1);
+        } else {
+          float h0 = gemm::activate_fast(p.activation, a0), h1 = gemm::activate_fast(p.activation, a1);
+          if (MODE == kGemm1Gated) {
+            h0 *= acc[NSETS - 1][mi][2 * half] * f;
+            h1 *= acc[NSETS - 1][mi][2 * half + 1] * f;
+          }
+          *reinterpret_cast<float2*>(w.h + pos * p.I + col) = make_float2(h0, h1);
+        }
+      }
+  }
+}
+
 // --- wgmma path (sm_90a, 128-row tiles) -------------------------------------------
 //
 // 128 sorted rows x 128 weight rows (gated GEMM1: 64 gate and the matching 64
@@ -569,8 +818,6 @@ __global__ void __launch_bounds__(Cfg::THREADS) fp8_gemm_kernel(Fp8RunParams p, 
 // from all 256 threads; variant 2 (MOE_RUNNER_WGMMA=2) has a producer
 // warpgroup stream them by TMA (A from the token codes copied in sorted
 // order, or from h's codes) on mbarriers, as the bf16 runner's variant 2.
-namespace wg = moe::kernels::wgmma;
-
 constexpr int WG_BM = 128, WG_BN = 128, WG_STAGES = 6, WG_THREADS = 256, WS_THREADS = 384;
 // The TMA kernel's producer warpgroup keeps 40 registers, its consumers 232.
 using WsRegs = wg::RegSplit<WS_THREADS, 128, 40, 232>;
@@ -1004,14 +1251,43 @@ cudaError_t launch_mma(const Fp8RunParams& p, const Work& w, unsigned tiles, cud
   return cudaGetLastError();
 }
 
-// One GEMM on row tiles of `rows`: the mma.sync kernel of that tile (16, 32,
-// 64), or for 128 the wgmma variant `mode` (1 or 2).
+// One streaming GEMM (fp8_stream_kernel) on BM-row tiles when
+// stream_kernels_for says so and it applies (K % 128 == 0, a weight view the
+// tensor map takes), else false: the caller keeps fp8_gemm_kernel.
+template <int MODE, bool BLOCK, int BM>
+bool launch_stream(const Fp8RunParams& p, const Work& w, cudaStream_t stream) {
+  constexpr int NSETS = MODE == kGemm1Gated ? 2 : 1;
+  using Cfg = gemm::StreamCfg<BM, BM, NSETS, 2>;  // decode tiles: BN = BM (Fp8CfgDecode16, Fp8CfgDecode32)
+  const int Kdim = MODE == kGemm2 ? p.I : p.H;
+  const int N = MODE == kGemm2 ? p.H : p.I;
+  if (!stream_kernels_for(int64_t(N) * Kdim * NSETS) || Kdim % BK != 0) return false;
+  CUtensorMap map_b;
+  const uint64_t rows = uint64_t(p.E_loc) * (MODE == kGemm2 ? p.H : NSETS * p.I);
+  if (!tma::map_rows_2d(&map_b, MODE == kGemm2 ? p.w2 : p.w13, rows, uint64_t(Kdim), Cfg::BN,
+                        CU_TENSOR_MAP_DATA_TYPE_UINT8, 1))
+    return false;
+  auto kernel = fp8_stream_kernel<MODE, BLOCK, Cfg>;
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(Cfg::SMEM_BYTES)) !=
+      cudaSuccess) {
+    cudaGetLastError();  // clear it: the caller falls back
+    return false;
+  }
+  const int sms = sm_count();
+  if (sms <= 0) return false;
+  kernel<<<unsigned(sms * Cfg::BLOCKS), Cfg::THREADS, Cfg::SMEM_BYTES, stream>>>(p, w, map_b, ceil_div(N, Cfg::BN));
+  return true;
+}
+
+// One GEMM on row tiles of `rows`: the streaming kernel or the mma.sync
+// kernel of that tile (16, 32), the mma.sync kernel (64), or for 128 the
+// wgmma variant `mode` (1 or 2).
 template <int MODE, bool BLOCK>
 cudaError_t launch_gemm(const Fp8RunParams& p, const Work& w, int rows, int mode, unsigned tiles,
                         cudaStream_t stream) {
   constexpr int NSETS = MODE == kGemm1Gated ? 2 : 1;
   switch (rows) {
     case 16:
+      if (launch_stream<MODE, BLOCK, 16>(p, w, stream)) return cudaGetLastError();
       // Large expert matrices: 6 stages once the batch has as many slots as
       // there are local experts (a 16-row tile per expert could then be
       // needed: enough blocks per SM that a shallower pipeline each wins),
@@ -1025,7 +1301,9 @@ cudaError_t launch_gemm(const Fp8RunParams& p, const Work& w, int rows, int mode
         case 6: return launch_mma<MODE, BLOCK, Fp8CfgDecode16s6>(p, w, tiles, stream);
         default: return launch_mma<MODE, BLOCK, Fp8CfgDecode16>(p, w, tiles, stream);
       }
-    case 32: return launch_mma<MODE, BLOCK, Fp8CfgDecode32>(p, w, tiles, stream);
+    case 32:
+      if (launch_stream<MODE, BLOCK, 32>(p, w, stream)) return cudaGetLastError();
+      return launch_mma<MODE, BLOCK, Fp8CfgDecode32>(p, w, tiles, stream);
     case 64: return launch_mma<MODE, BLOCK, Fp8CfgMid>(p, w, tiles, stream);
     default: break;
   }

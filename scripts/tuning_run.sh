@@ -45,6 +45,14 @@
 #              MOE_TUNE_FP8_TIMELINE (default deepseek:8192 mixtral:8192,
 #              block scales, PDL off) for each width
 #   fp8san     memcheck and synccheck on the FP8 cases with 128-row tiles
+#   race6      racecheck with the 16-row decode tiles at 6 stages forced
+#              (MOE_RUNNER_DECODE_STAGES=6; the 32-row FP8 tiles have 6) on
+#              the runner and FP8 cases, with the kernels racecheck models
+#              (MOE_RUNNER_STREAM=0, MOE_RUNNER_WGMMA=1: no mbarriers)
+#   fp8stream  the FP8 suite with the streaming decode kernels off
+#              (MOE_RUNNER_STREAM=0: fp8_gemm_kernel) and forced for every
+#              size (=1), then memcheck and synccheck on the FP8 cases with
+#              them forced (all but gpu.fp8.model_shapes, too large for them)
 #   partial    memcheck and synccheck on gpu.runner.wgmma_variants_partial_tiles
 #              and gpu.runner.wgmma_persistent_items (every 128-row variant;
 #              warpgroups without rows skip their MMAs; several items per
@@ -89,8 +97,9 @@ EOF
 
 # sanitize TOOL CASES NAME LABEL: compute-sanitizer TOOL on the doctest cases
 # CASES (the caller's environment applies), log $logs/NAME.log, one summary line.
+# EXCLUDE (optional, fifth): doctest cases left out (-tce).
 sanitize() {
-  timeout 300 compute-sanitizer --tool "$1" --error-exitcode 9 "$tests" -tc="$2" > "$logs/$3.log" 2>&1
+  timeout 300 compute-sanitizer --tool "$1" --error-exitcode 9 "$tests" -tc="$2" ${5:+-tce="$5"} > "$logs/$3.log" 2>&1
   local rc=$?
   [ $rc -eq 0 ] || status=1
   note "$1 $4 rc=$rc: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|^\[doctest\] test cases' "$logs/$3.log" | tr '\n' ' ')"
@@ -181,6 +190,26 @@ step_stream() {
   note "ctest -L gpu, MOE_RUNNER_STREAM=1 rc=$rc: $(grep -E 'tests passed' "$logs/stream_forced_ctest.log")"
   for tool in ${MOE_TUNE_STREAM_TOOLS:-memcheck synccheck}; do
     MOE_RUNNER_STREAM=1 sanitize $tool 'gpu.runner.*,gpu.graph*' "stream_$tool" "runner+graph, MOE_RUNNER_STREAM=1"
+  done
+}
+
+step_race6() {
+  MOE_RUNNER_STREAM=0 MOE_RUNNER_WGMMA=1 MOE_RUNNER_DECODE_STAGES=6 sanitize racecheck \
+    'gpu.runner.*,gpu.fp8.block_128,gpu.fp8.per_tensor_dynamic,gpu.fp8.batch_independent' race6 \
+    "runner + FP8 decode cases, 6 stages forced"
+}
+
+step_fp8stream() {
+  local rc v tool
+  for v in 0 1; do
+    MOE_RUNNER_STREAM=$v timeout 200 "$tests" -tc='gpu.fp8.*' > "$logs/fp8_stream$v.log" 2>&1
+    rc=$?
+    [ $rc -eq 0 ] || status=1
+    note "gpu.fp8.*, MOE_RUNNER_STREAM=$v rc=$rc: $(grep -E '^\[doctest\] (test cases|assertions)' "$logs/fp8_stream$v.log" | tr '\n' ' ')"
+  done
+  for tool in memcheck synccheck; do
+    MOE_RUNNER_STREAM=1 sanitize $tool 'gpu.fp8.*' "fp8_stream_$tool" "gpu.fp8.* but model_shapes, MOE_RUNNER_STREAM=1" \
+      'gpu.fp8.model_shapes'
   done
 }
 

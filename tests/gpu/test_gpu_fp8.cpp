@@ -544,6 +544,48 @@ TEST_CASE("gpu.fp8.batch_independent") {
   }
 }
 
+TEST_CASE("gpu.fp8.stream_kernels") {
+  // Expert matrices of more than 4M elements, so that on sm_90a the 16- and
+  // 32-row decode tiles run fp8_stream_kernel (stream_kernels_for) while a
+  // batch of 75 slots per local expert runs fp8_gemm_kernel's 64-row tiles:
+  // the same fragments, K order and promotions, so a token's output must be
+  // bitwise the same in a batch of 1 or 20 (16-row tiles) or 40 (32-row
+  // tiles) as in the batch of 150. Gated block-128 and non-gated per-tensor,
+  // partial tiles and skipped slots (-1) included.
+  const Case cases[] = {
+      sized(silu_gated(MOE_QUANT_FP8_BLOCK_128, MOE_ACT_SCALE_DYNAMIC), 4, 1, 0, 2, 2176, 2048),
+      sized(relu2_plain(MOE_QUANT_FP8_PER_TENSOR, MOE_ACT_SCALE_DYNAMIC), 4, 1, 0, 2, 2176, 2048),
+  };
+  for (const Case& c : cases) {
+    INFO(std::string(c.name), " ", std::string(quant_name(c)));
+    auto rng = fresh_rng();
+    Weights wt(c, rng);
+    GpuLayer l(c, wt);
+    Inputs all(c, 150, rng);
+    HostTensor y_all(c.x_dt, {all.T, c.H});
+    {
+      GpuBatch b(c, all);
+      run_gpu(c, l, b, y_all);
+    }
+    const size_t row = size_t(c.H) * dt_bytes(c.x_dt);
+    for (int64_t t = 0; t < all.T; ++t)
+      for (int col = 0; col < c.H; ++col) REQUIRE(std::isfinite(y_all.get(t * c.H + col)));
+    for (int64_t T : {int64_t(1), int64_t(20), int64_t(40)}) {
+      Inputs part(c, T, rng);  // the first T tokens of the batch
+      std::memcpy(part.x.data(), all.x.storage.data(), row * size_t(T));
+      for (int64_t i = 0; i < T * c.k; ++i) {
+        part.ids.as<int32_t>()[i] = all.ids.as<int32_t>()[i];
+        part.w.as<float>()[i] = all.w.as<float>()[i];
+      }
+      GpuBatch b(c, part);
+      HostTensor y(c.x_dt, {T, c.H});
+      run_gpu(c, l, b, y);
+      INFO("batch of ", T);
+      CHECK(std::memcmp(y.storage.data(), y_all.storage.data(), row * size_t(T)) == 0);
+    }
+  }
+}
+
 TEST_CASE("gpu.fp8.tma_tile_widths") {
   // The persistent TMA kernel (128-row tiles on sm_90a) with 256 weight rows
   // per tile (two 128-column MMA halves, the default) and with 128

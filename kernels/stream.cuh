@@ -1,0 +1,70 @@
+// The streaming decode GEMMs' shared pieces (sm_90a): gemm_stream_kernel
+// (kernels/moe_runner.cu, bf16 / f16) and fp8_stream_kernel
+// (kernels/moe_runner_fp8.cu, E4M3). Both stream 16- and 32-row tiles
+// through persistent blocks whose producer warp copies each 128-byte-deep K
+// step's weight tile by TMA and the tile's A rows by cp.async into a deep
+// ring of mbarrier-guarded buffers; one consumer warp per 8 columns of every
+// weight set. See gemm_stream_kernel for the design and its measurements.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "common.cuh"
+#include "wgmma.cuh"
+
+namespace moe::kernels::gemm {
+
+constexpr size_t kStreamSmemBytes = 216 * 1024;  // dynamic shared memory of the blocks of one SM
+
+// BM rows x BN columns per weight set (NSETS), BLOCKS blocks per SM, and as
+// many buffers of one 128-byte K step (the B tile of every set, 128B-swizzled
+// by TMA; then the A rows, padded for conflict-free ldmatrix) as the SM's
+// shared memory holds.
+template <int BM_, int BN_, int NSETS_, int BLOCKS_>
+struct StreamCfg {
+  static constexpr int BM = BM_, BN = BN_, NSETS = NSETS_, BLOCKS = BLOCKS_;  // BLOCKS: per SM
+  static constexpr int CONSUMERS = BN / 8;  // warps, 8 columns of every set each
+  static constexpr int THREADS = 32 * (1 + CONSUMERS);
+  static constexpr int A_LD = 144;  // bytes per A row: 128 + 16, conflict-free ldmatrix
+  static constexpr uint32_t B_BYTES = uint32_t(NSETS) * BN * wgmma::kRowBytes;
+  static constexpr uint32_t A_BYTES = uint32_t(BM) * A_LD;
+  static constexpr int STAGES =
+      int((kStreamSmemBytes / BLOCKS - wgmma::kSwizzleBytes) / (B_BYTES + A_BYTES));
+  static constexpr size_t SMEM_BYTES = wgmma::kSwizzleBytes + size_t(STAGES) * (B_BYTES + A_BYTES);
+  static_assert(BM % 16 == 0 && BM <= 32, "one producer lane per A row");
+  static_assert(BN % 8 == 0 && B_BYTES % wgmma::kSwizzleBytes == 0, "whole swizzle periods per set");
+};
+
+// What the producer tells the consumers about the item whose first k step
+// sits in a buffer (written before that step's full barrier is armed, read
+// after it completes; rows == 0: no more items).
+template <int BM>
+struct StreamItem {
+  int64_t row_begin;
+  int rows, n0, e;
+  int32_t slot[BM];  // slot of each valid row, -1 for none
+};
+
+// The tile of row-tile index `tile` found by one warp (tile_start
+// non-decreasing, tile_start[0] = 0): the largest expert e with
+// tile_start[e] <= tile, 32 experts a load.
+template <int BM>
+__device__ __forceinline__ bool warp_find_tile(const int32_t* tile_start, const int32_t* offsets, int E,
+                                               int64_t n, int tile, Tile& t) {
+  const int lane = threadIdx.x & 31;
+  int e = 0;
+  for (int base = 0; base < E; base += 32) {
+    const int c = base + lane;
+    const unsigned m = __ballot_sync(kFullMask, c < E && tile_start[c] <= tile);
+    if (m) e = base + 31 - __clz(int(m));
+    if (m != kFullMask) break;
+  }
+  t.e = e;
+  const int32_t begin = clamped_offset(offsets, n, e), end = clamped_offset(offsets, n, e + 1);
+  t.row_begin = begin + (tile - tile_start[e]) * BM;
+  t.rows = min(BM, end - t.row_begin);
+  return t.rows > 0;
+}
+
+}  // namespace moe::kernels::gemm
