@@ -584,11 +584,19 @@ __global__ void __launch_bounds__(Cfg::THREADS) fp8_gemm_kernel(Fp8RunParams p, 
 // blocks per SM walk the (row tile, column tile) items, each with a producer
 // warp that copies each K block's weight tile by one TMA copy per weight set
 // and the tile's valid code rows by cp.async into 16-33 buffers, the ring
-// running on across items. The consumers read the K block's scales from
-// global memory before they wait for its buffer. Needs K % 128 == 0 (whole
+// running on across items. Block scales travel with the codes: the producer
+// copies each row's K-block scale into the 16 padding bytes after the row's
+// 128 code bytes (byte kScaleOff; zeros where the row has no slot, as
+// fp8_gemm_kernel's 0 scale) and the weight sets' scales after row 0's, so
+// the consumers read them from shared memory after the buffer's wait
+// (loaded from global memory by the consumers themselves, each K block's
+// scales put an L2 round trip on the consumers' path: 14-20% slower than
+// fp8_gemm_kernel at T=8, run 109). Needs K % 128 == 0 (whole
 // K blocks; otherwise the caller keeps fp8_gemm_kernel). racecheck does not
 // model the mbarriers between the producer warp and the consumers (see
 // gemm_stream_kernel); memcheck, synccheck and the GPU suite check this.
+constexpr int kScaleOff = BK;  // a K block's scales in an A row's padding (fp8_stream_kernel)
+
 template <int MODE, bool BLOCK, class Cfg>
 __global__ void __launch_bounds__(Cfg::THREADS, Cfg::BLOCKS)
     fp8_stream_kernel(Fp8RunParams p, Work w, const __grid_constant__ CUtensorMap map_b, int cols) {
@@ -596,6 +604,7 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::BLOCKS)
   constexpr int MI = BM / 16;
   static_assert(NSETS == (MODE == kGemm1Gated ? 2 : 1), "weight sets of the mode");
   static_assert(kGroup % BN == 0, "a column tile lies inside one 128-row weight block");
+  static_assert(Cfg::A_LD >= kScaleOff + 4 * (1 + NSETS), "room for the scales in an A row's padding");
   extern __shared__ unsigned char fp8_stream_smem_raw[];
   __shared__ __align__(8) uint64_t bars[2 * STAGES];
   __shared__ gemm::StreamItem<BM> desc[STAGES];
@@ -637,20 +646,31 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::BLOCKS)
       if (!gemm::warp_find_tile<BM>(w.tile_start, p.offsets, p.E_loc, w.n, int(u % tiles), ti)) continue;
       const int n0 = int(u / tiles) * BN;
       const int32_t slot = lane < ti.rows ? slot_at(p, w.n, ti.row_begin + lane) : -1;
-      // This lane copies 16-byte chunk lane % 8 of code rows lane / 8 + 4 i.
+      // This lane copies 16-byte chunk lane % 8 of code rows lane / 8 + 4 i
+      // (BLOCK, chunk 0's lanes: those rows' scales too).
       const uint8_t* src[BM / 4];
+      const float* ssrc[BM / 4];
 #pragma unroll
       for (int i = 0; i < BM / 4; ++i) {
         const int r = lane / 8 + 4 * i;
         const int32_t rs = __shfl_sync(kFullMask, slot, r);
         src[i] = nullptr;
+        ssrc[i] = nullptr;
         if (r < ti.rows) {
-          if (MODE == kGemm2)
+          if (MODE == kGemm2) {
             src[i] = w.hq + (ti.row_begin + r) * int64_t(p.I) + (lane % 8) * 16;
-          else if (rs >= 0)
+            ssrc[i] = w.hs + (ti.row_begin + r) * int64_t(KT);
+          } else if (rs >= 0) {
             src[i] = w.xq + int64_t(rs / p.K) * p.H + (lane % 8) * 16;
+            ssrc[i] = w.xs + int64_t(rs / p.K) * KT;
+          }
         }
       }
+      // BLOCK: lane s < NSETS copies weight set s's scale.
+      const float* wsrc = nullptr;
+      if (BLOCK && lane < NSETS)
+        wsrc = (MODE == kGemm2 ? p.w2_scale : p.w13_scale) +
+               (int64_t(ti.e) * (rows_w / kGroup) + weight_row<MODE>(p, lane, n0) / kGroup) * KT;
       unsigned char* a_dst = const_cast<unsigned char*>(smem) + (a_base - b_base) + (lane / 8) * Cfg::A_LD +
                              (lane % 8) * 16;
       int brow[NSETS];
@@ -672,8 +692,16 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::BLOCKS)
                             brow[s], full);
         }
 #pragma unroll
-        for (int i = 0; i < BM / 4; ++i)
-          if (src[i]) gemm::cp_async16(a_dst + st * Cfg::A_BYTES + 4 * i * Cfg::A_LD, src[i] + kt * BK, true);
+        for (int i = 0; i < BM / 4; ++i) {
+          unsigned char* dst = a_dst + st * Cfg::A_BYTES + 4 * i * Cfg::A_LD;
+          if (src[i]) gemm::cp_async16(dst, src[i] + kt * BK, true);
+          if (BLOCK && lane % 8 == 0)
+            gemm::cp_async4(dst + kScaleOff, ssrc[i] ? ssrc[i] + kt : w.xs, ssrc[i] != nullptr);
+        }
+        if (BLOCK && lane < NSETS)
+          gemm::cp_async4(const_cast<unsigned char*>(smem) + (a_base - b_base) + st * Cfg::A_BYTES + kScaleOff +
+                              4 * (1 + lane),
+                          wsrc + kt, true);
         wg::cp_async_arrive_noinc(full);
       }
     }
@@ -713,11 +741,6 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::BLOCKS)
             srow[mi][half] = w.xs + int64_t(slot[mi][half] / p.K) * (BLOCK ? p.H / kGroup : 1);
         }
       }
-    const float* wsrow[NSETS];
-#pragma unroll
-    for (int s = 0; s < NSETS; ++s)
-      wsrow[s] = BLOCK ? wscale + (int64_t(e) * (rows_w / kGroup) + weight_row<MODE>(p, s, n0) / kGroup) * KT
-                       : wscale;
     uint32_t a_off[MI];
 #pragma unroll
     for (int mi = 0; mi < MI; ++mi) {
@@ -732,20 +755,23 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::BLOCKS)
 #pragma unroll
         for (int r = 0; r < 4; ++r) acc[s][mi][r] = 0.0f;
     for (int kt = 0; kt < KT; ++kt, ++g) {
-      // This K block's scales, loaded before the wait for its buffer.
+      const int st = g % STAGES;
+      if (kt > 0) pipe.consume(g);
+      const unsigned char* a_st = smem + (a_base - b_base) + size_t(st) * Cfg::A_BYTES;
+      const unsigned char* b_st = smem + size_t(st) * Cfg::B_BYTES;
+      // BLOCK: this K block's scales, from the A rows' padding.
       float sa[MI][2], sw[NSETS];
       if (BLOCK) {
 #pragma unroll
         for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
-          for (int half = 0; half < 2; ++half) sa[mi][half] = srow[mi][half] ? srow[mi][half][kt] : 0.0f;
+          for (int half = 0; half < 2; ++half) {
+            const int r = mi * 16 + (lane >> 2) + half * 8;
+            sa[mi][half] = r < rows ? *reinterpret_cast<const float*>(a_st + r * Cfg::A_LD + kScaleOff) : 0.0f;
+          }
 #pragma unroll
-        for (int s = 0; s < NSETS; ++s) sw[s] = wsrow[s][kt];
+        for (int s = 0; s < NSETS; ++s) sw[s] = *reinterpret_cast<const float*>(a_st + kScaleOff + 4 * (1 + s));
       }
-      const int st = g % STAGES;
-      if (kt > 0) pipe.consume(g);
-      const unsigned char* a_st = smem + (a_base - b_base) + size_t(st) * Cfg::A_BYTES;
-      const unsigned char* b_st = smem + size_t(st) * Cfg::B_BYTES;
       float part[NSETS][MI][4];
 #pragma unroll
       for (int s = 0; s < NSETS; ++s)
