@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <string>
 #include <type_traits>
 
 #include "common.cuh"
@@ -1280,13 +1281,11 @@ cudaError_t launch_mma(const Fp8RunParams& p, const Work& w, unsigned tiles, cud
 // One streaming GEMM (fp8_stream_kernel) on BM-row tiles when
 // stream_kernels_for says so and it applies (K % 128 == 0, a weight view the
 // tensor map takes), else false: the caller keeps fp8_gemm_kernel.
-template <int MODE, bool BLOCK, int BM>
-bool launch_stream(const Fp8RunParams& p, const Work& w, cudaStream_t stream) {
-  constexpr int NSETS = MODE == kGemm1Gated ? 2 : 1;
-  using Cfg = gemm::StreamCfg<BM, BM, NSETS, 2>;  // decode tiles: BN = BM (Fp8CfgDecode16, Fp8CfgDecode32)
+template <int MODE, bool BLOCK, class Cfg>
+bool launch_stream_cfg(const Fp8RunParams& p, const Work& w, cudaStream_t stream) {
+  constexpr int NSETS = Cfg::NSETS;
   const int Kdim = MODE == kGemm2 ? p.I : p.H;
   const int N = MODE == kGemm2 ? p.H : p.I;
-  if (!stream_kernels_for(int64_t(N) * Kdim * NSETS) || Kdim % BK != 0) return false;
   CUtensorMap map_b;
   const uint64_t rows = uint64_t(p.E_loc) * (MODE == kGemm2 ? p.H : NSETS * p.I);
   if (!tma::map_rows_2d(&map_b, MODE == kGemm2 ? p.w2 : p.w13, rows, uint64_t(Kdim), Cfg::BN,
@@ -1302,6 +1301,20 @@ bool launch_stream(const Fp8RunParams& p, const Work& w, cudaStream_t stream) {
   if (sms <= 0) return false;
   kernel<<<unsigned(sms * Cfg::BLOCKS), Cfg::THREADS, Cfg::SMEM_BYTES, stream>>>(p, w, map_b, ceil_div(N, Cfg::BN));
   return true;
+}
+
+template <int MODE, bool BLOCK, int BM>
+bool launch_stream(const Fp8RunParams& p, const Work& w, cudaStream_t stream) {
+  constexpr int NSETS = MODE == kGemm1Gated ? 2 : 1;
+  const int Kdim = MODE == kGemm2 ? p.I : p.H;
+  const int N = MODE == kGemm2 ? p.H : p.I;
+  if (!stream_kernels_for(int64_t(N) * Kdim * NSETS) || Kdim % BK != 0) return false;
+  // TRIAL (run 111): MOE_FP8_STREAM_CFG=b4 (4 blocks per SM), n32 (32 columns a tile).
+  const char* v = std::getenv("MOE_FP8_STREAM_CFG");
+  const std::string c = v ? v : "";
+  if (c == "b4") return launch_stream_cfg<MODE, BLOCK, gemm::StreamCfg<BM, BM, NSETS, 4>>(p, w, stream);
+  if (c == "n32") return launch_stream_cfg<MODE, BLOCK, gemm::StreamCfg<BM, 32, NSETS, 2>>(p, w, stream);
+  return launch_stream_cfg<MODE, BLOCK, gemm::StreamCfg<BM, BM, NSETS, 2>>(p, w, stream);
 }
 
 // One GEMM on row tiles of `rows`: the streaming kernel or the mma.sync
