@@ -1309,12 +1309,17 @@ bool launch_stream(const Fp8RunParams& p, const Work& w, cudaStream_t stream) {
   const int Kdim = MODE == kGemm2 ? p.I : p.H;
   const int N = MODE == kGemm2 ? p.H : p.I;
   if (!stream_kernels_for(int64_t(N) * Kdim * NSETS) || Kdim % BK != 0) return false;
-  // TRIAL (run 111): MOE_FP8_STREAM_CFG=b4 (4 blocks per SM), n32 (32 columns a tile).
+  // TRIAL (runs 111-112): MOE_FP8_STREAM_CFG=bXnY: X blocks per SM, Y columns a tile.
   const char* v = std::getenv("MOE_FP8_STREAM_CFG");
   const std::string c = v ? v : "";
-  if (c == "b4") return launch_stream_cfg<MODE, BLOCK, gemm::StreamCfg<BM, BM, NSETS, 4>>(p, w, stream);
+  if (c == "b4") return launch_stream_cfg<MODE, BLOCK, gemm::StreamCfg<BM, 16, NSETS, 4>>(p, w, stream);
+  if (c == "b6") return launch_stream_cfg<MODE, BLOCK, gemm::StreamCfg<BM, 16, NSETS, 6>>(p, w, stream);
+  if (c == "b8") return launch_stream_cfg<MODE, BLOCK, gemm::StreamCfg<BM, 16, NSETS, 8>>(p, w, stream);
   if (c == "n32") return launch_stream_cfg<MODE, BLOCK, gemm::StreamCfg<BM, 32, NSETS, 2>>(p, w, stream);
-  return launch_stream_cfg<MODE, BLOCK, gemm::StreamCfg<BM, BM, NSETS, 2>>(p, w, stream);
+  if (c == "b3n32") return launch_stream_cfg<MODE, BLOCK, gemm::StreamCfg<BM, 32, NSETS, 3>>(p, w, stream);
+  if (c == "b4n32") return launch_stream_cfg<MODE, BLOCK, gemm::StreamCfg<BM, 32, NSETS, 4>>(p, w, stream);
+  if (c == "n64") return launch_stream_cfg<MODE, BLOCK, gemm::StreamCfg<BM, 64, NSETS, 2>>(p, w, stream);
+  return launch_stream_cfg<MODE, BLOCK, gemm::StreamCfg<BM, 16, NSETS, 2>>(p, w, stream);
 }
 
 // One GEMM on row tiles of `rows`: the streaming kernel or the mma.sync
@@ -1340,9 +1345,7 @@ cudaError_t launch_gemm(const Fp8RunParams& p, const Work& w, int rows, int mode
         case 6: return launch_mma<MODE, BLOCK, Fp8CfgDecode16s6>(p, w, tiles, stream);
         default: return launch_mma<MODE, BLOCK, Fp8CfgDecode16>(p, w, tiles, stream);
       }
-    case 32:
-      if (launch_stream<MODE, BLOCK, 32>(p, w, stream)) return cudaGetLastError();
-      return launch_mma<MODE, BLOCK, Fp8CfgDecode32>(p, w, tiles, stream);
+    case 32: return launch_mma<MODE, BLOCK, Fp8CfgDecode32>(p, w, tiles, stream);
     case 64: return launch_mma<MODE, BLOCK, Fp8CfgMid>(p, w, tiles, stream);
     default: break;
   }
