@@ -4,7 +4,6 @@
 
 #include <algorithm>
 #include <cstdlib>
-#include <string>
 #include <type_traits>
 
 #include "common.cuh"
@@ -572,30 +571,28 @@ __global__ void __launch_bounds__(Cfg::THREADS) fp8_gemm_kernel(Fp8RunParams p, 
     }
 }
 
-// --- streaming decode tiles (sm_90a, 16- and 32-row tiles) -------------------------
+// --- streaming decode tiles (sm_90a, 16-row tiles) -------------------------------
 //
 // moe_runner.cu's gemm_stream_kernel for E4M3 codes (kernels/stream.cuh):
-// the tiles, fragments and K order of fp8_gemm_kernel's decode
-// configurations (BM rows x BN columns per weight set, one warp per 8
+// the tiles, fragments and K order of fp8_gemm_kernel's 16-row decode
+// configurations (16 rows x BN columns per weight set, one warp per 8
 // columns, m16n8k32 over each 128-column K block in order into a partial
 // sum that is then promoted), so every output is bitwise what those give
 // (gpu.fp8.stream_kernels compares them); what changes is how the weights
 // arrive. fp8_gemm_kernel keeps STAGES - 1 K blocks of one tile in flight per
-// block and starts every tile's pipeline from empty; here 2 persistent
-// blocks per SM walk the (row tile, column tile) items, each with a producer
-// warp that copies each K block's weight tile by one TMA copy per weight set
-// and the tile's valid code rows by cp.async into 16-33 buffers, the ring
-// running on across items. Block scales travel with the codes: the producer
-// copies each row's K-block scale into the 16 padding bytes after the row's
-// 128 code bytes (byte kScaleOff; zeros where the row has no slot, as
-// fp8_gemm_kernel's 0 scale) and the weight sets' scales after row 0's, so
-// the consumers read them from shared memory after the buffer's wait
-// (loaded from global memory by the consumers themselves, each K block's
-// scales put an L2 round trip on the consumers' path: 14-20% slower than
-// fp8_gemm_kernel at T=8, run 109). Needs K % 128 == 0 (whole
-// K blocks; otherwise the caller keeps fp8_gemm_kernel). racecheck does not
-// model the mbarriers between the producer warp and the consumers (see
-// gemm_stream_kernel); memcheck, synccheck and the GPU suite check this.
+// block and starts every tile's pipeline from empty; here persistent blocks
+// (4 per SM, launch_stream16) walk the (row tile, column tile) items, each
+// with a producer warp that copies each K block's weight tile by one TMA copy
+// per weight set and the tile's valid code rows by cp.async into a ring of
+// 5-12 buffers that runs on across items. Block scales travel with the
+// codes: the producer copies each row's K-block scale into the 16 padding
+// bytes after the row's 128 code bytes (byte kScaleOff; zeros where the row
+// has no slot, as fp8_gemm_kernel's 0 scale) and the weight sets' scales
+// after row 0's, so the consumers read them from shared memory after the
+// buffer's wait. Needs K % 128 == 0 (whole K blocks; otherwise the caller
+// keeps fp8_gemm_kernel). racecheck does not model the mbarriers between the
+// producer warp and the consumers (see gemm_stream_kernel); memcheck,
+// synccheck and the GPU suite check this kernel.
 constexpr int kScaleOff = BK;  // a K block's scales in an A row's padding (fp8_stream_kernel)
 
 template <int MODE, bool BLOCK, class Cfg>
@@ -1278,11 +1275,11 @@ cudaError_t launch_mma(const Fp8RunParams& p, const Work& w, unsigned tiles, cud
   return cudaGetLastError();
 }
 
-// One streaming GEMM (fp8_stream_kernel) on BM-row tiles when
-// stream_kernels_for says so and it applies (K % 128 == 0, a weight view the
-// tensor map takes), else false: the caller keeps fp8_gemm_kernel.
+// One streaming GEMM (fp8_stream_kernel) of configuration Cfg; false where
+// the weight view cannot be mapped or the kernel configured (the caller keeps
+// fp8_gemm_kernel).
 template <int MODE, bool BLOCK, class Cfg>
-bool launch_stream_cfg(const Fp8RunParams& p, const Work& w, cudaStream_t stream) {
+bool launch_stream(const Fp8RunParams& p, const Work& w, cudaStream_t stream) {
   constexpr int NSETS = Cfg::NSETS;
   const int Kdim = MODE == kGemm2 ? p.I : p.H;
   const int N = MODE == kGemm2 ? p.H : p.I;
@@ -1303,23 +1300,27 @@ bool launch_stream_cfg(const Fp8RunParams& p, const Work& w, cudaStream_t stream
   return true;
 }
 
-template <int MODE, bool BLOCK, int BM>
-bool launch_stream(const Fp8RunParams& p, const Work& w, cudaStream_t stream) {
+// The streaming kernel on 16-row tiles: 4 blocks per SM (each with a ring of
+// 4-8 K blocks), 16 columns a tile while the batch has fewer slots than
+// local experts (few tiles: narrow items spread them over the SMs), else 32.
+// Runs 111-112 (fp8_bench runner us, two rounds; fp8_gemm_kernel / 2 blocks
+// of 16 columns / 4 blocks of 16 / 4 blocks of 32): Mixtral block T=1
+// 188.2 / 187.9 / 166.7 / 174.6, T=8 472.8 / 581.9 / 448.3 / 443.2, T=32
+// 562.3 / 718 / 542.2 / 516.2; the DeepSeek slice block T=1 37.8 / 35.2 /
+// 33.6 / 35.0, T=8 160.9 / 187.8 / 149.1 / 142.5, per-tensor T=8 95.4 /
+// 91.8 / 80.9 / 79.1. Each consumer warp runs a K block's four dependent
+// MMAs and the promotion after them, so an SM needs many consumer warps:
+// 2 blocks of 2-4 warps were slower than fp8_gemm_kernel. On 32-row tiles
+// every configuration tried was slower than fp8_gemm_kernel (run 111: the
+// DeepSeek slice block T=64 367 against 394-419 us), so those keep it.
+template <int MODE, bool BLOCK>
+bool launch_stream16(const Fp8RunParams& p, const Work& w, cudaStream_t stream) {
   constexpr int NSETS = MODE == kGemm1Gated ? 2 : 1;
   const int Kdim = MODE == kGemm2 ? p.I : p.H;
   const int N = MODE == kGemm2 ? p.H : p.I;
   if (!stream_kernels_for(int64_t(N) * Kdim * NSETS) || Kdim % BK != 0) return false;
-  // TRIAL (runs 111-112): MOE_FP8_STREAM_CFG=bXnY: X blocks per SM, Y columns a tile.
-  const char* v = std::getenv("MOE_FP8_STREAM_CFG");
-  const std::string c = v ? v : "";
-  if (c == "b4") return launch_stream_cfg<MODE, BLOCK, gemm::StreamCfg<BM, 16, NSETS, 4>>(p, w, stream);
-  if (c == "b6") return launch_stream_cfg<MODE, BLOCK, gemm::StreamCfg<BM, 16, NSETS, 6>>(p, w, stream);
-  if (c == "b8") return launch_stream_cfg<MODE, BLOCK, gemm::StreamCfg<BM, 16, NSETS, 8>>(p, w, stream);
-  if (c == "n32") return launch_stream_cfg<MODE, BLOCK, gemm::StreamCfg<BM, 32, NSETS, 2>>(p, w, stream);
-  if (c == "b3n32") return launch_stream_cfg<MODE, BLOCK, gemm::StreamCfg<BM, 32, NSETS, 3>>(p, w, stream);
-  if (c == "b4n32") return launch_stream_cfg<MODE, BLOCK, gemm::StreamCfg<BM, 32, NSETS, 4>>(p, w, stream);
-  if (c == "n64") return launch_stream_cfg<MODE, BLOCK, gemm::StreamCfg<BM, 64, NSETS, 2>>(p, w, stream);
-  return launch_stream_cfg<MODE, BLOCK, gemm::StreamCfg<BM, 16, NSETS, 2>>(p, w, stream);
+  return w.n < p.E_loc ? launch_stream<MODE, BLOCK, gemm::StreamCfg<16, 16, NSETS, 4>>(p, w, stream)
+                       : launch_stream<MODE, BLOCK, gemm::StreamCfg<16, 32, NSETS, 4>>(p, w, stream);
 }
 
 // One GEMM on row tiles of `rows`: the streaming kernel or the mma.sync
@@ -1331,7 +1332,7 @@ cudaError_t launch_gemm(const Fp8RunParams& p, const Work& w, int rows, int mode
   constexpr int NSETS = MODE == kGemm1Gated ? 2 : 1;
   switch (rows) {
     case 16:
-      if (launch_stream<MODE, BLOCK, 16>(p, w, stream)) return cudaGetLastError();
+      if (launch_stream16<MODE, BLOCK>(p, w, stream)) return cudaGetLastError();
       // Large expert matrices: 6 stages once the batch has as many slots as
       // there are local experts (a 16-row tile per expert could then be
       // needed: enough blocks per SM that a shallower pipeline each wins),

@@ -47,7 +47,8 @@
 #   fp8san     memcheck and synccheck on the FP8 cases with 128-row tiles
 #   race6      racecheck with the 16-row decode tiles at 6 stages forced
 #              (MOE_RUNNER_DECODE_STAGES=6; the 32-row FP8 tiles have 6) on
-#              the runner and FP8 cases, with the kernels racecheck models
+#              the runner and FP8 cases (but gpu.runner.model_shapes, too
+#              large for it: run 109), with the kernels racecheck models
 #              (MOE_RUNNER_STREAM=0, MOE_RUNNER_WGMMA=1: no mbarriers)
 #   fp8stream  the FP8 suite with the streaming decode kernels off
 #              (MOE_RUNNER_STREAM=0: fp8_gemm_kernel) and forced for every
@@ -196,7 +197,7 @@ step_stream() {
 step_race6() {
   MOE_RUNNER_STREAM=0 MOE_RUNNER_WGMMA=1 MOE_RUNNER_DECODE_STAGES=6 sanitize racecheck \
     'gpu.runner.*,gpu.fp8.block_128,gpu.fp8.per_tensor_dynamic,gpu.fp8.batch_independent' race6 \
-    "runner + FP8 decode cases, 6 stages forced"
+    "runner + FP8 decode cases but gpu.runner.model_shapes, 6 stages forced" 'gpu.runner.model_shapes'
 }
 
 step_fp8stream() {

@@ -545,13 +545,14 @@ TEST_CASE("gpu.fp8.batch_independent") {
 }
 
 TEST_CASE("gpu.fp8.stream_kernels") {
-  // Expert matrices of more than 4M elements, so that on sm_90a the 16- and
-  // 32-row decode tiles run fp8_stream_kernel (stream_kernels_for) while a
-  // batch of 75 slots per local expert runs fp8_gemm_kernel's 64-row tiles:
-  // the same fragments, K order and promotions, so a token's output must be
-  // bitwise the same in a batch of 1 or 20 (16-row tiles) or 40 (32-row
-  // tiles) as in the batch of 150. Gated block-128 and non-gated per-tensor,
-  // partial tiles and skipped slots (-1) included.
+  // Expert matrices of more than 4M elements, so that on sm_90a the 16-row
+  // decode tiles run fp8_stream_kernel (stream_kernels_for; a batch of 1:
+  // fewer slots than local experts, 16 columns a tile; 20: 32 columns) while
+  // a batch of 75 slots per local expert runs fp8_gemm_kernel's 64-row
+  // tiles and one of 40 its 32-row tiles: the same fragments, K order and
+  // promotions, so a token's output must be bitwise the same in each as in
+  // the batch of 150. Gated block-128 and non-gated per-tensor, partial
+  // tiles and skipped slots (-1) included.
   const Case cases[] = {
       sized(silu_gated(MOE_QUANT_FP8_BLOCK_128, MOE_ACT_SCALE_DYNAMIC), 4, 1, 0, 2, 2176, 2048),
       sized(relu2_plain(MOE_QUANT_FP8_PER_TENSOR, MOE_ACT_SCALE_DYNAMIC), 4, 1, 0, 2, 2176, 2048),
