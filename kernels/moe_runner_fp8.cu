@@ -1310,7 +1310,8 @@ bool launch_stream(const Fp8RunParams& p, const Work& w, cudaStream_t stream) {
 // 33.6 / 35.0, T=8 160.9 / 187.8 / 149.1 / 142.5, per-tensor T=8 95.4 /
 // 91.8 / 80.9 / 79.1. Each consumer warp runs a K block's four dependent
 // MMAs and the promotion after them, so an SM needs many consumer warps:
-// 2 blocks of 2-4 warps were slower than fp8_gemm_kernel. On 32-row tiles
+// 2 blocks of 2-4 warps were up to 23% slower than fp8_gemm_kernel at T=8
+// (Mixtral block 581.9 us above). On 32-row tiles
 // every configuration tried was slower than fp8_gemm_kernel (run 111: the
 // DeepSeek slice block T=64 367 against 394-419 us), so those keep it.
 template <int MODE, bool BLOCK>
