@@ -109,14 +109,15 @@ __device__ __forceinline__ void ldmatrix_x2(uint32_t (&r)[2], const void* smem) 
                : "r"(addr));
 }
 
-// moe_activation_t in f32 (GELU in the erf form), as the CPU backend computes it.
+// moe_activation_t in f32 (GELU in the erf form), as the CPU backend computes
+// it (src/cpu/cpu_backend.h: forms accurate in the tails).
 __device__ __forceinline__ float activate(int act, float v) {
   switch (act) {
     case MOE_ACTIVATION_SILU: return v / (1.0f + expf(-v));
-    case MOE_ACTIVATION_GELU: return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
+    case MOE_ACTIVATION_GELU: return 0.5f * v * erfcf(v * -0.70710678118654752f);
     case MOE_ACTIVATION_GELU_TANH: {
-      const float c = 0.79788456080286536f;  // sqrt(2 / pi)
-      return 0.5f * v * (1.0f + tanhf(c * (v + 0.044715f * v * v * v)));
+      const float c2 = 1.5957691216057307f;  // 2 sqrt(2 / pi): 0.5 (1 + tanh z) = 1 / (1 + exp(-2 z))
+      return v / (1.0f + expf(-c2 * (v + 0.044715f * v * v * v)));
     }
     case MOE_ACTIVATION_RELU2: return v < 0.0f ? 0.0f : v * v;  // NaN propagates
     default: return v;

@@ -2,19 +2,9 @@
 
 #include <cmath>
 
-namespace moe_test {
+#include "ref_runner.h"
 
-double ref_activate(int activation, double v) {
-  switch (activation) {
-    case MOE_ACTIVATION_SILU: return v / (1.0 + std::exp(-v));
-    case MOE_ACTIVATION_GELU: return 0.5 * v * (1.0 + std::erf(v / std::sqrt(2.0)));
-    case MOE_ACTIVATION_GELU_TANH:
-      return 0.5 * v *
-             (1.0 + std::tanh(std::sqrt(2.0 / 3.14159265358979323846) * (v + 0.044715 * v * v * v)));
-    case MOE_ACTIVATION_RELU2: return v > 0 ? v * v : 0.0;
-    default: return v;
-  }
-}
+namespace moe_test {
 
 void ref_mlp(const RefMlp& m, int e, const double* x, double* out) {
   const int rows = m.gated ? 2 * m.I : m.I;
@@ -29,7 +19,7 @@ void ref_mlp(const RefMlp& m, int e, const double* x, double* out) {
       g += w13[size_t(gate_row + i) * m.H + c] * x[c];
       if (m.gated) u += w13[size_t(up_row + i) * m.H + c] * x[c];
     }
-    h[size_t(i)] = ref_activate(m.activation, g) * (m.gated ? u : 1.0);
+    h[size_t(i)] = ref_activation(m.activation, g) * (m.gated ? u : 1.0);
   }
   for (int r = 0; r < m.H; ++r) {
     double acc = 0;

@@ -37,8 +37,6 @@ struct RefBlock {
   const double* shared_gate = nullptr;  // [H] or nullptr
 };
 
-double ref_activate(int activation, double v);
-
 // out[r] = expert e's MLP of x: W2[e] . act(W13[e] . x), over H values.
 void ref_mlp(const RefMlp& m, int e, const double* x, double* out);
 

@@ -9,10 +9,10 @@ namespace moe_test {
 double ref_activation(int activation, double v) {
   switch (activation) {
     case MOE_ACTIVATION_SILU: return v / (1.0 + std::exp(-v));
-    case MOE_ACTIVATION_GELU: return 0.5 * v * (1.0 + std::erf(v / std::sqrt(2.0)));
+    case MOE_ACTIVATION_GELU: return 0.5 * v * std::erfc(-v / std::sqrt(2.0));  // 1 + erf cancels in the tail
     case MOE_ACTIVATION_GELU_TANH: {
       const double k = std::sqrt(2.0 / 3.14159265358979323846);
-      return 0.5 * v * (1.0 + std::tanh(k * (v + 0.044715 * v * v * v)));
+      return v / (1.0 + std::exp(-2.0 * k * (v + 0.044715 * v * v * v)));  // 0.5 (1 + tanh z)
     }
     case MOE_ACTIVATION_RELU2: return v < 0 ? 0.0 : v * v;
     default: return v;

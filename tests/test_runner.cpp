@@ -360,6 +360,42 @@ TEST_CASE("runner.cpu.empty_tokens") {
   SUBCASE("one token") { check_against_reference(s, o, 1, 0.0); }
 }
 
+TEST_CASE("runner.cpu.activation_tails") {
+  // One token, one expert, H = I = 1, f32: y = W2 * act(W13 * x). In the
+  // negative tail 1 + erf(v / sqrt 2) and 1 + tanh(z) cancel in f32 (erff
+  // gave GELU(-8) = 0, and GELU(-5) 5% off; CI once failed
+  // runner.cpu.odd_sizes at T = 1, H = I = 1 on a draw like that), so the
+  // library computes them as erfc and a logistic: relative error against
+  // float64 below the f32 tolerance, and exact zeros only where the value
+  // is zero.
+  Shape s;
+  s.E = 1;
+  s.k = 1;
+  s.H = s.I = 1;
+  for (int act : {MOE_ACTIVATION_GELU, MOE_ACTIVATION_GELU_TANH, MOE_ACTIVATION_SILU}) {
+    for (double v : {-3.0, -5.0, -8.0, -12.0, 2.5}) {
+      if (act == MOE_ACTIVATION_GELU_TANH && v < -8.0) continue;  // below f32's range: e^-142
+      Options o;
+      o.gated = false;
+      o.activation = act;
+      auto rng = fresh_rng();
+      Weights wt(s, o, rng);
+      wt.w13.set(0, v);
+      wt.w2.set(0, 1.0);
+      Layer layer(s, o, wt);
+      Batch b(s, o, 1);
+      b.randomize(rng, 0.0);
+      b.x.set(0, 1.0);
+      b.w.as<float>()[0] = 1.0f;
+      b.run(layer);
+      const double ref = ref_activation(act, v), out = b.y.get(0);
+      INFO("activation ", act, " v ", v, ": ", out, " against ", ref);
+      CHECK(std::fabs(out - ref) <= 1e-5 * std::fabs(ref));
+      CHECK(ref != 0.0);
+    }
+  }
+}
+
 TEST_CASE("runner.cpu.odd_sizes") {
   const Shape shapes[] = {{8, 1, 0, 2, 67, 37}, {6, 2, 1, 2, 129, 5}, {3, 1, 0, 3, 1, 1},
                           {5, 1, 0, 1, 9, 130}};

@@ -14,6 +14,7 @@
 
 #include "../block_plan.h"
 #include "../common.h"
+#include "cpu_backend.h"
 #include "moe/moe.h"
 #include "parallel.h"
 
@@ -72,17 +73,6 @@ void row_to_f32(const void* src, DType dt, int64_t n, float* dst) {
     return;
   }
   for (int64_t i = 0; i < n; ++i) dst[i] = load(src, dt, i);
-}
-
-float activate(int activation, float v) {
-  switch (activation) {
-    case MOE_ACTIVATION_SILU: return v / (1.0f + std::exp(-v));
-    case MOE_ACTIVATION_GELU: return 0.5f * v * (1.0f + std::erf(v * 0.70710678118654752f));
-    case MOE_ACTIVATION_GELU_TANH:
-      return 0.5f * v * (1.0f + std::tanh(0.79788456080286536f * (v + 0.044715f * v * v * v)));
-    case MOE_ACTIVATION_RELU2: return v < 0.0f ? 0.0f : v * v;
-    default: return v;  // IDENTITY
-  }
 }
 
 // Per-worker scratch floats that linear() needs for rows of K columns.

@@ -19,4 +19,10 @@ size_t runner_workspace_bytes(const RunnerPlan& plan, int64_t max_tokens, int K)
 // errors the boundary cannot see cheaply (never: ids are checked there).
 void run(const RunnerPlan& plan, const RunArgs& args);
 
+// moe_activation_t in f32 (the runner's and the MoE block's), in forms that
+// keep their relative accuracy in the tails: GELU as 0.5 v erfc(-v / sqrt 2)
+// (1 + erf cancels below v ~ -4: erff gave GELU(-8) = 0), the tanh form as
+// v / (1 + exp(-2 z)), SiLU as v / (1 + exp(-v)).
+float activate(int activation, float v);
+
 }  // namespace moe::cpu

@@ -199,21 +199,6 @@ void quantize_activation_row(const RunnerPlan& plan, const float* static_scale,
   }
 }
 
-float activate(int activation, float v) {
-  switch (activation) {
-    case MOE_ACTIVATION_SILU:
-      return v / (1.0f + std::exp(-v));
-    case MOE_ACTIVATION_GELU:
-      return 0.5f * v * (1.0f + std::erf(v * 0.70710678118654752f));
-    case MOE_ACTIVATION_GELU_TANH:
-      return 0.5f * v * (1.0f + std::tanh(0.79788456080286536f * (v + 0.044715f * v * v * v)));
-    case MOE_ACTIVATION_RELU2:
-      return v < 0.0f ? 0.0f : v * v;  // NaN propagates
-    default:
-      return v;  // IDENTITY
-  }
-}
-
 void store_row(const float* src, DType dt, int64_t n, void* dst) {
   switch (dt) {
     case DType::f32:
@@ -400,6 +385,21 @@ const Kernels& kernels() {
 }
 
 }  // namespace
+
+float activate(int activation, float v) {
+  switch (activation) {
+    case MOE_ACTIVATION_SILU:
+      return v / (1.0f + std::exp(-v));
+    case MOE_ACTIVATION_GELU:
+      return 0.5f * v * std::erfc(v * -0.70710678118654752f);
+    case MOE_ACTIVATION_GELU_TANH:
+      return v / (1.0f + std::exp(-1.5957691216057307f * (v + 0.044715f * v * v * v)));
+    case MOE_ACTIVATION_RELU2:
+      return v < 0.0f ? 0.0f : v * v;  // NaN propagates
+    default:
+      return v;  // IDENTITY
+  }
+}
 
 size_t runner_workspace_bytes(const RunnerPlan& plan, int64_t max_tokens, int K) {
   return Layout(plan, max_tokens, K).total;
