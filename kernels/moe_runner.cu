@@ -891,32 +891,15 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::BLOCKS)
   const int64_t items = int64_t(tiles > 0 ? tiles : 0) * cols;
   if (int64_t(blockIdx.x) >= items) return;
 
-  const uint32_t raw = uint32_t(__cvta_generic_to_shared(stream_smem_raw));
-  const uint32_t b_base = (raw + wg::kSwizzleBytes - 1) & ~uint32_t(wg::kSwizzleBytes - 1);
-  const uint32_t a_base = b_base + uint32_t(STAGES) * Cfg::B_BYTES;
-  const unsigned char* smem = stream_smem_raw + (b_base - raw);  // generic address of b_base
-  const wg::Pipeline<STAGES> pipe(bars);
+  const gemm::StreamRing<Cfg> ring(stream_smem_raw, bars);
+  const wg::Pipeline<STAGES>& pipe = ring.pipe;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  if (tid == 0) {
-    // Full: the producer's arrival with the weight copies' bytes, plus one
-    // arrival per producer lane once its cp.async of the A rows landed.
-    for (int s = 0; s < STAGES; ++s) {
-      wg::mbar_init(pipe.full0 + 8 * s, 1 + 32);
-      wg::mbar_init(pipe.empty0 + 8 * s, Cfg::CONSUMERS);
-    }
-    wg::mbar_init_fence();
-  }
+  if (tid == 0) ring.init();
   __syncthreads();
   const int KT = (MODE == kGemm2 ? p.I : p.H) / 64;
 
   if (warp == 0) {  // producer
     int g = 0;      // pipeline step over all items
-    // Step g's buffer, once the consumers released its previous use.
-    auto acquire = [&](int step) {
-      const int st = step % STAGES;
-      if (step >= STAGES) wg::mbar_wait(pipe.empty0 + 8 * st, uint32_t((step / STAGES - 1) & 1));
-      return st;
-    };
     // Items in order: row tile fastest, so that the blocks working at the
     // same time on one expert's row tiles read the same weight tile.
     for (int64_t u = blockIdx.x; u < items; u += gridDim.x) {
@@ -938,13 +921,13 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::BLOCKS)
             src[i] = static_cast<const T*>(p.x) + int64_t(rs / p.K) * p.H + (lane % 8) * 8;
         }
       }
-      unsigned char* a_dst = const_cast<unsigned char*>(smem) + (a_base - b_base) + (lane / 8) * Cfg::A_LD +
+      unsigned char* a_dst = ring.a_rows(0) + (lane / 8) * Cfg::A_LD +
                              (lane % 8) * 16;
       int brow[NSETS];
 #pragma unroll
       for (int s = 0; s < NSETS; ++s) brow[s] = int(b_row_index<MODE>(p, ti.e, s, n0));
       for (int kt = 0; kt < KT; ++kt, ++g) {
-        const int st = acquire(g);
+        const int st = ring.acquire(g);
         const uint32_t full = pipe.full0 + 8 * st;
         if (kt == 0) {
           if (lane < BM) desc[st].slot[lane] = slot;
@@ -955,7 +938,7 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::BLOCKS)
           wg::mbar_arrive_expect_tx(full, Cfg::B_BYTES);  // releases the descriptor too
 #pragma unroll
           for (int s = 0; s < NSETS; ++s)
-            wg::tma_load_2d(b_base + st * Cfg::B_BYTES + uint32_t(s * BN) * wg::kRowBytes, &map_b, kt * 64,
+            wg::tma_load_2d(ring.b_base + st * Cfg::B_BYTES + uint32_t(s * BN) * wg::kRowBytes, &map_b, kt * 64,
                             brow[s], full);
         }
 #pragma unroll
@@ -964,11 +947,7 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::BLOCKS)
         wg::cp_async_arrive_noinc(full);
       }
     }
-    const int st = acquire(g);  // the end marker
-    if (lane == 0) desc[st].rows = 0;
-    __syncwarp();
-    if (lane == 0) wg::mbar_arrive(pipe.full0 + 8 * st);
-    wg::cp_async_arrive_noinc(pipe.full0 + 8 * st);
+    ring.finish(g, desc);
     return;
   }
 
@@ -1005,8 +984,8 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::BLOCKS)
     for (int kt = 0; kt < KT; ++kt, ++g) {
       const int st = g % STAGES;
       if (kt > 0) pipe.consume(g);
-      const unsigned char* a_st = smem + (a_base - b_base) + size_t(st) * Cfg::A_BYTES;
-      const unsigned char* b_st = smem + size_t(st) * Cfg::B_BYTES;
+      const unsigned char* a_st = ring.a_rows(st);
+      const unsigned char* b_st = ring.b_tile(st);
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk) {
         uint32_t a[MI][4];

@@ -610,21 +610,10 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::BLOCKS)
   const int64_t items = int64_t(tiles > 0 ? tiles : 0) * cols;
   if (int64_t(blockIdx.x) >= items) return;
 
-  const uint32_t raw = uint32_t(__cvta_generic_to_shared(fp8_stream_smem_raw));
-  const uint32_t b_base = (raw + wg::kSwizzleBytes - 1) & ~uint32_t(wg::kSwizzleBytes - 1);
-  const uint32_t a_base = b_base + uint32_t(STAGES) * Cfg::B_BYTES;
-  const unsigned char* smem = fp8_stream_smem_raw + (b_base - raw);  // generic address of b_base
-  const wg::Pipeline<STAGES> pipe(bars);
+  const gemm::StreamRing<Cfg> ring(fp8_stream_smem_raw, bars);
+  const wg::Pipeline<STAGES>& pipe = ring.pipe;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  if (tid == 0) {
-    // Full: the producer's arrival with the weight copies' bytes, plus one
-    // arrival per producer lane once its cp.async of the code rows landed.
-    for (int s = 0; s < STAGES; ++s) {
-      wg::mbar_init(pipe.full0 + 8 * s, 1 + 32);
-      wg::mbar_init(pipe.empty0 + 8 * s, Cfg::CONSUMERS);
-    }
-    wg::mbar_init_fence();
-  }
+  if (tid == 0) ring.init();
   __syncthreads();
   const int Kdim = MODE == kGemm2 ? p.I : p.H;
   const int KT = Kdim / BK;
@@ -632,11 +621,6 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::BLOCKS)
 
   if (warp == 0) {  // producer
     int g = 0;      // pipeline step over all items
-    auto acquire = [&](int step) {
-      const int st = step % STAGES;
-      if (step >= STAGES) wg::mbar_wait(pipe.empty0 + 8 * st, uint32_t((step / STAGES - 1) & 1));
-      return st;
-    };
     // Items in order: row tile fastest (blocks at work at the same time on
     // one expert's row tiles read the same weight tile).
     for (int64_t u = blockIdx.x; u < items; u += gridDim.x) {
@@ -669,13 +653,13 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::BLOCKS)
       if (BLOCK && lane < NSETS)
         wsrc = (MODE == kGemm2 ? p.w2_scale : p.w13_scale) +
                (int64_t(ti.e) * (rows_w / kGroup) + weight_row<MODE>(p, lane, n0) / kGroup) * KT;
-      unsigned char* a_dst = const_cast<unsigned char*>(smem) + (a_base - b_base) + (lane / 8) * Cfg::A_LD +
+      unsigned char* a_dst = ring.a_rows(0) + (lane / 8) * Cfg::A_LD +
                              (lane % 8) * 16;
       int brow[NSETS];
 #pragma unroll
       for (int s = 0; s < NSETS; ++s) brow[s] = ti.e * rows_w + weight_row<MODE>(p, s, n0);
       for (int kt = 0; kt < KT; ++kt, ++g) {
-        const int st = acquire(g);
+        const int st = ring.acquire(g);
         const uint32_t full = pipe.full0 + 8 * st;
         if (kt == 0) {
           if (lane < BM) desc[st].slot[lane] = slot;
@@ -686,7 +670,7 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::BLOCKS)
           wg::mbar_arrive_expect_tx(full, Cfg::B_BYTES);  // releases the descriptor too
 #pragma unroll
           for (int s = 0; s < NSETS; ++s)
-            wg::tma_load_2d(b_base + st * Cfg::B_BYTES + uint32_t(s * BN) * wg::kRowBytes, &map_b, kt * BK,
+            wg::tma_load_2d(ring.b_base + st * Cfg::B_BYTES + uint32_t(s * BN) * wg::kRowBytes, &map_b, kt * BK,
                             brow[s], full);
         }
 #pragma unroll
@@ -697,17 +681,11 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::BLOCKS)
             gemm::cp_async4(dst + kScaleOff, ssrc[i] ? ssrc[i] + kt : w.xs, ssrc[i] != nullptr);
         }
         if (BLOCK && lane < NSETS)
-          gemm::cp_async4(const_cast<unsigned char*>(smem) + (a_base - b_base) + st * Cfg::A_BYTES + kScaleOff +
-                              4 * (1 + lane),
-                          wsrc + kt, true);
+          gemm::cp_async4(ring.a_rows(st) + kScaleOff + 4 * (1 + lane), wsrc + kt, true);
         wg::cp_async_arrive_noinc(full);
       }
     }
-    const int st = acquire(g);  // the end marker
-    if (lane == 0) desc[st].rows = 0;
-    __syncwarp();
-    if (lane == 0) wg::mbar_arrive(pipe.full0 + 8 * st);
-    wg::cp_async_arrive_noinc(pipe.full0 + 8 * st);
+    ring.finish(g, desc);
     return;
   }
 
@@ -755,8 +733,8 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::BLOCKS)
     for (int kt = 0; kt < KT; ++kt, ++g) {
       const int st = g % STAGES;
       if (kt > 0) pipe.consume(g);
-      const unsigned char* a_st = smem + (a_base - b_base) + size_t(st) * Cfg::A_BYTES;
-      const unsigned char* b_st = smem + size_t(st) * Cfg::B_BYTES;
+      const unsigned char* a_st = ring.a_rows(st);
+      const unsigned char* b_st = ring.b_tile(st);
       // BLOCK: this K block's scales, from the A rows' padding.
       float sa[MI][2], sw[NSETS];
       if (BLOCK) {

@@ -46,6 +46,53 @@ struct StreamItem {
   int32_t slot[BM];  // slot of each valid row, -1 for none
 };
 
+// A streaming kernel's ring: STAGES buffers (B tiles first, 1024-aligned for
+// the 128B swizzle, then the A rows) and their full/empty mbarriers. Full
+// completes on the producer lane 0's arrival with the weight copies' bytes
+// plus one arrival per producer lane once its cp.async of the A rows landed;
+// empty on one arrival per consumer warp.
+template <class Cfg>
+struct StreamRing {
+  static constexpr int STAGES = Cfg::STAGES;
+  wgmma::Pipeline<STAGES> pipe;
+  uint32_t b_base, a_base;     // shared addresses of buffer 0's B tile and A rows
+  unsigned char* smem;         // generic address of b_base
+
+  __device__ __forceinline__ StreamRing(unsigned char* raw_smem, uint64_t* bars) : pipe(bars) {
+    const uint32_t raw = uint32_t(__cvta_generic_to_shared(raw_smem));
+    b_base = (raw + wgmma::kSwizzleBytes - 1) & ~uint32_t(wgmma::kSwizzleBytes - 1);
+    a_base = b_base + uint32_t(STAGES) * Cfg::B_BYTES;
+    smem = raw_smem + (b_base - raw);
+  }
+  // By thread 0, before a barrier across the block.
+  __device__ __forceinline__ void init() const {
+    for (int s = 0; s < STAGES; ++s) {
+      wgmma::mbar_init(pipe.full0 + 8 * s, 1 + 32);
+      wgmma::mbar_init(pipe.empty0 + 8 * s, Cfg::CONSUMERS);
+    }
+    wgmma::mbar_init_fence();
+  }
+  __device__ __forceinline__ unsigned char* a_rows(int st) const {
+    return smem + (a_base - b_base) + size_t(st) * Cfg::A_BYTES;
+  }
+  __device__ __forceinline__ const unsigned char* b_tile(int st) const { return smem + size_t(st) * Cfg::B_BYTES; }
+  // Producer: the buffer of pipeline step `step`, once the consumers released its previous use.
+  __device__ __forceinline__ int acquire(int step) const {
+    const int st = step % STAGES;
+    if (step >= STAGES) wgmma::mbar_wait(pipe.empty0 + 8 * st, uint32_t((step / STAGES - 1) & 1));
+    return st;
+  }
+  // Producer warp, after its last step g - 1: the end marker (rows == 0) in step g's buffer.
+  __device__ __forceinline__ void finish(int g, StreamItem<Cfg::BM>* desc) const {
+    const int lane = threadIdx.x & 31;
+    const int st = acquire(g);
+    if (lane == 0) desc[st].rows = 0;
+    __syncwarp();
+    if (lane == 0) wgmma::mbar_arrive(pipe.full0 + 8 * st);
+    wgmma::cp_async_arrive_noinc(pipe.full0 + 8 * st);
+  }
+};
+
 // The tile of row-tile index `tile` found by one warp (tile_start
 // non-decreasing, tile_start[0] = 0): the largest expert e with
 // tile_start[e] <= tile, 32 experts a load.

@@ -510,6 +510,24 @@ TEST_CASE("gpu.fp8.nan_confined") {
   }
 }
 
+// Tokens [first, first + count) of `all` run as a batch of their own: their
+// outputs must be bitwise those they got in the whole batch (y_all).
+static void check_tokens_alone(const Case& c, GpuLayer& l, const Inputs& all, const HostTensor& y_all, int64_t first,
+                        int64_t count, std::mt19937_64& rng) {
+  const size_t row = size_t(c.H) * dt_bytes(c.x_dt);
+  Inputs part(c, count, rng);
+  std::memcpy(part.x.data(), all.x.storage.data() + row * size_t(first), row * size_t(count));
+  for (int64_t i = 0; i < count * c.k; ++i) {
+    part.ids.as<int32_t>()[i] = all.ids.as<int32_t>()[first * c.k + i];
+    part.w.as<float>()[i] = all.w.as<float>()[first * c.k + i];
+  }
+  GpuBatch b(c, part);
+  HostTensor y(c.x_dt, {count, c.H});
+  run_gpu(c, l, b, y);
+  INFO("tokens ", first, " to ", first + count - 1, " alone");
+  CHECK(std::memcmp(y.storage.data(), y_all.storage.data() + row * size_t(first), row * size_t(count)) == 0);
+}
+
 TEST_CASE("gpu.fp8.batch_independent") {
   // A token alone gives bitwise its output inside a batch of 150.
   for (int quant : {MOE_QUANT_FP8_PER_TENSOR, MOE_QUANT_FP8_BLOCK_128}) {
@@ -527,20 +545,7 @@ TEST_CASE("gpu.fp8.batch_independent") {
       GpuBatch b(c, all);
       run_gpu(c, l, b, y_all);
     }
-    const size_t row = size_t(c.H) * dt_bytes(c.x_dt);
-    for (int64_t t : {int64_t(0), int64_t(77), int64_t(149)}) {
-      Inputs one(c, 1, rng);
-      std::memcpy(one.x.data(), all.x.storage.data() + row * size_t(t), row);
-      for (int j = 0; j < c.k; ++j) {
-        one.ids.as<int32_t>()[j] = all.ids.as<int32_t>()[t * c.k + j];
-        one.w.as<float>()[j] = all.w.as<float>()[t * c.k + j];
-      }
-      GpuBatch b(c, one);
-      HostTensor y1(c.x_dt, {1, c.H});
-      run_gpu(c, l, b, y1);
-      INFO("token ", t);
-      CHECK(std::memcmp(y1.storage.data(), y_all.storage.data() + row * size_t(t), row) == 0);
-    }
+    for (int64_t t : {int64_t(0), int64_t(77), int64_t(149)}) check_tokens_alone(c, l, all, y_all, t, 1, rng);
   }
 }
 
@@ -568,22 +573,9 @@ TEST_CASE("gpu.fp8.stream_kernels") {
       GpuBatch b(c, all);
       run_gpu(c, l, b, y_all);
     }
-    const size_t row = size_t(c.H) * dt_bytes(c.x_dt);
     for (int64_t t = 0; t < all.T; ++t)
       for (int col = 0; col < c.H; ++col) REQUIRE(std::isfinite(y_all.get(t * c.H + col)));
-    for (int64_t T : {int64_t(1), int64_t(20), int64_t(40)}) {
-      Inputs part(c, T, rng);  // the first T tokens of the batch
-      std::memcpy(part.x.data(), all.x.storage.data(), row * size_t(T));
-      for (int64_t i = 0; i < T * c.k; ++i) {
-        part.ids.as<int32_t>()[i] = all.ids.as<int32_t>()[i];
-        part.w.as<float>()[i] = all.w.as<float>()[i];
-      }
-      GpuBatch b(c, part);
-      HostTensor y(c.x_dt, {T, c.H});
-      run_gpu(c, l, b, y);
-      INFO("batch of ", T);
-      CHECK(std::memcmp(y.storage.data(), y_all.storage.data(), row * size_t(T)) == 0);
-    }
+    for (int64_t T : {int64_t(1), int64_t(20), int64_t(40)}) check_tokens_alone(c, l, all, y_all, 0, T, rng);
   }
 }
 
