@@ -142,17 +142,17 @@ __device__ __forceinline__ int32_t clamped_offset(const int32_t* offsets, int64_
   return o < 0 ? 0 : (o > n ? int32_t(n) : o);
 }
 
-// One warp: tile_start[e] = sum over e' < e of ceil(count[e'] / BM), e in [0, E].
-template <int BM>
-__global__ void tile_map_kernel(const int32_t* offsets, int E, int64_t n, int32_t* tile_start) {
-  const int lane = threadIdx.x;
+// One warp (lane = threadIdx.x % 32): tile_start[e] = sum over e' < e of
+// ceil(count[e'] / bm), e in [0, E].
+__device__ __forceinline__ void tile_map_warp(const int32_t* offsets, int E, int64_t n, int bm, int32_t* tile_start) {
+  const int lane = threadIdx.x & 31;
   int32_t carry = 0;
   for (int base = 0; base <= E; base += 32) {
     const int e = base + lane;
     int32_t tiles = 0;
     if (e < E) {
       const int32_t cnt = clamped_offset(offsets, n, e + 1) - clamped_offset(offsets, n, e);
-      tiles = cnt > 0 ? (cnt + BM - 1) / BM : 0;
+      tiles = cnt > 0 ? (cnt + bm - 1) / bm : 0;
     }
     int32_t incl = tiles;
 #pragma unroll

@@ -90,8 +90,8 @@ __device__ __forceinline__ int32_t clamped_offset(const MoeRunParams& p, int64_t
 
 // Row tile: bm_small when the local slots per expert (known only here, not
 // on the host: under expert parallelism most slots may be -1) are at most
-// small_max_avg, else bm_large. Then tile_start[e] = sum over e' < e of
-// ceil(count[e'] / bm), e in [0, E_loc]. Also zeroes the GEMMs' item counters.
+// small_max_avg, else bm_large; then the tile map (gemm::tile_map_warp) of
+// that tile. Also zeroes the GEMMs' item counters.
 __global__ void tile_map_kernel(MoeRunParams p, int64_t n, int bm_small, int bm_large,
                                 int small_max_avg, int32_t* tile_start, int32_t* rows,
                                 unsigned long long* counters) {
@@ -108,23 +108,7 @@ __global__ void tile_map_kernel(MoeRunParams p, int64_t n, int bm_small, int bm_
   for (int o = 16; o > 0; o >>= 1) valid += __shfl_xor_sync(kFullMask, valid, o);
   const int bm = valid <= int64_t(small_max_avg) * p.E_loc ? bm_small : bm_large;
   if (lane == 0) *rows = bm;
-  int32_t carry = 0;
-  for (int base = 0; base <= p.E_loc; base += 32) {
-    const int e = base + lane;
-    int32_t tiles = 0;
-    if (e < p.E_loc) {
-      const int32_t cnt = clamped_offset(p, n, e + 1) - clamped_offset(p, n, e);
-      tiles = cnt > 0 ? (cnt + bm - 1) / bm : 0;
-    }
-    int32_t incl = tiles;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const int32_t v = __shfl_up_sync(kFullMask, incl, o);
-      if (lane >= o) incl += v;
-    }
-    if (e <= p.E_loc) tile_start[e] = carry + incl - tiles;
-    carry += __shfl_sync(kFullMask, incl, 31);
-  }
+  gemm::tile_map_warp(p.offsets, p.E_loc, n, bm, tile_start);
 }
 
 // Which expert and rows a GEMM block owns (find_tile: false when the block has no work).
@@ -1129,16 +1113,33 @@ __global__ void reduce_kernel(MoeRunParams p, Work w) {
     const int c = int(i % quads) * 4;
     T* y = static_cast<T*>(p.y) + t * p.H + c;
     float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-    for (int j = 0; j < p.K; ++j) {
-      const int64_t s = t * p.K + j;
-      const int32_t id = p.local_ids[s];
-      if (id < 0 || id >= p.E_loc) continue;  // -1, and bad ids treated as -1
-      const float wt = (p.weight_on_input || !p.weights) ? 1.0f : p.weights[s];
-      const float4 o = load_slot4<T>(w.out2, s * p.H + c);
-      acc.x += wt * o.x;
-      acc.y += wt * o.y;
-      acc.z += wt * o.z;
-      acc.w += wt * o.w;
+    // KB slots at a time: their ids and weights, then their rows, then the
+    // sums in slot order. A loop of one slot at a time waited for each id
+    // before the row it names (a chain of 2K dependent loads, most of a
+    // decode step's reduction).
+    constexpr int KB = 8;
+    for (int j0 = 0; j0 < p.K; j0 += KB) {
+      bool used[KB];
+      float wt[KB];
+      float4 o[KB];
+#pragma unroll
+      for (int u = 0; u < KB; ++u) {
+        const int64_t s = t * p.K + j0 + u;
+        const int32_t id = j0 + u < p.K ? p.local_ids[s] : -1;
+        used[u] = id >= 0 && id < p.E_loc;  // -1, and bad ids treated as -1
+        wt[u] = (!used[u] || p.weight_on_input || !p.weights) ? 1.0f : p.weights[s];
+      }
+#pragma unroll
+      for (int u = 0; u < KB; ++u)
+        o[u] = used[u] ? load_slot4<T>(w.out2, (t * p.K + j0 + u) * p.H + c) : make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+      for (int u = 0; u < KB; ++u) {
+        if (!used[u]) continue;
+        acc.x += wt[u] * o[u].x;
+        acc.y += wt[u] * o[u].y;
+        acc.z += wt[u] * o[u].z;
+        acc.w += wt[u] * o[u].w;
+      }
     }
     const float sc = p.output_scale;
     acc.x *= sc;

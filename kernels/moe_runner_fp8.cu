@@ -89,7 +89,23 @@ struct QuantJob {
   const float* static_scale;  // [1] or null (dynamic)
   uint8_t* q;                 // [rows, cols]
   float* scales;              // [rows, cols / group]
+  // When tile_start is set, warp 0 of block 0 also writes the tile map of
+  // map_bm-row tiles (gemm::tile_map_warp over the dispatcher's offsets):
+  // the token rows' quantization is the runner's first kernel, and the map
+  // on its own was one more launch of a single warp.
+  int32_t* tile_start;
+  const int32_t* map_offsets;
+  int map_E, map_bm;
+  int64_t map_n;
 };
+
+// Every FP8 runner kernel is launched by launch_pdl: pdl_wait() first.
+__device__ __forceinline__ void quant_prologue(const QuantJob& j) {
+  pdl_wait();  // first: see launch_pdl
+  pdl_trigger();
+  if (j.tile_start && blockIdx.x == 0 && threadIdx.x < 32)
+    gemm::tile_map_warp(j.map_offsets, j.map_E, j.map_n, j.map_bm, j.tile_start);
+}
 
 // Eight values from 16-byte aligned memory (one 16-byte load for 16-bit
 // types, two for f32).
@@ -153,6 +169,7 @@ __device__ __forceinline__ float group_scale(const QuantJob& j, float amax, bool
 // values per lane held in registers between the amax and the codes.
 template <class T>
 __global__ void __launch_bounds__(QUANT_THREADS) quantize128_kernel(QuantJob j) {
+  quant_prologue(j);
   const int l = threadIdx.x & 15, half = (threadIdx.x >> 4) & 1;
   const int64_t warp = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
   const int64_t warps = (int64_t(gridDim.x) * blockDim.x) >> 5;
@@ -198,6 +215,7 @@ __global__ void __launch_bounds__(QUANT_THREADS) quantize128_kernel(QuantJob j) 
 template <class T>
 __global__ void __launch_bounds__(QUANT_THREADS) quantize_kernel(QuantJob j) {
   __shared__ float warp_amax[QUANT_THREADS / 32];
+  quant_prologue(j);
   const int tid = threadIdx.x, lane = tid & 31;
   const int per_row = j.cols / j.group;
   const int64_t valid = quant_rows(j);
@@ -250,24 +268,22 @@ __global__ void __launch_bounds__(QUANT_THREADS) quantize_kernel(QuantJob j) {
 }
 
 template <class T>
-void launch_quantize(const QuantJob& j, cudaStream_t stream) {
+cudaError_t launch_quantize(const QuantJob& j, cudaStream_t stream) {
   const int64_t groups = j.rows * (j.cols / j.group);
   // quantize128_kernel: a half-warp per group; quantize_kernel: a block.
   const int64_t blocks = j.group == kGroup
                              ? std::min<int64_t>(((groups + 1) / 2 + QUANT_THREADS / 32 - 1) / (QUANT_THREADS / 32), 16384)
                              : std::min<int64_t>(groups, 16384);
-  const unsigned grid = unsigned(std::max<int64_t>(blocks, 1));
-  if (j.group == kGroup)
-    quantize128_kernel<T><<<grid, QUANT_THREADS, 0, stream>>>(j);
-  else
-    quantize_kernel<T><<<grid, QUANT_THREADS, 0, stream>>>(j);
+  const dim3 grid(unsigned(std::max<int64_t>(blocks, 1)));
+  return launch_pdl(j.group == kGroup ? quantize128_kernel<T> : quantize_kernel<T>, grid, dim3(QUANT_THREADS), 0,
+                    stream, j);
 }
 
-void launch_quantize_dtype(DType dt, const QuantJob& j, cudaStream_t stream) {
+cudaError_t launch_quantize_dtype(DType dt, const QuantJob& j, cudaStream_t stream) {
   switch (dt) {
-    case DType::bf16: launch_quantize<__nv_bfloat16>(j, stream); break;
-    case DType::f16: launch_quantize<__half>(j, stream); break;
-    default: launch_quantize<float>(j, stream); break;
+    case DType::bf16: return launch_quantize<__nv_bfloat16>(j, stream);
+    case DType::f16: return launch_quantize<__half>(j, stream);
+    default: return launch_quantize<float>(j, stream);
   }
 }
 
@@ -380,6 +396,8 @@ __global__ void __launch_bounds__(Cfg::THREADS) fp8_gemm_kernel(Fp8RunParams p, 
   extern __shared__ __align__(128) uint8_t smem[];
   auto As = reinterpret_cast<uint8_t (*)[BM][LD]>(smem);
   auto Bs = reinterpret_cast<uint8_t (*)[NSETS * BN][LD]>(smem + STAGES * BM * LD);
+  pdl_wait();  // first: see launch_pdl
+  pdl_trigger();
 
   Tile ti;
   if (!gemm::find_tile<BM>(w.tile_start, p.offsets, p.E_loc, w.n, blockIdx.x, ti)) return;
@@ -606,6 +624,8 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::BLOCKS)
   extern __shared__ unsigned char fp8_stream_smem_raw[];
   __shared__ __align__(8) uint64_t bars[2 * STAGES];
   __shared__ gemm::StreamItem<BM> desc[STAGES];
+  pdl_wait();  // first: see launch_pdl
+  pdl_trigger();
   const int tiles = w.tile_start[p.E_loc];
   const int64_t items = int64_t(tiles > 0 ? tiles : 0) * cols;
   if (int64_t(blockIdx.x) >= items) return;
@@ -1019,6 +1039,8 @@ __global__ void __launch_bounds__(WG_THREADS, 1) fp8_wgmma_kernel(Fp8RunParams p
   using Math = Fp8WgMath<MODE, BLOCK, WG_BN>;
   constexpr int BNS = Math::BNS;
   extern __shared__ unsigned char fp8_wg_smem_raw[];
+  pdl_wait();  // first: see launch_pdl
+  pdl_trigger();
   const int tid = threadIdx.x;
   const WgStaging st(fp8_wg_smem_raw, tid);
 
@@ -1094,6 +1116,8 @@ __global__ void __launch_bounds__(WG_THREADS, 1) fp8_wgmma_kernel(Fp8RunParams p
 // for the positions before offsets[E_loc], or zeros (positions that hold no
 // slot).
 __global__ void sort_codes_kernel(Fp8RunParams p, Work w) {
+  pdl_wait();  // first: see launch_pdl
+  pdl_trigger();
   gemm::gather_rows_sorted(w.xq, w.xqs, p.H / 16, p.sorted_slots, w.n, p.K, p.offsets, p.E_loc);
 }
 
@@ -1119,6 +1143,8 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
   constexpr int BNS = Math::BNS, STAGES = TT::STAGES;
   extern __shared__ unsigned char fp8_wg_smem_raw[];
   __shared__ __align__(8) uint64_t bars[2 * STAGES];
+  pdl_wait();  // first: see launch_pdl
+  pdl_trigger();
   const int tid = threadIdx.x;
   const Staging st(fp8_wg_smem_raw, tid);  // only its aligned buffers are used here
   const wg::Pipeline<STAGES> pipe(bars);
@@ -1237,8 +1263,8 @@ bool launch_gemm_tma(const Fp8RunParams& p, const Work& w, unsigned tiles, cudaS
   const int cols = ceil_div(N, WN / TT::NSETS);
   const int64_t items = int64_t(tiles) * cols;
   const unsigned blocks = unsigned(std::max<int64_t>(1, std::min<int64_t>(items, sms)));
-  kernel<<<blocks, WS_THREADS, smem, stream>>>(p, w, map_a, map_b, int(tiles), cols);
-  return true;
+  return launch_pdl(kernel, dim3(blocks), dim3(WS_THREADS), smem, stream, p, w, map_a, map_b, int(tiles), cols) ==
+         cudaSuccess;
 }
 
 template <int MODE, bool BLOCK, class Cfg>
@@ -1249,8 +1275,7 @@ cudaError_t launch_mma(const Fp8RunParams& p, const Work& w, unsigned tiles, cud
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
   const int N = MODE == kGemm2 ? p.H : p.I;
-  kernel<<<dim3(tiles, unsigned(ceil_div(N, Cfg::BN))), Cfg::THREADS, smem, stream>>>(p, w);
-  return cudaGetLastError();
+  return launch_pdl(kernel, dim3(tiles, unsigned(ceil_div(N, Cfg::BN))), dim3(Cfg::THREADS), smem, stream, p, w);
 }
 
 // One streaming GEMM (fp8_stream_kernel) of configuration Cfg; false where
@@ -1274,8 +1299,8 @@ bool launch_stream(const Fp8RunParams& p, const Work& w, cudaStream_t stream) {
   }
   const int sms = sm_count();
   if (sms <= 0) return false;
-  kernel<<<unsigned(sms * Cfg::BLOCKS), Cfg::THREADS, Cfg::SMEM_BYTES, stream>>>(p, w, map_b, ceil_div(N, Cfg::BN));
-  return true;
+  return launch_pdl(kernel, dim3(unsigned(sms * Cfg::BLOCKS)), dim3(Cfg::THREADS), Cfg::SMEM_BYTES, stream, p, w,
+                    map_b, ceil_div(N, Cfg::BN)) == cudaSuccess;
 }
 
 // The streaming kernel on 16-row tiles: 4 blocks per SM (each with a ring of
@@ -1340,21 +1365,22 @@ cudaError_t launch_gemm(const Fp8RunParams& p, const Work& w, int rows, int mode
   cudaError_t err = cudaFuncSetAttribute(fp8_wgmma_kernel<MODE, BLOCK>,
                                          cudaFuncAttributeMaxDynamicSharedMemorySize, int(WgStaging::SMEM_BYTES));
   if (err != cudaSuccess) return err;
-  fp8_wgmma_kernel<MODE, BLOCK><<<grid, WG_THREADS, WgStaging::SMEM_BYTES, stream>>>(p, w);
-  return cudaGetLastError();
+  return launch_pdl(fp8_wgmma_kernel<MODE, BLOCK>, grid, dim3(WG_THREADS), WgStaging::SMEM_BYTES, stream, p, w);
 }
 
 template <bool BLOCK>
 cudaError_t launch_gemms(const Fp8RunParams& p, const Work& w, int rows, int mode, unsigned tiles,
                          const QuantJob& hjob, cudaStream_t stream) {
+  cudaError_t err = cudaSuccess;
   if (rows == WG_BM && mode == 2)  // GEMM1 of the TMA variant reads the token codes in sorted order
-    sort_codes_kernel<<<unsigned(std::max<int64_t>(1, std::min<int64_t>((w.n * (p.H / 16) + 255) / 256, 8192))),
-                        256, 0, stream>>>(p, w);
-  cudaError_t err = p.gated ? launch_gemm<kGemm1Gated, BLOCK>(p, w, rows, mode, tiles, stream)
-                            : launch_gemm<kGemm1Plain, BLOCK>(p, w, rows, mode, tiles, stream);
+    err = launch_pdl(sort_codes_kernel,
+                     dim3(unsigned(std::max<int64_t>(1, std::min<int64_t>((w.n * (p.H / 16) + 255) / 256, 8192)))),
+                     dim3(256), 0, stream, p, w);
   if (err != cudaSuccess) return err;
-  launch_quantize<float>(hjob, stream);
-  err = cudaGetLastError();
+  err = p.gated ? launch_gemm<kGemm1Gated, BLOCK>(p, w, rows, mode, tiles, stream)
+                : launch_gemm<kGemm1Plain, BLOCK>(p, w, rows, mode, tiles, stream);
+  if (err != cudaSuccess) return err;
+  err = launch_quantize<float>(hjob, stream);
   if (err != cudaSuccess) return err;
   return launch_gemm<kGemm2, BLOCK>(p, w, rows, mode, tiles, stream);
 }
@@ -1437,11 +1463,6 @@ cudaError_t launch_fp8_run(const Fp8RunParams& p, cudaStream_t stream) {
   const int asked = wgmma_mode(2);
   const int mode = asked == 3 ? 1 : asked;
   const int rows = pick_rows(n, p.E_loc, mode);
-  auto tile_map = rows == 16   ? gemm::tile_map_kernel<16>
-                  : rows == 32 ? gemm::tile_map_kernel<32>
-                  : rows == 64 ? gemm::tile_map_kernel<64>
-                               : gemm::tile_map_kernel<WG_BM>;
-  tile_map<<<1, 32, 0, stream>>>(p.offsets, p.E_loc, n, const_cast<int32_t*>(w.tile_start));
   // Token rows (weight on input: x * w, one slot per token since K = 1).
   QuantJob xjob{};
   xjob.src = p.x;
@@ -1453,7 +1474,13 @@ cudaError_t launch_fp8_run(const Fp8RunParams& p, cudaStream_t stream) {
   xjob.static_scale = p.a13_scale;
   xjob.q = w.xq;
   xjob.scales = w.xs;
-  launch_quantize_dtype(p.dtype, xjob, stream);
+  xjob.tile_start = const_cast<int32_t*>(w.tile_start);  // and the tile map
+  xjob.map_offsets = p.offsets;
+  xjob.map_E = p.E_loc;
+  xjob.map_bm = rows;
+  xjob.map_n = n;
+  cudaError_t err = launch_quantize_dtype(p.dtype, xjob, stream);
+  if (err != cudaSuccess) return err;
   // h rows at the sorted positions that hold a slot: [0, offsets[E_loc]).
   QuantJob hjob{};
   hjob.src = w.h;
@@ -1466,7 +1493,7 @@ cudaError_t launch_fp8_run(const Fp8RunParams& p, cudaStream_t stream) {
   hjob.scales = w.hs;
 
   const unsigned tiles = unsigned(gemm::max_tiles(n, p.E_loc, rows));
-  cudaError_t err = p.block128 ? launch_gemms<true>(p, w, rows, mode, tiles, hjob, stream)
+  err = p.block128 ? launch_gemms<true>(p, w, rows, mode, tiles, hjob, stream)
                                : launch_gemms<false>(p, w, rows, mode, tiles, hjob, stream);
   if (err != cudaSuccess) return err;
   return launch_moe_reduce(rp, stream);
