@@ -142,6 +142,17 @@ __device__ __forceinline__ int32_t clamped_offset(const int32_t* offsets, int64_
   return o < 0 ? 0 : (o > n ? int32_t(n) : o);
 }
 
+// One warp (lane = threadIdx.x % 32): the slots the E experts hold (sum of
+// their clamped counts), on every lane.
+__device__ __forceinline__ int64_t local_slots_warp(const int32_t* offsets, int E, int64_t n) {
+  int64_t valid = 0;
+  for (int e = threadIdx.x & 31; e < E; e += 32)
+    valid += max(0, clamped_offset(offsets, n, e + 1) - clamped_offset(offsets, n, e));
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) valid += __shfl_xor_sync(kFullMask, valid, o);
+  return valid;
+}
+
 // One warp (lane = threadIdx.x % 32): tile_start[e] = sum over e' < e of
 // ceil(count[e'] / bm), e in [0, E].
 __device__ __forceinline__ void tile_map_warp(const int32_t* offsets, int E, int64_t n, int bm, int32_t* tile_start) {

@@ -101,11 +101,7 @@ __global__ void tile_map_kernel(MoeRunParams p, int64_t n, int bm_small, int bm_
   if (lane < 2) counters[lane] = 0;
   // The rows the tiles will cover (sum of the per-expert counts, so that the
   // small candidate's grid bound in launch_gemms_typed holds for any offsets).
-  int64_t valid = 0;
-  for (int e = lane; e < p.E_loc; e += 32)
-    valid += max(0, clamped_offset(p, n, e + 1) - clamped_offset(p, n, e));
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) valid += __shfl_xor_sync(kFullMask, valid, o);
+  const int64_t valid = gemm::local_slots_warp(p.offsets, p.E_loc, n);
   const int bm = valid <= int64_t(small_max_avg) * p.E_loc ? bm_small : bm_large;
   if (lane == 0) *rows = bm;
   gemm::tile_map_warp(p.offsets, p.E_loc, n, bm, tile_start);

@@ -40,8 +40,8 @@ Layout layout(bool block, int E_loc, int H, int I, int64_t T, int K) {
   const size_t gh = block ? size_t(H / kGroup) : 1, gi = block ? size_t(I / kGroup) : 1;
   Layout l{};
   size_t off = align256(moe_run_workspace_bytes(DType::f32, E_loc, H, I, n));
-  l.tile_start = off;
-  off += align256(size_t(E_loc + 1) * sizeof(int32_t));
+  l.tile_start = off;  // [E_loc + 1] tile starts, then the row tile taken
+  off += align256(size_t(E_loc + 2) * sizeof(int32_t));
   l.xq = off;
   off += align256(size_t(T) * size_t(H));
   l.xs = off;
@@ -62,6 +62,7 @@ Layout layout(bool block, int E_loc, int H, int I, int64_t T, int K) {
 
 struct Work {
   const int32_t* tile_start;
+  const int32_t* rows;  // [1] the row tile of this run (chosen on the device): the kernels of the others exit
   uint8_t* xq;  // [T, H] codes of the token rows
   float* xs;    // [T, GH] their scales
   float* h;     // [n, I] f32 h at each sorted position
@@ -93,9 +94,12 @@ struct QuantJob {
   // map_bm-row tiles (gemm::tile_map_warp over the dispatcher's offsets):
   // the token rows' quantization is the runner's first kernel, and the map
   // on its own was one more launch of a single warp.
+  // The row tile is map_bm, or map_bm_small (when set) if the local slots
+  // are at most map_small_max_avg per expert; written to *rows_out.
   int32_t* tile_start;
+  int32_t* rows_out;
   const int32_t* map_offsets;
-  int map_E, map_bm;
+  int map_E, map_bm, map_bm_small, map_small_max_avg;
   int64_t map_n;
 };
 
@@ -103,8 +107,14 @@ struct QuantJob {
 __device__ __forceinline__ void quant_prologue(const QuantJob& j) {
   pdl_wait();  // first: see launch_pdl
   pdl_trigger();
-  if (j.tile_start && blockIdx.x == 0 && threadIdx.x < 32)
-    gemm::tile_map_warp(j.map_offsets, j.map_E, j.map_n, j.map_bm, j.tile_start);
+  if (j.tile_start && blockIdx.x == 0 && threadIdx.x < 32) {
+    int bm = j.map_bm;
+    if (j.map_bm_small &&
+        gemm::local_slots_warp(j.map_offsets, j.map_E, j.map_n) <= int64_t(j.map_small_max_avg) * j.map_E)
+      bm = j.map_bm_small;
+    if (threadIdx.x == 0) *j.rows_out = bm;
+    gemm::tile_map_warp(j.map_offsets, j.map_E, j.map_n, bm, j.tile_start);
+  }
 }
 
 // Eight values from 16-byte aligned memory (one 16-byte load for 16-bit
@@ -398,6 +408,7 @@ __global__ void __launch_bounds__(Cfg::THREADS) fp8_gemm_kernel(Fp8RunParams p, 
   auto Bs = reinterpret_cast<uint8_t (*)[NSETS * BN][LD]>(smem + STAGES * BM * LD);
   pdl_wait();  // first: see launch_pdl
   pdl_trigger();
+  if (*w.rows != BM) return;  // another row tile was taken
 
   Tile ti;
   if (!gemm::find_tile<BM>(w.tile_start, p.offsets, p.E_loc, w.n, blockIdx.x, ti)) return;
@@ -626,6 +637,7 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::BLOCKS)
   __shared__ gemm::StreamItem<BM> desc[STAGES];
   pdl_wait();  // first: see launch_pdl
   pdl_trigger();
+  if (*w.rows != BM) return;  // another row tile was taken
   const int tiles = w.tile_start[p.E_loc];
   const int64_t items = int64_t(tiles > 0 ? tiles : 0) * cols;
   if (int64_t(blockIdx.x) >= items) return;
@@ -1041,6 +1053,7 @@ __global__ void __launch_bounds__(WG_THREADS, 1) fp8_wgmma_kernel(Fp8RunParams p
   extern __shared__ unsigned char fp8_wg_smem_raw[];
   pdl_wait();  // first: see launch_pdl
   pdl_trigger();
+  if (*w.rows != WG_BM) return;  // another row tile was taken
   const int tid = threadIdx.x;
   const WgStaging st(fp8_wg_smem_raw, tid);
 
@@ -1118,6 +1131,7 @@ __global__ void __launch_bounds__(WG_THREADS, 1) fp8_wgmma_kernel(Fp8RunParams p
 __global__ void sort_codes_kernel(Fp8RunParams p, Work w) {
   pdl_wait();  // first: see launch_pdl
   pdl_trigger();
+  if (*w.rows != WG_BM) return;  // another row tile was taken
   gemm::gather_rows_sorted(w.xq, w.xqs, p.H / 16, p.sorted_slots, w.n, p.K, p.offsets, p.E_loc);
 }
 
@@ -1145,6 +1159,7 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
   __shared__ __align__(8) uint64_t bars[2 * STAGES];
   pdl_wait();  // first: see launch_pdl
   pdl_trigger();
+  if (*w.rows != WG_BM) return;  // another row tile was taken
   const int tid = threadIdx.x;
   const Staging st(fp8_wg_smem_raw, tid);  // only its aligned buffers are used here
   const wg::Pipeline<STAGES> pipe(bars);
@@ -1368,29 +1383,38 @@ cudaError_t launch_gemm(const Fp8RunParams& p, const Work& w, int rows, int mode
   return launch_pdl(fp8_wgmma_kernel<MODE, BLOCK>, grid, dim3(WG_THREADS), WgStaging::SMEM_BYTES, stream, p, w);
 }
 
-template <bool BLOCK>
-cudaError_t launch_gemms(const Fp8RunParams& p, const Work& w, int rows, int mode, unsigned tiles,
-                         const QuantJob& hjob, cudaStream_t stream) {
-  cudaError_t err = cudaSuccess;
-  if (rows == WG_BM && mode == 2)  // GEMM1 of the TMA variant reads the token codes in sorted order
-    err = launch_pdl(sort_codes_kernel,
-                     dim3(unsigned(std::max<int64_t>(1, std::min<int64_t>((w.n * (p.H / 16) + 255) / 256, 8192)))),
-                     dim3(256), 0, stream, p, w);
-  if (err != cudaSuccess) return err;
-  err = p.gated ? launch_gemm<kGemm1Gated, BLOCK>(p, w, rows, mode, tiles, stream)
-                : launch_gemm<kGemm1Plain, BLOCK>(p, w, rows, mode, tiles, stream);
-  if (err != cudaSuccess) return err;
-  err = launch_quantize<float>(hjob, stream);
-  if (err != cudaSuccess) return err;
-  return launch_gemm<kGemm2, BLOCK>(p, w, rows, mode, tiles, stream);
+// The row tiles of a run: `rows`, from the slots per local expert were every
+// slot local (the host knows T * K, not the routing): 16 up to 10 per
+// expert, else 128 on the wgmma kernels (sm_90a), else (mma.sync only) 32 up
+// to 24 and 64 above. Where that is 128 and both GEMMs' 16-row tiles stream
+// (fp8_stream_kernel: persistent blocks, so launching it for nothing costs
+// little), `small` = 16 is launched too and the tile map takes it when the
+// slots the local experts hold, counted on the device, are at most
+// kSmallMaxAvg per expert: under expert parallelism most of a batch's slots
+// may be -1 (the DeepSeek-V3 slice: 7 in 8). The kernels of the other row
+// tile exit at once. Only speed depends on the choice among 16, 32 and 64
+// rows (bitwise the same results); the 128-row wgmma tiles accumulate
+// differently (docs/fp8.md), so a token's output is bitwise the same alone
+// and in a batch while both take the 16-row tiles.
+// Run 119-120 (fp8_bench runner us, tiles forced; rows 16 / 32 / 64 / 128):
+// Mixtral block T=32 (8 slots per expert) 513 / 551 / 660 / 534, T=64
+// (16) 648 / 569 / 671 / 543, T=256 (64) 1830 / 1341 / 1055 / 582; the
+// DeepSeek slice (about 1 slot in 8 local) per-tensor T=64 276 / 299 / 361
+// / 314, T=256 385 / 401 / 482 / 417, block T=256 528 / 512 / 597 / 450.
+constexpr int kSmallMaxAvg = 10;
+struct RowPlan {
+  int rows;
+  int small;  // 16 or 0
+};
+
+// Whether both GEMMs' 16-row tiles run fp8_stream_kernel (launch_stream16).
+bool streams16(const Fp8RunParams& p) {
+  const int nsets = p.gated ? 2 : 1;
+  return p.H % BK == 0 && p.I % BK == 0 && stream_kernels_for(int64_t(p.H) * p.I * nsets) &&
+         stream_kernels_for(int64_t(p.H) * p.I);
 }
 
-// Row tile from the slots per local expert were every slot local (the host
-// knows T * K, not the routing), as the bf16 runner's pick_rows: 16 rows up
-// to 10 per expert, 32 up to 24, 64 below 128, else 128 on the wgmma kernels
-// (sm_90a) or 64. Only speed depends on the 16/32/64 choice (bitwise the same
-// results); the 128-row wgmma tiles accumulate differently (docs/fp8.md).
-int pick_rows(int64_t n, int E_loc, int mode) {
+RowPlan pick_rows(const Fp8RunParams& p, int64_t n, int mode) {
   // MOE_RUNNER_TILE_ROWS=16|32|64|128 forces a row tile (benchmark sweeps;
   // 128 only where the wgmma kernels run).
   static const int forced = [] {
@@ -1398,12 +1422,37 @@ int pick_rows(int64_t n, int E_loc, int mode) {
     const int r = v ? std::atoi(v) : 0;
     return (r == 16 || r == 32 || r == 64 || r == WG_BM) ? r : 0;
   }();
-  if (forced && (forced != WG_BM || mode != 0)) return forced;
-  const double per_expert = double(n) / E_loc;
-  if (per_expert <= 10) return 16;
-  if (per_expert <= 24) return 32;
-  if (per_expert < WG_BM || mode == 0) return 64;
-  return WG_BM;
+  if (forced && (forced != WG_BM || mode != 0)) return {forced, 0};
+  const double per_expert = double(n) / p.E_loc;
+  if (per_expert <= kSmallMaxAvg) return {16, 0};
+  if (mode != 0) return {WG_BM, streams16(p) ? 16 : 0};
+  return {per_expert <= 24 ? 32 : 64, 0};
+}
+
+template <bool BLOCK>
+cudaError_t launch_gemms(const Fp8RunParams& p, const Work& w, const RowPlan& plan, int mode, const QuantJob& hjob,
+                         cudaStream_t stream) {
+  cudaError_t err = cudaSuccess;
+  if (plan.rows == WG_BM && mode == 2)  // GEMM1 of the TMA variant reads the token codes in sorted order
+    err = launch_pdl(sort_codes_kernel,
+                     dim3(unsigned(std::max<int64_t>(1, std::min<int64_t>((w.n * (p.H / 16) + 255) / 256, 8192)))),
+                     dim3(256), 0, stream, p, w);
+  if (err != cudaSuccess) return err;
+  // One GEMM for each row tile of the plan (the one not taken exits).
+  auto gemm = [&](auto launch) {
+    cudaError_t e = cudaSuccess;
+    for (int rows : {plan.small, plan.rows})
+      if (rows && e == cudaSuccess) e = launch(rows, unsigned(gemm::max_tiles(w.n, p.E_loc, rows)));
+    return e;
+  };
+  err = gemm([&](int rows, unsigned tiles) {
+    return p.gated ? launch_gemm<kGemm1Gated, BLOCK>(p, w, rows, mode, tiles, stream)
+                   : launch_gemm<kGemm1Plain, BLOCK>(p, w, rows, mode, tiles, stream);
+  });
+  if (err != cudaSuccess) return err;
+  err = launch_quantize<float>(hjob, stream);
+  if (err != cudaSuccess) return err;
+  return gemm([&](int rows, unsigned tiles) { return launch_gemm<kGemm2, BLOCK>(p, w, rows, mode, tiles, stream); });
 }
 
 // The bf16 runner's parameters for its id check and reduction.
@@ -1449,6 +1498,7 @@ cudaError_t launch_fp8_run(const Fp8RunParams& p, cudaStream_t stream) {
   const MoeRunParams rp = reduce_params(p);
   Work w{};
   w.tile_start = reinterpret_cast<int32_t*>(ws + l.tile_start);
+  w.rows = w.tile_start + p.E_loc + 1;
   w.xq = reinterpret_cast<uint8_t*>(ws + l.xq);
   w.xs = reinterpret_cast<float*>(ws + l.xs);
   w.h = reinterpret_cast<float*>(ws + l.h);
@@ -1462,7 +1512,7 @@ cudaError_t launch_fp8_run(const Fp8RunParams& p, cudaStream_t stream) {
   // otherwise (3: the bf16 runner's mix, here 1).
   const int asked = wgmma_mode(2);
   const int mode = asked == 3 ? 1 : asked;
-  const int rows = pick_rows(n, p.E_loc, mode);
+  const RowPlan plan = pick_rows(p, n, mode);
   // Token rows (weight on input: x * w, one slot per token since K = 1).
   QuantJob xjob{};
   xjob.src = p.x;
@@ -1477,7 +1527,10 @@ cudaError_t launch_fp8_run(const Fp8RunParams& p, cudaStream_t stream) {
   xjob.tile_start = const_cast<int32_t*>(w.tile_start);  // and the tile map
   xjob.map_offsets = p.offsets;
   xjob.map_E = p.E_loc;
-  xjob.map_bm = rows;
+  xjob.rows_out = const_cast<int32_t*>(w.rows);
+  xjob.map_bm = plan.rows;
+  xjob.map_bm_small = plan.small;
+  xjob.map_small_max_avg = kSmallMaxAvg;
   xjob.map_n = n;
   cudaError_t err = launch_quantize_dtype(p.dtype, xjob, stream);
   if (err != cudaSuccess) return err;
@@ -1492,9 +1545,8 @@ cudaError_t launch_fp8_run(const Fp8RunParams& p, cudaStream_t stream) {
   hjob.q = w.hq;
   hjob.scales = w.hs;
 
-  const unsigned tiles = unsigned(gemm::max_tiles(n, p.E_loc, rows));
-  err = p.block128 ? launch_gemms<true>(p, w, rows, mode, tiles, hjob, stream)
-                               : launch_gemms<false>(p, w, rows, mode, tiles, hjob, stream);
+  err = p.block128 ? launch_gemms<true>(p, w, plan, mode, hjob, stream)
+                   : launch_gemms<false>(p, w, plan, mode, hjob, stream);
   if (err != cudaSuccess) return err;
   return launch_moe_reduce(rp, stream);
 }
