@@ -1385,8 +1385,15 @@ cudaError_t launch_gemm(const Fp8RunParams& p, const Work& w, int rows, int mode
 
 // The row tiles of a run: `rows`, from the slots per local expert were every
 // slot local (the host knows T * K, not the routing): 16 up to 10 per
-// expert, else 128 on the wgmma kernels (sm_90a), else (mma.sync only) 32 up
-// to 24 and 64 above. Where that is 128 and both GEMMs' 16-row tiles stream
+// expert; above, on the wgmma kernels (sm_90a), 128 for expert matrices of
+// more than kWideElems elements (H * I), else 32 up to 24, 64 below 128 and
+// 128 from there (64 without the wgmma kernels). The 128-row tiles read the
+// weights once per 128 rows and the mma.sync tiles of 32 or 64 rows are
+// slower at every size tried, but the wgmma tiles keep fewer bits in their
+// FP8 accumulation and so round some h values to the next E4M3 code: on
+// small matrices (H = I = 256, 64 tokens) that reached 1.1e-2 against the
+// CPU backend (run 121), on the model shapes 5.7e-3 (2.8e-3 on 16-row
+// tiles; the contract is 3e-2). Where `rows` is 128 and both GEMMs' 16-row tiles stream
 // (fp8_stream_kernel: persistent blocks, so launching it for nothing costs
 // little), `small` = 16 is launched too and the tile map takes it when the
 // slots the local experts hold, counted on the device, are at most
@@ -1402,6 +1409,7 @@ cudaError_t launch_gemm(const Fp8RunParams& p, const Work& w, int rows, int mode
 // DeepSeek slice (about 1 slot in 8 local) per-tensor T=64 276 / 299 / 361
 // / 314, T=256 385 / 401 / 482 / 417, block T=256 528 / 512 / 597 / 450.
 constexpr int kSmallMaxAvg = 10;
+constexpr int64_t kWideElems = int64_t(1) << 22;
 struct RowPlan {
   int rows;
   int small;  // 16 or 0
@@ -1425,7 +1433,8 @@ RowPlan pick_rows(const Fp8RunParams& p, int64_t n, int mode) {
   if (forced && (forced != WG_BM || mode != 0)) return {forced, 0};
   const double per_expert = double(n) / p.E_loc;
   if (per_expert <= kSmallMaxAvg) return {16, 0};
-  if (mode != 0) return {WG_BM, streams16(p) ? 16 : 0};
+  if (mode != 0 && (per_expert >= WG_BM || int64_t(p.H) * p.I > kWideElems))
+    return {WG_BM, streams16(p) ? 16 : 0};
   return {per_expert <= 24 ? 32 : 64, 0};
 }
 
