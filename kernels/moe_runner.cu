@@ -1109,33 +1109,16 @@ __global__ void reduce_kernel(MoeRunParams p, Work w) {
     const int c = int(i % quads) * 4;
     T* y = static_cast<T*>(p.y) + t * p.H + c;
     float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-    // KB slots at a time: their ids and weights, then their rows, then the
-    // sums in slot order. A loop of one slot at a time waited for each id
-    // before the row it names (a chain of 2K dependent loads, most of a
-    // decode step's reduction).
-    constexpr int KB = 8;
-    for (int j0 = 0; j0 < p.K; j0 += KB) {
-      bool used[KB];
-      float wt[KB];
-      float4 o[KB];
-#pragma unroll
-      for (int u = 0; u < KB; ++u) {
-        const int64_t s = t * p.K + j0 + u;
-        const int32_t id = j0 + u < p.K ? p.local_ids[s] : -1;
-        used[u] = id >= 0 && id < p.E_loc;  // -1, and bad ids treated as -1
-        wt[u] = (!used[u] || p.weight_on_input || !p.weights) ? 1.0f : p.weights[s];
-      }
-#pragma unroll
-      for (int u = 0; u < KB; ++u)
-        o[u] = used[u] ? load_slot4<T>(w.out2, (t * p.K + j0 + u) * p.H + c) : make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll
-      for (int u = 0; u < KB; ++u) {
-        if (!used[u]) continue;
-        acc.x += wt[u] * o[u].x;
-        acc.y += wt[u] * o[u].y;
-        acc.z += wt[u] * o[u].z;
-        acc.w += wt[u] * o[u].w;
-      }
+    for (int j = 0; j < p.K; ++j) {
+      const int64_t s = t * p.K + j;
+      const int32_t id = p.local_ids[s];
+      if (id < 0 || id >= p.E_loc) continue;  // -1, and bad ids treated as -1
+      const float wt = (p.weight_on_input || !p.weights) ? 1.0f : p.weights[s];
+      const float4 o = load_slot4<T>(w.out2, s * p.H + c);
+      acc.x += wt * o.x;
+      acc.y += wt * o.y;
+      acc.z += wt * o.z;
+      acc.w += wt * o.w;
     }
     const float sc = p.output_scale;
     acc.x *= sc;
