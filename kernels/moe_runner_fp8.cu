@@ -1393,13 +1393,16 @@ cudaError_t launch_gemm(const Fp8RunParams& p, const Work& w, int rows, int mode
 // FP8 accumulation and so round some h values to the next E4M3 code: on
 // small matrices (H = I = 256, 64 tokens) that reached 1.1e-2 against the
 // CPU backend (run 121), on the model shapes 5.7e-3 (2.8e-3 on 16-row
-// tiles; the contract is 3e-2). Where `rows` is 128 and both GEMMs' 16-row tiles stream
-// (fp8_stream_kernel: persistent blocks, so launching it for nothing costs
-// little), `small` = 16 is launched too and the tile map takes it when the
-// slots the local experts hold, counted on the device, are at most
-// kSmallMaxAvg per expert: under expert parallelism most of a batch's slots
-// may be -1 (the DeepSeek-V3 slice: 7 in 8). The kernels of the other row
-// tile exit at once. Only speed depends on the choice among 16, 32 and 64
+// tiles; the contract is 3e-2). Where `rows` is 128, below 128 slots per
+// expert, and both GEMMs' 16-row tiles stream (fp8_stream_kernel, whose
+// persistent blocks exit at once when not taken), `small` = 16 is launched
+// too, and the tile map takes it when the slots the local experts hold,
+// counted on the device, are at most kSmallMaxAvg per expert: under expert
+// parallelism most of a batch's slots may be -1 (the DeepSeek-V3 slice: 7
+// in 8). From 128 slots per expert on it is not launched: it would need 10
+// local slots in 128, and the two launches for nothing cost 11-21 us at the
+// DeepSeek slice T=1024 (run 124). The kernels of the row tile not taken
+// exit at once. Only speed depends on the choice among 16, 32 and 64
 // rows (bitwise the same results); the 128-row wgmma tiles accumulate
 // differently (docs/fp8.md), so a token's output is bitwise the same alone
 // and in a batch while both take the 16-row tiles.
@@ -1434,7 +1437,7 @@ RowPlan pick_rows(const Fp8RunParams& p, int64_t n, int mode) {
   const double per_expert = double(n) / p.E_loc;
   if (per_expert <= kSmallMaxAvg) return {16, 0};
   if (mode != 0 && (per_expert >= WG_BM || int64_t(p.H) * p.I > kWideElems))
-    return {WG_BM, streams16(p) ? 16 : 0};
+    return {WG_BM, per_expert < WG_BM && streams16(p) ? 16 : 0};
   return {per_expert <= 24 ? 32 : 64, 0};
 }
 
