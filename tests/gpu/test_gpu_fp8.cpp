@@ -510,6 +510,12 @@ TEST_CASE("gpu.fp8.nan_confined") {
   }
 }
 
+// The GPU output of the tokens of `in` run as one batch.
+static void run_batch(const Case& c, GpuLayer& l, const Inputs& in, HostTensor& y) {
+  GpuBatch b(c, in);
+  run_gpu(c, l, b, y);
+}
+
 // Tokens [first, first + count) of `all` run as a batch of their own: their
 // outputs must be bitwise those they got in the whole batch (y_all).
 static void check_tokens_alone(const Case& c, GpuLayer& l, const Inputs& all, const HostTensor& y_all, int64_t first,
@@ -521,9 +527,8 @@ static void check_tokens_alone(const Case& c, GpuLayer& l, const Inputs& all, co
     part.ids.as<int32_t>()[i] = all.ids.as<int32_t>()[first * c.k + i];
     part.w.as<float>()[i] = all.w.as<float>()[first * c.k + i];
   }
-  GpuBatch b(c, part);
   HostTensor y(c.x_dt, {count, c.H});
-  run_gpu(c, l, b, y);
+  run_batch(c, l, part, y);
   INFO("tokens ", first, " to ", first + count - 1, " alone");
   CHECK(std::memcmp(y.storage.data(), y_all.storage.data() + row * size_t(first), row * size_t(count)) == 0);
 }
@@ -541,10 +546,7 @@ TEST_CASE("gpu.fp8.batch_independent") {
     GpuLayer l(c, wt);
     Inputs all(c, 150, rng);
     HostTensor y_all(c.x_dt, {all.T, c.H});
-    {
-      GpuBatch b(c, all);
-      run_gpu(c, l, b, y_all);
-    }
+    run_batch(c, l, all, y_all);
     for (int64_t t : {int64_t(0), int64_t(77), int64_t(149)}) check_tokens_alone(c, l, all, y_all, t, 1, rng);
   }
 }
@@ -572,10 +574,7 @@ TEST_CASE("gpu.fp8.stream_kernels") {
     GpuLayer l(c, wt);
     Inputs all(c, 150, rng);
     HostTensor y_all(c.x_dt, {all.T, c.H});
-    {
-      GpuBatch b(c, all);
-      run_gpu(c, l, b, y_all);
-    }
+    run_batch(c, l, all, y_all);
     for (int64_t t = 0; t < all.T; ++t)
       for (int col = 0; col < c.H; ++col) REQUIRE(std::isfinite(y_all.get(t * c.H + col)));
     for (int64_t T : {int64_t(1), int64_t(20), int64_t(40)}) check_tokens_alone(c, l, all, y_all, 0, T, rng);
@@ -607,10 +606,7 @@ TEST_CASE("gpu.fp8.device_row_tile") {
     GpuLayer l(c, wt);
     Inputs all(c, 24, rng);
     HostTensor y_all(c.x_dt, {all.T, c.H});
-    {
-      GpuBatch b(c, all);
-      run_gpu(c, l, b, y_all);
-    }
+    run_batch(c, l, all, y_all);
     if (streamed) {
       for (int64_t t : {int64_t(0), int64_t(11), int64_t(23)}) check_tokens_alone(c, l, all, y_all, t, 1, rng);
       check_tokens_alone(c, l, all, y_all, 12, 5, rng);  // 40 slots: 16-row tiles planned on the host
