@@ -179,25 +179,66 @@ __device__ __forceinline__ void store_pair<float>(float* base, int64_t idx, floa
   *reinterpret_cast<float2*>(base + idx) = make_float2(v0, v1);
 }
 
-// Two adjacent output columns (col, col + 1) of sorted row `pos`, whose slot
-// (slot_at) is `slot`.
-template <class T, int MODE>
-__device__ __forceinline__ void epilogue_slot(const MoeRunParams& p, const Work& w, int32_t slot, int64_t pos,
+// What the epilogue needs of one sorted row, loaded once per row ahead of
+// its columns: the slot (-1: nothing is stored) and the factor on the
+// pre-activation (the routing weight when it is applied on the input, else
+// 1). The stores of a row's columns could alias these loads as far as the
+// compiler knows, so it cannot hoist them out of the column loop itself:
+// loaded per column pair, each pair waited on a load after the previous
+// pair's store (the gated wgmma GEMM1 lost 23-37% that way once 5c7c8b6
+// changed how the compiler unrolled its epilogue; run 130).
+struct EpiRow {
+  int32_t slot;
+  float scale;
+};
+
+template <int MODE>
+__device__ __forceinline__ EpiRow epi_row_of_slot(const MoeRunParams& p, int32_t slot) {
+  // W13 is linear in x, so scaling the pre-activation equals scaling x's row.
+  const float s = (MODE != kGemm2 && slot >= 0 && p.weight_on_input) ? p.weights[slot] : 1.0f;
+  return EpiRow{slot, s};
+}
+
+template <int MODE>
+__device__ __forceinline__ EpiRow epi_row(const MoeRunParams& p, const Work& w, int64_t pos) {
+  return epi_row_of_slot<MODE>(p, slot_at(p, w, pos));
+}
+
+// The activation of an epilogue: ACT when it is a moe_activation_t, or
+// p.activation read at run time (kActRuntime).
+constexpr int kActRuntime = -1;
+
+// Calls f(std::integral_constant<int, ACT>) with ACT = SiLU where the run's
+// activation is SiLU (GEMM1 only), else kActRuntime: the SiLU epilogue is
+// straight-line code. With the activation switched per element, the
+// compiler keeps a branch around every element (no overlap of one
+// element's exponential with the next one's); it used to unswitch the
+// column loop itself until 5c7c8b6 made the switch larger (run 130).
+template <int MODE, class F>
+__device__ __forceinline__ void with_activation(const MoeRunParams& p, F&& f) {
+  if (MODE != kGemm2 && p.activation == MOE_ACTIVATION_SILU)
+    f(std::integral_constant<int, MOE_ACTIVATION_SILU>{});
+  else
+    f(std::integral_constant<int, kActRuntime>{});
+}
+
+// Two adjacent output columns (col, col + 1) of sorted row `pos` (its
+// EpiRow: `row`); ACT: see with_activation.
+template <class T, int MODE, int ACT = kActRuntime>
+__device__ __forceinline__ void epilogue_slot(const MoeRunParams& p, const Work& w, const EpiRow& row, int64_t pos,
                                               int col, float a0, float a1, float u0, float u1) {
-  if (slot < 0) return;
+  if (row.slot < 0) return;
   if (MODE == kGemm2) {
     if (col >= p.H) return;
     // f32 rows for f32 runs, else rows of the activation dtype.
-    store_pair<T>(reinterpret_cast<T*>(w.out2), int64_t(slot) * p.H + col, a0, a1);
+    store_pair<T>(reinterpret_cast<T*>(w.out2), int64_t(row.slot) * p.H + col, a0, a1);
     return;
   }
   if (col >= p.I) return;
-  // W13 is linear in x, so scaling the pre-activation equals scaling x's row.
-  const float s = p.weight_on_input ? p.weights[slot] : 1.0f;
+  const float s = row.scale;
   // h rounded to 16 bits next: the fast SiLU (activate_fast); f32 runs exact.
-  auto act = [&](float v) {
-    return std::is_same_v<T, float> ? activate(p.activation, v) : activate_fast(p.activation, v);
-  };
+  const int a = ACT == kActRuntime ? p.activation : ACT;
+  auto act = [&](float v) { return std::is_same_v<T, float> ? activate(a, v) : activate_fast(a, v); };
   float h0, h1;
   if (MODE == kGemm1Gated) {
     h0 = act(a0 * s) * (u0 * s);
@@ -207,12 +248,6 @@ __device__ __forceinline__ void epilogue_slot(const MoeRunParams& p, const Work&
     h1 = act(a1 * s);
   }
   store_pair<T>(static_cast<T*>(w.h), pos * p.I + col, h0, h1);
-}
-
-template <class T, int MODE>
-__device__ __forceinline__ void epilogue_pair(const MoeRunParams& p, const Work& w, int64_t pos,
-                                              int col, float a0, float a1, float u0, float u1) {
-  epilogue_slot<T, MODE>(p, w, slot_at(p, w, pos), pos, col, a0, a1, u0, u1);
 }
 
 // Row pointer of A row `pos` (GEMM1: the token's hidden row; GEMM2: h's row), or null.
@@ -412,20 +447,24 @@ __device__ __forceinline__ void tc_tile(const MoeRunParams& p, const Work& w, co
   cp_async_wait<0>();
 
   const int g = lane >> 2, c2 = (lane & 3) * 2;
+  with_activation<MODE>(p, [&](auto act) {
 #pragma unroll
-  for (int mi = 0; mi < MI; ++mi)
+    for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int r = wm * WTM + mi * 16 + g + half * 8;
-      if (r >= ti.rows) continue;
+      for (int half = 0; half < 2; ++half) {
+        const int r = wm * WTM + mi * 16 + g + half * 8;
+        if (r >= ti.rows) continue;
+        const int64_t pos = ti.row_begin + r;
+        const EpiRow row = epi_row<MODE>(p, w, pos);
 #pragma unroll
-      for (int ni = 0; ni < NI; ++ni) {
-        const int col = n0 + wn * WTN + ni * 8 + c2;
-        const float* a0 = &acc[0][mi][ni][half * 2];
-        const float* u0 = &acc[NSETS - 1][mi][ni][half * 2];
-        epilogue_pair<T, MODE>(p, w, ti.row_begin + r, col, a0[0], a0[1], u0[0], u0[1]);
+        for (int ni = 0; ni < NI; ++ni) {
+          const int col = n0 + wn * WTN + ni * 8 + c2;
+          const float* a0 = &acc[0][mi][ni][half * 2];
+          const float* u0 = &acc[NSETS - 1][mi][ni][half * 2];
+          epilogue_slot<T, MODE, decltype(act)::value>(p, w, row, pos, col, a0[0], a0[1], u0[0], u0[1]);
+        }
       }
-    }
+  });
 }
 
 // Non-persistent (PERSISTENT false): block (x, y) computes row tile x, column
@@ -484,18 +523,23 @@ __device__ __forceinline__ void wg_epilogue(const MoeRunParams& p, const Work& w
   constexpr int NSETS = MODE == kGemm1Gated ? 2 : 1;
   constexpr int BN = WG_BN / NSETS;
   const int lane = threadIdx.x & 31, warp_in_group = (threadIdx.x >> 5) & 3;
+  with_activation<MODE>(p, [&](auto act) {
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int r = group * 64 + warp_in_group * 16 + (lane >> 2) + 8 * h;
-    if (r >= ti.rows) continue;
+    for (int h = 0; h < 2; ++h) {
+      const int r = group * 64 + warp_in_group * 16 + (lane >> 2) + 8 * h;
+      if (r >= ti.rows) continue;
+      const int64_t pos = ti.row_begin + r;
+      const EpiRow row = epi_row<MODE>(p, w, pos);
 #pragma unroll
-    for (int j = 0; j < BN / 8; ++j) {
-      const int col = n0 + 8 * j + 2 * (lane & 3);
-      const int ju = NSETS == 2 ? j + BN / 8 : j;
-      epilogue_pair<T, MODE>(p, w, ti.row_begin + r, col, acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1],
-                             acc[4 * ju + 2 * h], acc[4 * ju + 2 * h + 1]);
+      for (int j = 0; j < BN / 8; ++j) {
+        const int col = n0 + 8 * j + 2 * (lane & 3);
+        const int ju = NSETS == 2 ? j + BN / 8 : j;
+        epilogue_slot<T, MODE, decltype(act)::value>(p, w, row, pos, col, acc[4 * j + 2 * h],
+                                                     acc[4 * j + 2 * h + 1], acc[4 * ju + 2 * h],
+                                                     acc[4 * ju + 2 * h + 1]);
+      }
     }
-  }
+  });
 }
 
 // The operand rows of one item of gemm_wgmma_kernel: its tile, first output
@@ -989,7 +1033,8 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::BLOCKS)
       for (int half = 0; half < 2; ++half) {
         const int r = mi * 16 + (lane >> 2) + half * 8;
         if (r < rows)
-          epilogue_slot<T, MODE>(p, w, slot[mi][half], row_begin + r, col, acc[0][mi][2 * half],
+          epilogue_slot<T, MODE>(p, w, epi_row_of_slot<MODE>(p, slot[mi][half]), row_begin + r, col,
+                                 acc[0][mi][2 * half],
                                  acc[0][mi][2 * half + 1], acc[NSETS - 1][mi][2 * half],
                                  acc[NSETS - 1][mi][2 * half + 1]);
       }
@@ -1072,12 +1117,13 @@ __global__ void __launch_bounds__(F_THREADS) gemm_f32_kernel(MoeRunParams p, Wor
   for (int i = 0; i < 4; ++i) {
     const int r = ty + 16 * i;
     if (r >= ti.rows) continue;
+    const int64_t pos = ti.row_begin + r;
+    const EpiRow row = epi_row<MODE>(p, w, pos);
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
       const int col = n0 + 2 * tx + 32 * j;
-      epilogue_pair<float, MODE>(p, w, ti.row_begin + r, col, acc[0][i][2 * j],
-                                 acc[0][i][2 * j + 1], acc[NSETS - 1][i][2 * j],
-                                 acc[NSETS - 1][i][2 * j + 1]);
+      epilogue_slot<float, MODE>(p, w, row, pos, col, acc[0][i][2 * j], acc[0][i][2 * j + 1],
+                                 acc[NSETS - 1][i][2 * j], acc[NSETS - 1][i][2 * j + 1]);
     }
   }
 }
