@@ -8,6 +8,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 #include <utility>
 
 #include "moe/moe.h"
@@ -134,6 +135,35 @@ __device__ __forceinline__ float activate(int act, float v) {
 __device__ __forceinline__ float activate_fast(int act, float v) {
   if (act == MOE_ACTIVATION_SILU) return __fdividef(v, 1.0f + __expf(-v));
   return activate(act, v);
+}
+
+// The activation of an epilogue as a template argument: a moe_activation_t,
+// or kActRuntime for the run's value read at run time.
+constexpr int kActRuntime = -1;
+
+// Calls f(std::integral_constant<int, ACT>) with ACT = SiLU where `act` is
+// SiLU, else kActRuntime, so that an epilogue templated on ACT is
+// straight-line code for SiLU. With the activation switched per element the
+// compiler keeps a branch around every element (no overlap of one
+// element's exponential with the next one's): since 5c7c8b6 made the switch
+// larger it no longer unswitched the column loops itself, and the bf16
+// gated wgmma GEMM1 lost 23-37% (run 130).
+template <class F>
+__device__ __forceinline__ void with_activation(int act, F&& f) {
+  if (act == MOE_ACTIVATION_SILU)
+    f(std::integral_constant<int, MOE_ACTIVATION_SILU>{});
+  else
+    f(std::integral_constant<int, kActRuntime>{});
+}
+
+// activate() / activate_fast() of ACT, or of `act` when ACT is kActRuntime.
+template <int ACT>
+__device__ __forceinline__ float activate_as(int act, float v) {
+  return activate(ACT == kActRuntime ? act : ACT, v);
+}
+template <int ACT>
+__device__ __forceinline__ float activate_fast_as(int act, float v) {
+  return activate_fast(ACT == kActRuntime ? act : ACT, v);
 }
 
 // Dispatcher offset e clamped to [0, n]: a bad one never reads out of bounds.

@@ -204,26 +204,16 @@ __device__ __forceinline__ EpiRow epi_row(const MoeRunParams& p, const Work& w, 
   return epi_row_of_slot<MODE>(p, slot_at(p, w, pos));
 }
 
-// The activation of an epilogue: ACT when it is a moe_activation_t, or
-// p.activation read at run time (kActRuntime).
-constexpr int kActRuntime = -1;
+using gemm::kActRuntime;
 
-// Calls f(std::integral_constant<int, ACT>) with ACT = SiLU where the run's
-// activation is SiLU (GEMM1 only), else kActRuntime: the SiLU epilogue is
-// straight-line code. With the activation switched per element, the
-// compiler keeps a branch around every element (no overlap of one
-// element's exponential with the next one's); it used to unswitch the
-// column loop itself until 5c7c8b6 made the switch larger (run 130).
+// gemm::with_activation for GEMM1; GEMM2 has no activation.
 template <int MODE, class F>
 __device__ __forceinline__ void with_activation(const MoeRunParams& p, F&& f) {
-  if (MODE != kGemm2 && p.activation == MOE_ACTIVATION_SILU)
-    f(std::integral_constant<int, MOE_ACTIVATION_SILU>{});
-  else
-    f(std::integral_constant<int, kActRuntime>{});
+  gemm::with_activation(MODE == kGemm2 ? kActRuntime : p.activation, f);
 }
 
 // Two adjacent output columns (col, col + 1) of sorted row `pos` (its
-// EpiRow: `row`); ACT: see with_activation.
+// EpiRow: `row`); ACT: see gemm::with_activation.
 template <class T, int MODE, int ACT = kActRuntime>
 __device__ __forceinline__ void epilogue_slot(const MoeRunParams& p, const Work& w, const EpiRow& row, int64_t pos,
                                               int col, float a0, float a1, float u0, float u1) {
@@ -237,8 +227,10 @@ __device__ __forceinline__ void epilogue_slot(const MoeRunParams& p, const Work&
   if (col >= p.I) return;
   const float s = row.scale;
   // h rounded to 16 bits next: the fast SiLU (activate_fast); f32 runs exact.
-  const int a = ACT == kActRuntime ? p.activation : ACT;
-  auto act = [&](float v) { return std::is_same_v<T, float> ? activate(a, v) : activate_fast(a, v); };
+  auto act = [&](float v) {
+    return std::is_same_v<T, float> ? gemm::activate_as<ACT>(p.activation, v)
+                                    : gemm::activate_fast_as<ACT>(p.activation, v);
+  };
   float h0, h1;
   if (MODE == kGemm1Gated) {
     h0 = act(a0 * s) * (u0 * s);

@@ -569,36 +569,40 @@ __global__ void __launch_bounds__(Cfg::THREADS) fp8_gemm_kernel(Fp8RunParams p, 
   gemm::cp_async_wait<0>();
 
   const float w_tensor = BLOCK ? 1.0f : wscale[ti.e];
+  gemm::with_activation(MODE == kGemm2 ? gemm::kActRuntime : p.activation, [&](auto act) {
+    constexpr int ACT = decltype(act)::value;
 #pragma unroll
-  for (int mi = 0; mi < MI; ++mi)
+    for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int r = wm * WTM + mi * 16 + g + half * 8;
-      if (r >= ti.rows || !srow[mi][half]) continue;
-      const int64_t pos = ti.row_begin + r;
-      const float f = BLOCK ? 1.0f : srow[mi][half][0] * w_tensor;
-      int32_t slot = -1;
-      if (MODE == kGemm2) {
-        slot = slot_at(p, w.n, pos);
-        if (slot < 0) continue;
-      }
-#pragma unroll
-      for (int ni = 0; ni < NI; ++ni) {
-        const int col = n0 + wn * WTN + ni * 8 + c2;
-        if (col >= N) continue;  // N % 16 == 0: col + 1 < N as well
-        const float a0 = acc[0][mi][ni][half * 2] * f, a1 = acc[0][mi][ni][half * 2 + 1] * f;
+      for (int half = 0; half < 2; ++half) {
+        const int r = wm * WTM + mi * 16 + g + half * 8;
+        if (r >= ti.rows || !srow[mi][half]) continue;
+        const int64_t pos = ti.row_begin + r;
+        const float f = BLOCK ? 1.0f : srow[mi][half][0] * w_tensor;
+        int32_t slot = -1;
         if (MODE == kGemm2) {
-          store_slot_pair(p, w, slot, col, a0, a1);
-        } else {
-          float h0 = gemm::activate_fast(p.activation, a0), h1 = gemm::activate_fast(p.activation, a1);
-          if (MODE == kGemm1Gated) {
-            h0 *= acc[NSETS - 1][mi][ni][half * 2] * f;
-            h1 *= acc[NSETS - 1][mi][ni][half * 2 + 1] * f;
+          slot = slot_at(p, w.n, pos);
+          if (slot < 0) continue;
+        }
+#pragma unroll
+        for (int ni = 0; ni < NI; ++ni) {
+          const int col = n0 + wn * WTN + ni * 8 + c2;
+          if (col >= N) continue;  // N % 16 == 0: col + 1 < N as well
+          const float a0 = acc[0][mi][ni][half * 2] * f, a1 = acc[0][mi][ni][half * 2 + 1] * f;
+          if (MODE == kGemm2) {
+            store_slot_pair(p, w, slot, col, a0, a1);
+          } else {
+            float h0 = gemm::activate_fast_as<ACT>(p.activation, a0);
+            float h1 = gemm::activate_fast_as<ACT>(p.activation, a1);
+            if (MODE == kGemm1Gated) {
+              h0 *= acc[NSETS - 1][mi][ni][half * 2] * f;
+              h1 *= acc[NSETS - 1][mi][ni][half * 2 + 1] * f;
+            }
+            *reinterpret_cast<float2*>(w.h + pos * p.I + col) = make_float2(h0, h1);
           }
-          *reinterpret_cast<float2*>(w.h + pos * p.I + col) = make_float2(h0, h1);
         }
       }
-    }
+  });
 }
 
 // --- streaming decode tiles (sm_90a, 16-row tiles) -------------------------------
@@ -1015,35 +1019,39 @@ struct Fp8WgMath {
     const int N = MODE == kGemm2 ? p.H : p.I;
     const float w_tensor = BLOCK ? 1.0f : (MODE == kGemm2 ? p.w2_scale : p.w13_scale)[ti.e];
     const int lane = threadIdx.x & 31, warp_in_group = (threadIdx.x >> 5) & 3;
+    gemm::with_activation(MODE == kGemm2 ? gemm::kActRuntime : p.activation, [&](auto act) {
+      constexpr int ACT = decltype(act)::value;
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int r = group * 64 + warp_in_group * 16 + (lane >> 2) + 8 * h;
-      if (r >= ti.rows || !srow[h]) continue;
-      const int64_t pos = ti.row_begin + r;
-      const float f = BLOCK ? 1.0f : srow[h][0] * w_tensor;
-      int32_t slot = -1;
-      if (MODE == kGemm2) {
-        slot = slot_at(p, w.n, pos);
-        if (slot < 0) continue;
-      }
-#pragma unroll
-      for (int j = 0; j < BNS / 8; ++j) {
-        const int col = n0 + 8 * j + 2 * (lane & 3);
-        if (col >= N) continue;  // N % 16 == 0: col + 1 < N as well
-        const float a0 = acc[4 * j + 2 * h] * f, a1 = acc[4 * j + 2 * h + 1] * f;
+      for (int h = 0; h < 2; ++h) {
+        const int r = group * 64 + warp_in_group * 16 + (lane >> 2) + 8 * h;
+        if (r >= ti.rows || !srow[h]) continue;
+        const int64_t pos = ti.row_begin + r;
+        const float f = BLOCK ? 1.0f : srow[h][0] * w_tensor;
+        int32_t slot = -1;
         if (MODE == kGemm2) {
-          store_slot_pair(p, w, slot, col, a0, a1);
-        } else {
-          float h0 = gemm::activate_fast(p.activation, a0), h1 = gemm::activate_fast(p.activation, a1);
-          if (MODE == kGemm1Gated) {
-            const int ju = j + BNS / 8;
-            h0 *= acc[4 * ju + 2 * h] * f;
-            h1 *= acc[4 * ju + 2 * h + 1] * f;
+          slot = slot_at(p, w.n, pos);
+          if (slot < 0) continue;
+        }
+#pragma unroll
+        for (int j = 0; j < BNS / 8; ++j) {
+          const int col = n0 + 8 * j + 2 * (lane & 3);
+          if (col >= N) continue;  // N % 16 == 0: col + 1 < N as well
+          const float a0 = acc[4 * j + 2 * h] * f, a1 = acc[4 * j + 2 * h + 1] * f;
+          if (MODE == kGemm2) {
+            store_slot_pair(p, w, slot, col, a0, a1);
+          } else {
+            float h0 = gemm::activate_fast_as<ACT>(p.activation, a0);
+            float h1 = gemm::activate_fast_as<ACT>(p.activation, a1);
+            if (MODE == kGemm1Gated) {
+              const int ju = j + BNS / 8;
+              h0 *= acc[4 * ju + 2 * h] * f;
+              h1 *= acc[4 * ju + 2 * h + 1] * f;
+            }
+            *reinterpret_cast<float2*>(w.h + pos * p.I + col) = make_float2(h0, h1);
           }
-          *reinterpret_cast<float2*>(w.h + pos * p.I + col) = make_float2(h0, h1);
         }
       }
-    }
+    });
   }
 };
 
