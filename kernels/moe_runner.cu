@@ -1274,6 +1274,8 @@ struct RowChoice {
   int small, large, small_max_avg;
 };
 
+int bf16_wgmma_default(const MoeRunParams& p, int64_t n);  // below
+
 RowChoice pick_rows(const MoeRunParams& p, int64_t n) {
   // MOE_RUNNER_TILE_ROWS=16|32|64|128 forces a row tile (benchmark sweeps).
   static const int forced = [] {
@@ -1284,12 +1286,24 @@ RowChoice pick_rows(const MoeRunParams& p, int64_t n) {
   if (forced) return {forced, forced, 0};
   const double per_expert = double(n) / p.E_loc;
   if (per_expert <= 10) return {16, 16, 0};
-  if (per_expert <= 24) return {32, 32, 0};
+  // The 32-row tiles up to `small_max` local slots per expert on average.
   // Run 10 at T = 256: 32-row tiles won with ~8-16 local rows per expert
   // (DeepSeek slice 0.89 vs 0.61), 128-row tiles with 64 (Mixtral 0.60 vs 0.44);
   // at T = 1024 the DeepSeek slice (~32 per expert) got 0.75 with 128-row tiles
-  // against 0.52 when the switch sat at 40: it now sits at 24.
-  if (per_expert <= 512) return {32, 128, 24};
+  // against 0.52 when the switch sat at 40: it sat at 24 for every size until
+  // run 130's sweep with the wgmma tiles (moe_bench at T=64-1024, each row
+  // tile forced; layer timelines of run 132): for expert matrices over
+  // kShallowElems elements (streamed 32-row tiles) the 128-row tiles won from
+  // ~20 slots per expert (DeepSeek slice, 22 per expert: GEMM1 604 against
+  // 776 us, GEMM2 298 against 363) and lost at 16 (Mixtral T=64: 1175
+  // against 1047 us); for smaller ones (Qwen3, gemm_tc_kernel) the 32-row
+  // tiles still won at 32 per expert (T=512: 623 against 666 us) and lost at
+  // 64. So 16 and 32 with the wgmma tiles; 24 without them (mma.sync
+  // 128-row tiles, slower).
+  const bool wide = wgmma_mode(bf16_wgmma_default(p, n)) != 0;
+  const int small_max = !wide ? 24 : int64_t(p.H) * p.I > kShallowElems ? 16 : 32;
+  if (per_expert <= small_max) return {32, 32, 0};
+  if (per_expert <= 512) return {32, 128, small_max};
   return {128, 128, 0};
 }
 
