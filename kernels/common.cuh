@@ -147,7 +147,7 @@ constexpr int kActRuntime = -1;
 // compiler keeps a branch around every element (no overlap of one
 // element's exponential with the next one's): since 5c7c8b6 made the switch
 // larger it no longer unswitched the column loops itself, and the bf16
-// gated wgmma GEMM1 lost 23-37% (run 130).
+// gated wgmma GEMM1 lost 23-37% (runs 130-131).
 template <class F>
 __device__ __forceinline__ void with_activation(int act, F&& f) {
   if (act == MOE_ACTIVATION_SILU)

@@ -186,7 +186,7 @@ __device__ __forceinline__ void store_pair<float>(float* base, int64_t idx, floa
 // compiler knows, so it cannot hoist them out of the column loop itself:
 // loaded per column pair, each pair waited on a load after the previous
 // pair's store (the gated wgmma GEMM1 lost 23-37% that way once 5c7c8b6
-// changed how the compiler unrolled its epilogue; run 130).
+// changed how the compiler unrolled its epilogue; runs 130-131).
 struct EpiRow {
   int32_t slot;
   float scale;
@@ -1274,8 +1274,6 @@ struct RowChoice {
   int small, large, small_max_avg;
 };
 
-int bf16_wgmma_default(const MoeRunParams& p, int64_t n);  // below
-
 RowChoice pick_rows(const MoeRunParams& p, int64_t n) {
   // MOE_RUNNER_TILE_ROWS=16|32|64|128 forces a row tile (benchmark sweeps).
   static const int forced = [] {
@@ -1300,7 +1298,7 @@ RowChoice pick_rows(const MoeRunParams& p, int64_t n) {
   // tiles still won at 32 per expert (T=512: 623 against 666 us) and lost at
   // 64. So 16 and 32 with the wgmma tiles; 24 without them (mma.sync
   // 128-row tiles, slower).
-  const bool wide = wgmma_mode(bf16_wgmma_default(p, n)) != 0;
+  const bool wide = wgmma_mode() != 0;
   const int small_max = !wide ? 24 : int64_t(p.H) * p.I > kShallowElems ? 16 : 32;
   if (per_expert <= small_max) return {32, 32, 0};
   if (per_expert <= 512) return {32, 128, small_max};
@@ -1399,20 +1397,6 @@ void launch_wgmma_stage(const MoeRunParams& p, const Work& w, unsigned tiles, bo
     launch_wgmma_mode<T, kGemm1Plain>(p, w, tiles, p.I, mode, stream);
 }
 
-// The bf16/f16 128-row kernel when MOE_RUNNER_WGMMA is unset: variant 2
-// (TMA, persistent 2-block clusters) for expert matrices of at least
-// kLargeExpertElems elements with at most one 128-row tile of slots per
-// expert on average (were every slot local), variant 1 otherwise. Runs 41
-// and 42 (H100): Mixtral (58.7M elements) at T=256 (64 slots per expert)
-// 1023.7 us on variant 2 against 1080-1082 us on variant 1 in both runs;
-// at T >= 1024 the two within run-to-run spread of each other (variant 1
-// ahead at T=1024 in both runs); Qwen3 (1.6M) and the DeepSeek slice
-// (14.7M) 1-7% slower on variant 2 at T >= 4096.
-constexpr int64_t kLargeExpertElems = int64_t(1) << 25;
-int bf16_wgmma_default(const MoeRunParams& p, int64_t n) {
-  return int64_t(p.H) * p.I >= kLargeExpertElems && n <= int64_t(WG_BM) * p.E_loc ? 2 : 1;
-}
-
 // One streaming GEMM (see gemm_stream_kernel): false when it does not apply
 // (K % 64, a weight view the tensor map refuses), so the caller falls back.
 template <class T, int MODE, class Cfg>
@@ -1489,7 +1473,13 @@ void launch_tc_rows(const MoeRunParams& p, const Work& w, int bm, int64_t rows_b
     case 64: launch_tc_stage<T, CfgMid, CfgMid>(p, w, tiles, second, stream); break;
     default:
       static_assert(WG_BM == CfgWide1::BM, "the wgmma path replaces the 128-row tiles");
-      if (const int mode = wgmma_mode(bf16_wgmma_default(p, w.n)))
+      // Variant 1 unless MOE_RUNNER_WGMMA says otherwise. Variant 2 was the
+      // default for Mixtral-sized experts at up to 128 slots per expert
+      // (runs 41-42: 5% faster at T=256) until runs 133-134: as the default
+      // it hung once on Mixtral at T=512, and forced it hangs there at
+      // T=1024 (GEMM1's; variant 3 does not); the cause is not found
+      // (docs/perf-notes.md v19).
+      if (const int mode = wgmma_mode())
         launch_wgmma_stage<T>(p, w, tiles, second, mode, stream);
       else if (candidate)
         launch_tc_stage<T, CfgWide1, CfgWide2, true>(p, w, tiles, second, stream);
@@ -1556,7 +1546,7 @@ int decode_stages(int64_t matrix_elems, int large_stages, int small_stages) {
 // takes 3 as 1). Not 0 only when the library was built for sm_90a alone
 // among the 9.x targets (MOE_CUDA_WGMMA, set by CMake) and the current
 // device is compute capability 9.0; MOE_RUNNER_WGMMA=0|1|2|3 chooses
-// (unset: `unset`; the bf16 runner passes bf16_wgmma_default, the FP8 runner 2).
+// (unset: `unset`; the bf16 runner passes 1, the FP8 runner 2).
 // Read at each GEMM launch (one getenv), so that a test can run every variant
 // in one process (gpu.runner.wgmma_variants_partial_tiles).
 int wgmma_mode(int unset) {
