@@ -186,7 +186,7 @@ __device__ __forceinline__ void store_pair<float>(float* base, int64_t idx, floa
 // compiler knows, so it cannot hoist them out of the column loop itself:
 // loaded per column pair, each pair waited on a load after the previous
 // pair's store. Since 5c7c8b6 changed how the compiler unrolled the
-// epilogue this cost 4-9% of a prefill layer (run 131; most of the 23-37%
+// epilogue this cost 2-8% of a prefill layer (run 131; most of the 23-37%
 // that the gated wgmma GEMM1 lost then was the activation's branch per
 // element: gemm::with_activation).
 struct EpiRow {
