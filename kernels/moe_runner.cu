@@ -797,7 +797,7 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
         for (int kt = 0; kt < KT; ++kt, ++g) {
           const int s = g % WG_STAGES;
           const int k0 = kt * WG_BK;
-          const uint32_t bar = pipe.produce(g, WS_TX_BYTES);
+          const uint32_t bar = pipe.produce(g, WS_TX_BYTES, int(u));
           wg::tma_load_2d(st.a_tile(s), &map_a, k0, it.ti.row_begin, bar);
           if (it.paired) {
             const uint32_t half = st.b_tile(s) + rank * uint32_t(HALF) * wg::kRowBytes;
@@ -833,7 +833,7 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
     // for every step's copies before it hands the buffer back.
     if (!it.mine || group * 64 >= it.ti.rows) {
       for (int kt = 0; kt < KT; ++kt, ++g) {
-        pipe.consume(g);
+        pipe.consume(g, int(u));
         give_back(g);
       }
       continue;
@@ -843,7 +843,7 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
     for (int i = 0; i < 128; ++i) acc[i] = 0.0f;
     for (int kt = 0; kt < KT; ++kt, ++g) {
       const int s = g % WG_STAGES;
-      pipe.consume(g);
+      pipe.consume(g, int(u));
       const wg::DescSw128 da(st.a_tile(s, group * 64)), db(st.b_tile(s));
       wg::fence_operands(acc);
       wg::fence();

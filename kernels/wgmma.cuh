@@ -18,6 +18,7 @@
 #include <cuda_bf16.h>
 
 #include <cstdint>
+#include <cstdio>
 #include <type_traits>
 
 namespace moe::kernels::wgmma {
@@ -121,7 +122,57 @@ __device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t byt
 #endif
 }
 // Waits until the barrier's phase with parity `parity` has completed.
-__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+// Debug builds with MOE_MBAR_WATCHDOG=1 (cmake -DMOE_MBAR_WATCHDOG=ON) turn a
+// wait that lasts 2 s into a report (block, cluster rank, thread, barrier,
+// its raw state and the caller's two tags: the pipeline step and the item)
+// followed by a trap, so that a pipeline which would hang fails instead and
+// says where; every warp still waiting 1 s later has reported too.
+#ifndef MOE_MBAR_WATCHDOG
+#define MOE_MBAR_WATCHDOG 0
+#endif
+__device__ __forceinline__ bool mbar_try_wait(uint32_t bar, uint32_t parity) {
+  uint32_t done = 1;
+#if MOE_HAS_WGMMA
+  asm volatile(
+      "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+      : "=r"(done)
+      : "r"(bar), "r"(parity)
+      : "memory");
+#endif
+  return done != 0;
+}
+#if MOE_MBAR_WATCHDOG
+__device__ __forceinline__ uint64_t global_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+static __device__ __noinline__ void mbar_watchdog(uint32_t bar, uint32_t parity, int tag_a, int tag_b) {
+  const uint64_t t0 = global_ns();
+  while (!mbar_try_wait(bar, parity)) {
+    if (global_ns() - t0 < 2000000000ull) continue;
+    unsigned long long state = 0;
+    asm volatile("ld.volatile.shared.u64 %0, [%1];" : "=l"(state) : "r"(bar));
+    uint32_t rank = 0;
+#if MOE_HAS_WGMMA
+    asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(rank));
+#endif
+    if (threadIdx.x % 32 == 0)
+      printf("mbar watchdog: block %d rank %u thread %d bar %#x parity %u state %#llx step %d item %d\n",
+             int(blockIdx.x), rank, int(threadIdx.x), bar, parity, state, tag_a, tag_b);
+    const uint64_t t1 = global_ns();
+    while (global_ns() - t1 < 1000000000ull) {
+    }
+    __trap();
+  }
+}
+#endif
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity, int tag_a = -1, int tag_b = -1) {
+#if MOE_MBAR_WATCHDOG
+  if (!mbar_try_wait(bar, parity)) mbar_watchdog(bar, parity, tag_a, tag_b);
+#else
+  (void)tag_a;
+  (void)tag_b;
 #if MOE_HAS_WGMMA
   asm volatile(
       "{\n.reg .pred done;\nwait_again:\n"
@@ -129,6 +180,7 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
       "@!done bra wait_again;\n}\n" ::"r"(bar),
       "r"(parity)
       : "memory");
+#endif
 #endif
 }
 // --- 2-block clusters ---------------------------------------------------------
@@ -218,15 +270,16 @@ struct Pipeline {
   }
   // Producer: the full barrier of step kt once its buffer is free, announced
   // to receive `bytes` of copies.
-  __device__ __forceinline__ uint32_t produce(int kt, uint32_t bytes) const {
+  // `item` only tags a watchdog report (mbar_wait).
+  __device__ __forceinline__ uint32_t produce(int kt, uint32_t bytes, int item = -1) const {
     const int s = kt % STAGES;
-    if (kt >= STAGES) mbar_wait(empty0 + 8 * s, uint32_t((kt / STAGES - 1) & 1));
+    if (kt >= STAGES) mbar_wait(empty0 + 8 * s, uint32_t((kt / STAGES - 1) & 1), kt, item);
     const uint32_t bar = full0 + 8 * s;
     mbar_arrive_expect_tx(bar, bytes);
     return bar;
   }
-  __device__ __forceinline__ void consume(int kt) const {
-    mbar_wait(full0 + 8 * (kt % STAGES), uint32_t((kt / STAGES) & 1));
+  __device__ __forceinline__ void consume(int kt, int item = -1) const {
+    mbar_wait(full0 + 8 * (kt % STAGES), uint32_t((kt / STAGES) & 1), kt, item);
   }
   __device__ __forceinline__ void release(int kt) const { mbar_arrive(empty0 + 8 * (kt % STAGES)); }
 
