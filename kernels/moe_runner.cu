@@ -701,7 +701,11 @@ __global__ void __launch_bounds__(WG_THREADS, 1) gemm_wgmma_kernel(MoeRunParams 
 // from L2 (run 23: the wgmma GEMMs are L2-bound). Otherwise each block loads
 // its own. The two blocks keep one pipeline in step (a buffer is refilled
 // once the consumers of both blocks are done with it), and a block whose
-// tile is empty still runs the steps, storing nothing. The producer runs
+// tile is empty still runs the steps, storing nothing. Every consumer warp
+// hands every buffer back: with one release per warpgroup, the warps of a
+// warpgroup that ran no MMAs on an item could drift apart and one wait on a
+// phase's parity two phases late, for ever (runs 133-140: Mixtral and the
+// DeepSeek slice at T=1024 hung; wg::Pipeline states the rule). The producer runs
 // ahead into the next tile while the consumers store the last one.
 // Run 30 (Mixtral, T = 4096 and 16384): as fast as variant 1 at T = 4096
 // and faster at T = 16384 (0.83 of the floor against 0.75-0.79), with or
@@ -768,7 +772,11 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
   const int Kdim = MODE == kGemm2 ? p.I : p.H;
   const int KT = (Kdim + WG_BK - 1) / WG_BK;
   const bool coupled = exp != 2;
-  if (tid == 0) pipe.init(coupled ? 4 : 2);  // both blocks' consumer warpgroups release every buffer
+  // Every consumer warp (of both blocks, coupled) releases every buffer: the
+  // warps of a warpgroup that runs no MMAs on an item are not kept in step by
+  // wgmma (see wg::Pipeline).
+  constexpr uint32_t kConsumerWarps = (WS_THREADS - 128) / 32;
+  if (tid == 0) pipe.init(coupled ? 2 * kConsumerWarps : kConsumerWarps);
   __syncthreads();
   wg::cluster_sync();  // both blocks' barriers initialised before any copy or arrival
 
@@ -816,9 +824,10 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
 
   WsRegs::consumer();
   const int group = tid / 128 - 1;  // consumer warpgroup: sorted rows 64 group ..
-  // Hands step `step`'s buffer back (one thread of the warpgroup).
+  // Hands step `step`'s buffer back (every thread; lane 0 of each warp arrives).
   auto give_back = [&](int step) {
-    if (tid % 128 != 0) return;
+    __syncwarp();
+    if (tid % 32 != 0) return;
     if (coupled)
       pipe.release_pair(step, rank);
     else
@@ -1479,8 +1488,8 @@ void launch_tc_rows(const MoeRunParams& p, const Work& w, int bm, int64_t rows_b
       // default for Mixtral-sized experts at up to 128 slots per expert
       // (runs 41-42: 5% faster at T=256) until runs 133-134: as the default
       // it hung once on Mixtral at T=512, and forced it hangs there at
-      // T=1024 (GEMM1's; variant 3 does not); the cause is not found
-      // (docs/perf-notes.md v19).
+      // T=1024 (GEMM1's; variant 3 does not); run 140 found why
+      // (gemm_wgmma_tma_kernel).
       if (const int mode = wgmma_mode())
         launch_wgmma_stage<T>(p, w, tiles, second, mode, stream);
       else if (candidate)

@@ -251,9 +251,18 @@ __device__ __forceinline__ void cp_async_arrive_noinc(uint32_t bar) {
 }
 
 // Full/empty mbarrier pairs of a STAGES-deep pipeline: one producer thread
-// fills buffer kt % STAGES for k step kt by bulk copies once the consumer
-// warpgroups have released its previous use (one release per warpgroup).
-// `bars` is 2 * STAGES barriers in shared memory.
+// fills buffer kt % STAGES for k step kt by bulk copies once the consumers
+// have released its previous use. `bars` is 2 * STAGES barriers in shared
+// memory.
+// The rule that keeps the waits' parities right: a buffer is refilled only
+// after every warp that waits on its full barrier has passed that wait. A
+// warp that fell two uses behind would wait on the parity of a phase that is
+// running again and wait for ever (run 140: variant 2's idle warpgroups,
+// whose warps only waited and released, one release per warpgroup). So each
+// waiting warp releases (init counts warps), unless the warps of a
+// warpgroup release only after a wgmma that reads the buffer: wgmma runs
+// once all four warps have issued it, so its completion proves that each
+// of them passed the wait, and one release per warpgroup is enough.
 template <int STAGES>
 struct Pipeline {
   uint32_t full0, empty0;
@@ -261,10 +270,10 @@ struct Pipeline {
   __device__ __forceinline__ explicit Pipeline(uint64_t* bars)
       : full0(uint32_t(__cvta_generic_to_shared(bars))), empty0(full0 + 8 * STAGES) {}
   // By one thread, before a barrier across the block.
-  __device__ __forceinline__ void init(uint32_t consumer_groups) const {
+  __device__ __forceinline__ void init(uint32_t consumers) const {
     for (int s = 0; s < STAGES; ++s) {
       mbar_init(full0 + 8 * s, 1);  // the producer's arrive (plus the copies' bytes)
-      mbar_init(empty0 + 8 * s, consumer_groups);
+      mbar_init(empty0 + 8 * s, consumers);
     }
     mbar_init_fence();
   }
@@ -284,8 +293,8 @@ struct Pipeline {
   __device__ __forceinline__ void release(int kt) const { mbar_arrive(empty0 + 8 * (kt % STAGES)); }
 
   // A pair of blocks (a 2-block cluster) whose producers each fill part of
-  // both blocks' buffers: empty barriers count the consumer groups of both
-  // blocks (init(2 * groups)), consumers arrive on both; the producer side
+  // both blocks' buffers: empty barriers count the consumers of both blocks
+  // (init(2 * consumers)), consumers arrive on both; the producer side
   // is produce() as for one block (see mbar_arrive_cluster for the scope).
   __device__ __forceinline__ void release_pair(int kt, uint32_t rank) const {
     const uint32_t bar = empty0 + 8 * (kt % STAGES);

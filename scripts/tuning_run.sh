@@ -61,6 +61,13 @@
 #              the runner cases of variant 1 and gemm_tc_kernel
 #              (MOE_RUNNER_WGMMA=1, MOE_RUNNER_STREAM=0: kernels without
 #              mbarriers)
+#   wgmma2     the TMA kernel (variant 2) under each MOE_CLUSTER_EXP (0, 1,
+#              2): gpu.runner.wgmma_idle_warpgroup_steps (warpgroups idle
+#              through whole items: run 140's hang), the partial-tile and
+#              persistent-item cases; then memcheck and synccheck on them
+#   prefill2   moe_bench --no-peers at MOE_TUNE_PREFILL_T (default
+#              1024,4096,16384) with variant 1, variant 2 and variant 2 without
+#              multicast (MOE_CLUSTER_EXP=1), each under a time limit
 #   prefill    moe_bench --no-peers at MOE_TUNE_PREFILL_T (default
 #              256,1024,4096,16384), bench/fp8_bench.py (DeepSeek slice, block
 #              scales) at MOE_TUNE_FP8_T
@@ -289,6 +296,29 @@ step_partial() {
   MOE_RUNNER_WGMMA=1 MOE_RUNNER_STREAM=0 sanitize racecheck \
     'gpu.runner.wide_tiles_odd_sizes,gpu.runner.large_batch_small_model,gpu.runner.activation_gated_dtype,gpu.runner.wgmma_persistent_items' \
     partial_racecheck "runner cases, MOE_RUNNER_WGMMA=1 MOE_RUNNER_STREAM=0"
+}
+
+step_wgmma2() {
+  local exp rc cases=gpu.runner.wgmma_idle_warpgroup_steps,gpu.runner.wgmma_variants_partial_tiles,gpu.runner.wgmma_persistent_items
+  for exp in 0 1 2; do
+    MOE_CLUSTER_EXP=$exp timeout 240 "$tests" -tc="$cases" > "$logs/wgmma2_exp$exp.log" 2>&1
+    rc=$?
+    [ $rc -eq 0 ] || status=1
+    note "variant 2 cases, MOE_CLUSTER_EXP=$exp rc=$rc: $(grep -E '^\[doctest\] (test cases|assertions)' "$logs/wgmma2_exp$exp.log" | tr '\n' ' ')"
+  done
+  for tool in memcheck synccheck; do
+    sanitize $tool "$cases" "wgmma2_$tool" "variant 2 cases (idle warpgroups, partial tiles, persistent items)"
+  done
+}
+
+step_prefill2() {
+  local env
+  for env in MOE_RUNNER_WGMMA=1 MOE_RUNNER_WGMMA=2 "MOE_RUNNER_WGMMA=2 MOE_CLUSTER_EXP=1"; do
+    env $env timeout 200 python3 bench/moe_bench.py --no-peers --tokens ${MOE_TUNE_PREFILL_T:-1024,4096,16384} \
+      --reps 10 --out "$logs/prefill2_${env//[ =]/_}.json" > "$logs/prefill2_${env//[ =]/_}.log" 2>&1
+    note "moe_bench --no-peers, $env rc=$?"
+    grep -E '^(mixtral|qwen3|deepseek)' "$logs/prefill2_${env//[ =]/_}.log" | cut -c1-100 | tee -a "$summary"
+  done
 }
 
 step_prefill() {

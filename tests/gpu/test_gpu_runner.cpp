@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <numeric>
 #include <string>
 
 #include "gpu_support.h"
@@ -87,6 +88,25 @@ struct Problem {
       }
     }
   }
+  // Routes exactly loads[e] slots to local expert e (ep_size 1; the loads sum
+  // to T * k, each at most T): the slots sorted by expert, slot j of the
+  // t-th token of a random order taking the (j * T + t)-th, so that no token
+  // has one expert twice.
+  void route_with_loads(const std::vector<int>& loads) {
+    REQUIRE(m.ep_size == 1);
+    REQUIRE(int64_t(std::accumulate(loads.begin(), loads.end(), 0)) == T * m.k);
+    std::vector<int32_t> tickets;
+    for (size_t e = 0; e < loads.size(); ++e) {
+      REQUIRE(loads[e] <= T);
+      tickets.insert(tickets.end(), size_t(loads[e]), int32_t(e));
+    }
+    std::vector<int64_t> order(static_cast<size_t>(T));
+    std::iota(order.begin(), order.end(), int64_t(0));
+    auto rng = fresh_rng();
+    std::shuffle(order.begin(), order.end(), rng);
+    for (int64_t t = 0; t < T; ++t)
+      for (int j = 0; j < m.k; ++j) ids.as<int32_t>()[order[size_t(t)] * m.k + j] = tickets[size_t(j * T + t)];
+  }
 };
 
 // The CPU pipeline (dispatch + run) on host tensors; y poisoned first.
@@ -122,8 +142,10 @@ struct GpuProblem {
   }
 };
 
-// Runs the GPU runner with a caller workspace into a poisoned output.
-moe_status_t run_gpu(moe_runner_t r, const Problem& pb, GpuProblem& g, HostTensor& y) {
+// Runs the GPU runner with a caller workspace into a poisoned output;
+// `launches` > 1 runs it that many times back to back on the stream (one
+// workspace, one output, no sync in between, as a model's layers run).
+moe_status_t run_gpu(moe_runner_t r, const Problem& pb, GpuProblem& g, HostTensor& y, int launches = 1) {
   DeviceTensor d_y(pb.m.dt, {pb.T, pb.m.H});
   d_y.poison();
   size_t bytes = 0;
@@ -131,8 +153,10 @@ moe_status_t run_gpu(moe_runner_t r, const Problem& pb, GpuProblem& g, HostTenso
   void* ws = nullptr;
   CUDA_OK(cudaMalloc(&ws, std::max<size_t>(bytes, 256)));
   CUDA_OK(cudaMemset(ws, 0xff, std::max<size_t>(bytes, 256)));  // NaN garbage must not leak
-  moe_status_t st = moe_runner_run(r, g.x.dl(), g.local.dl(), g.w.dl(), g.offsets.dl(),
-                                   g.sorted.dl(), d_y.dl(), ws, bytes, nullptr);
+  moe_status_t st = MOE_STATUS_SUCCESS;
+  for (int i = 0; i < launches && st == MOE_STATUS_SUCCESS; ++i)
+    st = moe_runner_run(r, g.x.dl(), g.local.dl(), g.w.dl(), g.offsets.dl(), g.sorted.dl(), d_y.dl(), ws,
+                        bytes, nullptr);
   if (st == MOE_STATUS_SUCCESS) d_y.download(y);
   CUDA_OK(cudaFree(ws));
   return st;
@@ -203,15 +227,17 @@ std::string mismatch_report(const std::vector<double>& gv, const std::vector<dou
          std::to_string(H) + " columns differ; first:" + first;
 }
 
-// GPU vs CPU (and vs float64 when asked); tokens with no local slot are exactly 0.
-void check_model(const Model& m, int64_t T, bool with_ref, bool timed = false) {
-  Problem pb(m, T);
+// GPU vs CPU (and vs float64 when asked); tokens with no local slot are
+// exactly 0. `launches`: of the GPU layer, back to back (run_gpu).
+void check_problem(const Problem& pb, bool with_ref, bool timed = false, int launches = 1) {
+  const Model& m = pb.m;
+  const int64_t T = pb.T;
   HostTensor y_cpu(m.dt, {T, m.H}), local_cpu(DT::i32, {T, m.k}), y_gpu(m.dt, {T, m.H});
   run_cpu(pb, y_cpu, local_cpu);
   GpuProblem g(pb);
   Runner r(m);
   MOE_CHECK_OK(moe_runner_set_weights(r.h, g.w13.dl(), g.w2.dl(), nullptr, nullptr, nullptr, nullptr));
-  MOE_CHECK_OK(run_gpu(r.h, pb, g, y_gpu));
+  MOE_CHECK_OK(run_gpu(r.h, pb, g, y_gpu, launches));
   if (timed) report_time(r.h, pb, g, local_cpu);
   const std::vector<double> gv = values(y_gpu), cv = values(y_cpu);
   INFO("model ", std::string(m.name), " dtype ", std::string(dt_name(m.dt)), " act ", m.activation, " gated ", m.gated,
@@ -240,6 +266,10 @@ void check_model(const Model& m, int64_t T, bool with_ref, bool timed = false) {
     INFO("rel error vs float64 ", e_ref);
     CHECK(e_ref < tolerance(m.dt));
   }
+}
+
+void check_model(const Model& m, int64_t T, bool with_ref, bool timed = false, int launches = 1) {
+  check_problem(Problem(m, T), with_ref, timed, launches);
 }
 
 const DT kTypes[] = {DT::bf16, DT::f16, DT::f32};
@@ -344,6 +374,34 @@ TEST_CASE("gpu.runner.wgmma_variants_partial_tiles") {
   // find no tile.
   Model ep{"ep_small_tiles", 32, 8, 3, 2, 256, 192};
   check_model(ep, 300, true);
+}
+
+TEST_CASE("gpu.runner.wgmma_idle_warpgroup_steps") {
+  // Run 140: in the TMA kernel (variant 2, and variant 3's GEMM2) a consumer
+  // warpgroup that no row of a tile reaches (a tile of at most 64 rows) only
+  // waits for each k step's copies and hands the buffer back. With one
+  // release per warpgroup, a warp of it could fall two uses of a buffer
+  // behind (or run one ahead), wait on the parity of a running phase and hang
+  // the layer: Mixtral and the DeepSeek slice at T=1024 did in the benchmark
+  // (runs 133-140). This case did not reproduce that hang on the old kernel
+  // (run 143, twice), nor did uniform routing at ~32 and ~50 rows per tile
+  // (runs 141-142): it checks variant 2's results on the tiles those layers
+  // mixed: full ones, ones of 65-127 rows whose second warpgroup's warps
+  // have unequal epilogues (100 rows: 16, 16, 4, 0), and ones it idles
+  // through (40, 20), 64 and 32 k steps per item, 20 launches back to back.
+  ScopedEnv env("MOE_RUNNER_WGMMA");
+  const int cycle[] = {100, 40, 228, 20, 128, 72};
+  Model m{"mixed_tiles", 48, 1, 0, 2, 4096, 2048};
+  std::vector<int> loads;
+  for (int e = 0; e < m.E; ++e) loads.push_back(cycle[e % 6]);
+  const int64_t T = std::accumulate(loads.begin(), loads.end(), int64_t(0)) / m.k;
+  Problem pb(m, T);
+  pb.route_with_loads(loads);
+  for (const char* mode : {"2", "3"}) {
+    env.set(mode);
+    CAPTURE(mode);
+    check_problem(pb, false, false, /*launches=*/20);
+  }
 }
 
 TEST_CASE("gpu.runner.wgmma_persistent_items") {
