@@ -1408,6 +1408,19 @@ void launch_wgmma_stage(const MoeRunParams& p, const Work& w, unsigned tiles, bo
     launch_wgmma_mode<T, kGemm1Plain>(p, w, tiles, p.I, mode, stream);
 }
 
+// The bf16/f16 128-row kernel when MOE_RUNNER_WGMMA is unset: variant 2
+// (TMA, persistent 2-block clusters) for expert matrices of at least
+// kLargeExpertElems elements, variant 1 otherwise. Run 142 (H100, layer us,
+// variant 1 / 2): Mixtral (58.7M elements) T=1024 1603 / 1573, T=4096
+// 5097 / 4971, T=16384 19219 / 17998 (GEMM1 13360 / 11284 + 156 for the
+// sorted rows, GEMM2 5755 / 5409 in run 143's timelines); the DeepSeek slice
+// (14.7M) 1231 / 1312 at T=4096 and Qwen3 (1.6M) 2601 / 3089 at T=16384.
+// (Variant 2 was the default for these experts at up to 128 slots per
+// expert from run 42 until runs 133-134 found it hanging; run 140 found why:
+// gemm_wgmma_tma_kernel.)
+constexpr int64_t kLargeExpertElems = int64_t(1) << 25;
+int bf16_wgmma_default(const MoeRunParams& p) { return int64_t(p.H) * p.I >= kLargeExpertElems ? 2 : 1; }
+
 // One streaming GEMM (see gemm_stream_kernel): false when it does not apply
 // (K % 64, a weight view the tensor map refuses), so the caller falls back.
 template <class T, int MODE, class Cfg>
@@ -1484,13 +1497,7 @@ void launch_tc_rows(const MoeRunParams& p, const Work& w, int bm, int64_t rows_b
     case 64: launch_tc_stage<T, CfgMid, CfgMid>(p, w, tiles, second, stream); break;
     default:
       static_assert(WG_BM == CfgWide1::BM, "the wgmma path replaces the 128-row tiles");
-      // Variant 1 unless MOE_RUNNER_WGMMA says otherwise. Variant 2 was the
-      // default for Mixtral-sized experts at up to 128 slots per expert
-      // (runs 41-42: 5% faster at T=256) until runs 133-134: as the default
-      // it hung once on Mixtral at T=512, and forced it hangs there at
-      // T=1024 (GEMM1's; variant 3 does not); run 140 found why
-      // (gemm_wgmma_tma_kernel).
-      if (const int mode = wgmma_mode())
+      if (const int mode = wgmma_mode(bf16_wgmma_default(p)))
         launch_wgmma_stage<T>(p, w, tiles, second, mode, stream);
       else if (candidate)
         launch_tc_stage<T, CfgWide1, CfgWide2, true>(p, w, tiles, second, stream);
@@ -1557,7 +1564,7 @@ int decode_stages(int64_t matrix_elems, int large_stages, int small_stages) {
 // takes 3 as 1). Not 0 only when the library was built for sm_90a alone
 // among the 9.x targets (MOE_CUDA_WGMMA, set by CMake) and the current
 // device is compute capability 9.0; MOE_RUNNER_WGMMA=0|1|2|3 chooses
-// (unset: `unset`; the bf16 runner passes 1, the FP8 runner 2).
+// (unset: `unset`; the bf16 runner passes bf16_wgmma_default, the FP8 runner 2).
 // Read at each GEMM launch (one getenv), so that a test can run every variant
 // in one process (gpu.runner.wgmma_variants_partial_tiles).
 int wgmma_mode(int unset) {
