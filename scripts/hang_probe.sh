@@ -3,7 +3,9 @@
 # library twice (with and without -DMOE_MBAR_WATCHDOG=ON), runs the cases that
 # hung in runs 133-138 under the watchdog (a wait of 2 s reports block, rank,
 # thread, barrier state, step and item, then traps), and, without it, attaches
-# cuda-gdb to a hung process to see where every warp waits.
+# cuda-gdb to a hung process to see where every warp waits (runs 139-140 found
+# the cause this way: docs/perf-notes.md v20; since 5acfd53 these cases
+# finish, so the cuda-gdb part reports "finished"). A template for the next hang.
 #   bash scripts/hang_probe.sh [OUTDIR]
 set -u
 cd "$(dirname "$0")/.."
