@@ -843,6 +843,7 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
     if (!it.mine || group * 64 >= it.ti.rows) {
       for (int kt = 0; kt < KT; ++kt, ++g) {
         pipe.consume(g, int(u));
+        wg::skew_point();
         give_back(g);
       }
       continue;

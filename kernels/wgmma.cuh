@@ -183,6 +183,19 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity, int tag
 #endif
 #endif
 }
+// Debug builds with MOE_DEBUG_SKEW_NS=N (cmake -DMOE_DEBUG_SKEW_NS=N) hold the
+// third warp of every warpgroup about N ns at each skew_point() a kernel
+// marks, so that a test can check that a pipeline does not count on the
+// warps of a warpgroup staying in step (run 145: run 140's hang came back at
+// once on the old kernel, gpu.runner.wgmma_idle_warpgroup_steps).
+#ifndef MOE_DEBUG_SKEW_NS
+#define MOE_DEBUG_SKEW_NS 0
+#endif
+__device__ __forceinline__ void skew_point() {
+#if MOE_DEBUG_SKEW_NS > 0
+  if ((threadIdx.x / 32) % 4 == 2) __nanosleep(MOE_DEBUG_SKEW_NS);
+#endif
+}
 // --- 2-block clusters ---------------------------------------------------------
 
 __device__ __forceinline__ uint32_t cluster_rank() {

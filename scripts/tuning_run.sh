@@ -65,6 +65,12 @@
 #              2): gpu.runner.wgmma_idle_warpgroup_steps (warpgroups idle
 #              through whole items: run 140's hang), the partial-tile and
 #              persistent-item cases; then memcheck and synccheck on them
+#   skew       a debug build (build dir + "-skew": the watchdog and one warp
+#              per warpgroup held 20 us at each idle pipeline step,
+#              -DMOE_MBAR_WATCHDOG=ON -DMOE_DEBUG_SKEW_NS=20000), then the
+#              variant 2 cases on it: a pipeline that counts on warps staying
+#              in step hangs there at once (run 145), and the watchdog
+#              turns that into a failure that says where
 #   prefill2   moe_bench --no-peers at MOE_TUNE_PREFILL_T (default
 #              1024,4096,16384) with variant 1, variant 2 and variant 2 without
 #              multicast (MOE_CLUSTER_EXP=1), each under a time limit
@@ -309,6 +315,23 @@ step_wgmma2() {
   for tool in memcheck synccheck; do
     sanitize $tool "$cases" "wgmma2_$tool" "variant 2 cases (idle warpgroups, partial tiles, persistent items)"
   done
+}
+
+step_skew() {
+  local skew="$build-skew" rc
+  cmake -S . -B "$skew" -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90a \
+    -DMOE_DEPS_DIR="$root/.deps" -DMOE_ENABLE_NCCL=OFF -DMOE_MBAR_WATCHDOG=ON -DMOE_DEBUG_SKEW_NS=20000 \
+    > "$logs/skew_build.log" 2>&1 &&
+    timeout 300 cmake --build "$skew" -j "$(nproc)" --target moe_gpu_tests >> "$logs/skew_build.log" 2>&1
+  rc=$?
+  note "skew build rc=$rc"
+  [ $rc -eq 0 ] || { status=1; return 1; }
+  timeout 240 "$skew/tests/moe_gpu_tests" \
+    -tc=gpu.runner.wgmma_idle_warpgroup_steps,gpu.runner.wgmma_variants_partial_tiles,gpu.runner.wgmma_persistent_items \
+    > "$logs/skew.log" 2>&1
+  rc=$?
+  [ $rc -eq 0 ] || status=1
+  note "variant 2 cases with skewed warps rc=$rc: $(grep -E '^\[doctest\] test cases' "$logs/skew.log") watchdog reports: $(grep -c 'mbar watchdog' "$logs/skew.log")"
 }
 
 step_prefill2() {

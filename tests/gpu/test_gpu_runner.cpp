@@ -383,9 +383,12 @@ TEST_CASE("gpu.runner.wgmma_idle_warpgroup_steps") {
   // release per warpgroup, a warp of it could fall two uses of a buffer
   // behind (or run one ahead), wait on the parity of a running phase and hang
   // the layer: Mixtral and the DeepSeek slice at T=1024 did in the benchmark
-  // (runs 133-140). This case did not reproduce that hang on the old kernel
-  // (run 143, twice), nor did uniform routing at ~32 and ~50 rows per tile
-  // (runs 141-142): it checks variant 2's results on the tiles those layers
+  // (runs 133-140). In a release build this case did not reproduce that hang
+  // on the old kernel (run 143, twice; nor did uniform routing, runs
+  // 141-142); in a debug build that holds one warp per warpgroup at each
+  // idle step (cmake -DMOE_MBAR_WATCHDOG=ON -DMOE_DEBUG_SKEW_NS=20000,
+  // tuning_run.sh step skew) the old kernel hangs on it at once and the
+  // fixed one passes (run 145). Its tiles are those the hanging layers
   // mixed: full ones, ones of 65-127 rows whose second warpgroup's warps
   // have unequal epilogues (100 rows: 16, 16, 4, 0), and ones it idles
   // through (40, 20), 64 and 32 k steps per item, 20 launches back to back.
