@@ -332,18 +332,30 @@ TEST_CASE("gpu.runner.odd_sizes") {
 TEST_CASE("gpu.runner.wide_tiles_odd_sizes") {
   // Enough rows per expert for the 128-row tiles (the wgmma path on sm_90a),
   // with H and I multiples of 8 but not of the 64-deep k step or the
-  // 128/256-column tiles: k tails, column tails and partial row tiles.
-  for (DT dt : {DT::bf16, DT::f16}) {
-    Model m{"odd_wide", 4, 1, 0, 2, 200, 136};
-    m.dt = dt;
-    check_model(m, 300, true);
-    m.gated = false;
-    m.activation = MOE_ACTIVATION_RELU2;
-    check_model(m, 300, true);
-    m.gated = true;
-    m.swap = true;
-    m.activation = MOE_ACTIVATION_GELU;
-    check_model(m, 257, true);
+  // 128/256-column tiles: k tails, column tails and partial row tiles; on
+  // every 128-row kernel (MOE_RUNNER_WGMMA: variant 2 is the default for
+  // large expert matrices since v20, whose sizes may be odd too).
+  {
+    // 4104 x 8200 >= 2^25 elements: variant 2 when MOE_RUNNER_WGMMA is unset.
+    Model big{"odd_large", 4, 1, 0, 2, 4104, 8200};
+    check_model(big, 300, false);
+  }
+  ScopedEnv env("MOE_RUNNER_WGMMA");
+  for (const char* mode : {"1", "2", "3"}) {
+    env.set(mode);
+    CAPTURE(mode);
+    for (DT dt : {DT::bf16, DT::f16}) {
+      Model m{"odd_wide", 4, 1, 0, 2, 200, 136};
+      m.dt = dt;
+      check_model(m, 300, true);
+      m.gated = false;
+      m.activation = MOE_ACTIVATION_RELU2;
+      check_model(m, 300, true);
+      m.gated = true;
+      m.swap = true;
+      m.activation = MOE_ACTIVATION_GELU;
+      check_model(m, 257, true);
+    }
   }
 }
 
