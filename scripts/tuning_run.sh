@@ -92,6 +92,8 @@ source scripts/run_log.sh
 run_log_open "$out/logs"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$root/bindings/python" MOE_LIB_PATH="$build"
 tests="$build/tests/moe_gpu_tests"
+# The cases of the TMA kernel (variant 2): steps wgmma2 and skew.
+variant2=gpu.runner.wgmma_idle_warpgroup_steps,gpu.runner.wgmma_variants_partial_tiles,gpu.runner.wgmma_persistent_items
 status=0
 
 # errors FILE...: max and median relative error per T over the printed cases.
@@ -119,6 +121,16 @@ sanitize() {
   note "$1 $4 rc=$rc: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|^\[doctest\] test cases' "$logs/$3.log" | tr '\n' ' ')"
 }
 
+# cases NAME LABEL CASES [BINARY]: the doctest cases CASES of BINARY (default
+# the GPU suite; the caller's environment applies), log $logs/NAME.log, one
+# summary line.
+cases() {
+  timeout 240 "${4:-$tests}" -tc="$3" > "$logs/$1.log" 2>&1
+  local rc=$?
+  [ $rc -eq 0 ] || status=1
+  note "$2 rc=$rc: $(grep -E '^\[doctest\] (test cases|assertions)' "$logs/$1.log" | tr '\n' ' ')"
+}
+
 step_build() {
   local start=$SECONDS
   cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90a \
@@ -136,10 +148,7 @@ step_tests() {
   [ $rc -eq 0 ] || status=1
   note "ctest -L gpu rc=$rc $((SECONDS - start))s: $(grep -E 'tests passed' "$logs/ctest_gpu.log")"
   grep -E 'Failed|\*\*\*' "$logs/ctest_gpu.log" | head -n 10 | tee -a "$summary"
-  MOE_DISPATCH_ALGO=0 timeout 120 "$tests" -tc='gpu.dispatcher.*,gpu.graph*' > "$logs/dispatch_algo0.log" 2>&1
-  rc=$?
-  [ $rc -eq 0 ] || status=1
-  note "dispatcher+graph, MOE_DISPATCH_ALGO=0 rc=$rc: $(grep -E '^\[doctest\] test cases' "$logs/dispatch_algo0.log")"
+  MOE_DISPATCH_ALGO=0 cases dispatch_algo0 "dispatcher+graph, MOE_DISPATCH_ALGO=0" 'gpu.dispatcher.*,gpu.graph*'
   grep -E 'MESSAGE|median' "$logs/dispatch_algo0.log" | head -n 4 | tee -a "$summary"
 }
 
@@ -214,12 +223,9 @@ step_race6() {
 }
 
 step_fp8stream() {
-  local rc v tool
+  local v tool
   for v in 0 1; do
-    MOE_RUNNER_STREAM=$v timeout 200 "$tests" -tc='gpu.fp8.*' > "$logs/fp8_stream$v.log" 2>&1
-    rc=$?
-    [ $rc -eq 0 ] || status=1
-    note "gpu.fp8.*, MOE_RUNNER_STREAM=$v rc=$rc: $(grep -E '^\[doctest\] (test cases|assertions)' "$logs/fp8_stream$v.log" | tr '\n' ' ')"
+    MOE_RUNNER_STREAM=$v cases "fp8_stream$v" "gpu.fp8.*, MOE_RUNNER_STREAM=$v" 'gpu.fp8.*'
   done
   for tool in memcheck synccheck; do
     MOE_RUNNER_STREAM=1 sanitize $tool 'gpu.fp8.*' "fp8_stream_$tool" "gpu.fp8.* but model_shapes, MOE_RUNNER_STREAM=1" \
@@ -305,15 +311,12 @@ step_partial() {
 }
 
 step_wgmma2() {
-  local exp rc cases=gpu.runner.wgmma_idle_warpgroup_steps,gpu.runner.wgmma_variants_partial_tiles,gpu.runner.wgmma_persistent_items
+  local exp tool
   for exp in 0 1 2; do
-    MOE_CLUSTER_EXP=$exp timeout 240 "$tests" -tc="$cases" > "$logs/wgmma2_exp$exp.log" 2>&1
-    rc=$?
-    [ $rc -eq 0 ] || status=1
-    note "variant 2 cases, MOE_CLUSTER_EXP=$exp rc=$rc: $(grep -E '^\[doctest\] (test cases|assertions)' "$logs/wgmma2_exp$exp.log" | tr '\n' ' ')"
+    MOE_CLUSTER_EXP=$exp cases "wgmma2_exp$exp" "variant 2 cases, MOE_CLUSTER_EXP=$exp" "$variant2"
   done
   for tool in memcheck synccheck; do
-    sanitize $tool "$cases" "wgmma2_$tool" "variant 2 cases (idle warpgroups, partial tiles, persistent items)"
+    sanitize $tool "$variant2" "wgmma2_$tool" "variant 2 cases (idle warpgroups, partial tiles, persistent items)"
   done
 }
 
@@ -326,12 +329,8 @@ step_skew() {
   rc=$?
   note "skew build rc=$rc"
   [ $rc -eq 0 ] || { status=1; return 1; }
-  timeout 240 "$skew/tests/moe_gpu_tests" \
-    -tc=gpu.runner.wgmma_idle_warpgroup_steps,gpu.runner.wgmma_variants_partial_tiles,gpu.runner.wgmma_persistent_items \
-    > "$logs/skew.log" 2>&1
-  rc=$?
-  [ $rc -eq 0 ] || status=1
-  note "variant 2 cases with skewed warps rc=$rc: $(grep -E '^\[doctest\] test cases' "$logs/skew.log") watchdog reports: $(grep -c 'mbar watchdog' "$logs/skew.log")"
+  cases skew "variant 2 cases with skewed warps" "$variant2" "$skew/tests/moe_gpu_tests"
+  note "  watchdog reports: $(grep -c 'mbar watchdog' "$logs/skew.log")"
 }
 
 step_prefill2() {
