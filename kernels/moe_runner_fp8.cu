@@ -333,6 +333,25 @@ __device__ __forceinline__ void store_slot_pair(const Fp8RunParams& p, const Wor
     *reinterpret_cast<float2*>(w.out2 + idx) = make_float2(a0, a1);
 }
 
+// Columns (col, col + 1) of an epilogue, already scaled: GEMM2 writes the
+// slot's row (store_slot_pair), GEMM1 h's row `pos`, activation ACT
+// (gemm::with_activation) of the gate pair g, times the up pair u if gated.
+// Every FP8 tile kernel's epilogue ends here.
+template <int MODE, int ACT>
+__device__ __forceinline__ void epilogue_pair(const Fp8RunParams& p, const Work& w, int32_t slot, int64_t pos,
+                                              int col, float g0, float g1, float u0, float u1) {
+  if (MODE == kGemm2) {
+    store_slot_pair(p, w, slot, col, g0, g1);
+    return;
+  }
+  float h0 = gemm::activate_fast_as<ACT>(p.activation, g0), h1 = gemm::activate_fast_as<ACT>(p.activation, g1);
+  if (MODE == kGemm1Gated) {
+    h0 *= u0;
+    h1 *= u1;
+  }
+  *reinterpret_cast<float2*>(w.h + pos * p.I + col) = make_float2(h0, h1);
+}
+
 // A row `pos` of the tile (GEMM1: the token's codes; GEMM2: h's codes) and
 // its scale row, or nulls for a slot index out of range.
 template <int MODE>
@@ -588,18 +607,9 @@ __global__ void __launch_bounds__(Cfg::THREADS) fp8_gemm_kernel(Fp8RunParams p, 
         for (int ni = 0; ni < NI; ++ni) {
           const int col = n0 + wn * WTN + ni * 8 + c2;
           if (col >= N) continue;  // N % 16 == 0: col + 1 < N as well
-          const float a0 = acc[0][mi][ni][half * 2] * f, a1 = acc[0][mi][ni][half * 2 + 1] * f;
-          if (MODE == kGemm2) {
-            store_slot_pair(p, w, slot, col, a0, a1);
-          } else {
-            float h0 = gemm::activate_fast_as<ACT>(p.activation, a0);
-            float h1 = gemm::activate_fast_as<ACT>(p.activation, a1);
-            if (MODE == kGemm1Gated) {
-              h0 *= acc[NSETS - 1][mi][ni][half * 2] * f;
-              h1 *= acc[NSETS - 1][mi][ni][half * 2 + 1] * f;
-            }
-            *reinterpret_cast<float2*>(w.h + pos * p.I + col) = make_float2(h0, h1);
-          }
+          epilogue_pair<MODE, ACT>(p, w, slot, pos, col, acc[0][mi][ni][half * 2] * f,
+                                   acc[0][mi][ni][half * 2 + 1] * f, acc[NSETS - 1][mi][ni][half * 2] * f,
+                                   acc[NSETS - 1][mi][ni][half * 2 + 1] * f);
         }
       }
   });
@@ -831,17 +841,10 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::BLOCKS)
         if (r >= rows || !srow[mi][half] || col >= N) continue;  // N % 16 == 0: col + 1 < N as well
         const int64_t pos = row_begin + r;
         const float f = BLOCK ? 1.0f : srow[mi][half][0] * w_tensor;
-        const float a0 = acc[0][mi][2 * half] * f, a1 = acc[0][mi][2 * half + 1] * f;
-        if (MODE == kGemm2) {
-          if (slot[mi][half] >= 0) store_slot_pair(p, w, slot[mi][half], col, a0, a1);
-        } else {
-          float h0 = gemm::activate_fast(p.activation, a0), h1 = gemm::activate_fast(p.activation, a1);
-          if (MODE == kGemm1Gated) {
-            h0 *= acc[NSETS - 1][mi][2 * half] * f;
-            h1 *= acc[NSETS - 1][mi][2 * half + 1] * f;
-          }
-          *reinterpret_cast<float2*>(w.h + pos * p.I + col) = make_float2(h0, h1);
-        }
+        if (MODE == kGemm2 && slot[mi][half] < 0) continue;
+        epilogue_pair<MODE, gemm::kActRuntime>(p, w, slot[mi][half], pos, col, acc[0][mi][2 * half] * f,
+                                               acc[0][mi][2 * half + 1] * f, acc[NSETS - 1][mi][2 * half] * f,
+                                               acc[NSETS - 1][mi][2 * half + 1] * f);
       }
   }
 }
@@ -1036,19 +1039,9 @@ struct Fp8WgMath {
         for (int j = 0; j < BNS / 8; ++j) {
           const int col = n0 + 8 * j + 2 * (lane & 3);
           if (col >= N) continue;  // N % 16 == 0: col + 1 < N as well
-          const float a0 = acc[4 * j + 2 * h] * f, a1 = acc[4 * j + 2 * h + 1] * f;
-          if (MODE == kGemm2) {
-            store_slot_pair(p, w, slot, col, a0, a1);
-          } else {
-            float h0 = gemm::activate_fast_as<ACT>(p.activation, a0);
-            float h1 = gemm::activate_fast_as<ACT>(p.activation, a1);
-            if (MODE == kGemm1Gated) {
-              const int ju = j + BNS / 8;
-              h0 *= acc[4 * ju + 2 * h] * f;
-              h1 *= acc[4 * ju + 2 * h + 1] * f;
-            }
-            *reinterpret_cast<float2*>(w.h + pos * p.I + col) = make_float2(h0, h1);
-          }
+          const int ju = MODE == kGemm1Gated ? j + BNS / 8 : j;  // the up columns' block
+          epilogue_pair<MODE, ACT>(p, w, slot, pos, col, acc[4 * j + 2 * h] * f, acc[4 * j + 2 * h + 1] * f,
+                                   acc[4 * ju + 2 * h] * f, acc[4 * ju + 2 * h + 1] * f);
         }
       }
     });
