@@ -172,37 +172,65 @@ __device__ __forceinline__ int32_t clamped_offset(const int32_t* offsets, int64_
   return o < 0 ? 0 : (o > n ? int32_t(n) : o);
 }
 
-// One warp (lane = threadIdx.x % 32): the slots the E experts hold (sum of
-// their clamped counts), on every lane.
-__device__ __forceinline__ int64_t local_slots_warp(const int32_t* offsets, int E, int64_t n) {
-  int64_t valid = 0;
-  for (int e = threadIdx.x & 31; e < E; e += 32)
-    valid += max(0, clamped_offset(offsets, n, e + 1) - clamped_offset(offsets, n, e));
+// The clamped slot counts of experts base + 32 j + lane, j < 4 (0 past E),
+// for one lane of a warp: eight independent loads, so one round trip to L2
+// for 128 experts. A loop of one expert per lane and iteration waited on
+// each iteration's loads before the next (its sum needs them): the tile map
+// took 2.3-2.7 us at 128 experts (runs 77-78), nine round trips.
+__device__ __forceinline__ void expert_counts128(const int32_t* offsets, int E, int64_t n, int base,
+                                                 int32_t (&cnt)[4]) {
+  const int lane = threadIdx.x & 31;
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) valid += __shfl_xor_sync(kFullMask, valid, o);
-  return valid;
+  for (int j = 0; j < 4; ++j) {
+    const int e = base + 32 * j + lane;
+    cnt[j] = e < E ? max(0, clamped_offset(offsets, n, e + 1) - clamped_offset(offsets, n, e)) : 0;
+  }
 }
 
-// One warp (lane = threadIdx.x % 32): tile_start[e] = sum over e' < e of
-// ceil(count[e'] / bm), e in [0, E].
-__device__ __forceinline__ void tile_map_warp(const int32_t* offsets, int E, int64_t n, int bm, int32_t* tile_start) {
+// One warp (lane = threadIdx.x % 32): the row tile and its tile map.
+// bm = bm_small when bm_small > 0 and the slots the E experts hold (sum of
+// their clamped counts) are at most small_max_avg per expert, else bm_large;
+// *rows_out = bm (lane 0) and tile_start[e] = sum over e' < e of
+// ceil(count[e'] / bm), e in [0, E]. One round of loads for E <= 128 (the
+// counts stay in registers for the map); above, one per 128 experts and pass.
+__device__ __forceinline__ void row_tile_map_warp(const int32_t* offsets, int E, int64_t n, int bm_large,
+                                                  int bm_small, int small_max_avg, int32_t* tile_start,
+                                                  int32_t* rows_out) {
   const int lane = threadIdx.x & 31;
-  int32_t carry = 0;
-  for (int base = 0; base <= E; base += 32) {
-    const int e = base + lane;
-    int32_t tiles = 0;
-    if (e < E) {
-      const int32_t cnt = clamped_offset(offsets, n, e + 1) - clamped_offset(offsets, n, e);
-      tiles = cnt > 0 ? (cnt + bm - 1) / bm : 0;
-    }
-    int32_t incl = tiles;
+  int32_t cnt[4];
+  expert_counts128(offsets, E, n, 0, cnt);
+  int bm = bm_large;
+  if (bm_small > 0) {
+    int64_t valid = 0;
+    for (int base = 0;;) {
 #pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const int32_t v = __shfl_up_sync(kFullMask, incl, o);
-      if (lane >= o) incl += v;
+      for (int j = 0; j < 4; ++j) valid += cnt[j];
+      base += 128;
+      if (base >= E) break;
+      expert_counts128(offsets, E, n, base, cnt);
     }
-    if (e <= E) tile_start[e] = carry + incl - tiles;
-    carry += __shfl_sync(kFullMask, incl, 31);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) valid += __shfl_xor_sync(kFullMask, valid, o);
+    if (valid <= int64_t(small_max_avg) * E) bm = bm_small;
+    if (E > 128) expert_counts128(offsets, E, n, 0, cnt);  // the map's pass starts over
+  }
+  if (lane == 0) *rows_out = bm;
+  int32_t carry = 0;
+  for (int base = 0; base <= E; base += 128) {
+    if (base > 0) expert_counts128(offsets, E, n, base, cnt);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int e = base + 32 * j + lane;
+      const int32_t tiles = (cnt[j] + bm - 1) / bm;
+      int32_t incl = tiles;
+#pragma unroll
+      for (int o = 1; o < 32; o <<= 1) {
+        const int32_t v = __shfl_up_sync(kFullMask, incl, o);
+        if (lane >= o) incl += v;
+      }
+      if (e <= E) tile_start[e] = carry + incl - tiles;
+      carry += __shfl_sync(kFullMask, incl, 31);
+    }
   }
 }
 
@@ -225,6 +253,40 @@ __device__ __forceinline__ bool find_tile(const int32_t* tile_start, const int32
   t.e = lo;
   const int32_t begin = clamped_offset(offsets, n, lo), end = clamped_offset(offsets, n, lo + 1);
   t.row_begin = begin + (tile - tile_start[lo]) * BM;
+  t.rows = min(BM, end - t.row_begin);
+  return t.rows > 0;
+}
+
+// find_tile by one warp (every lane calls it with the same tile, and every
+// lane gets the tile): each lane loads tile_start of experts lane, lane + 32,
+// ... 128 experts a round, and a ballot counts those <= tile; then the
+// expert's tile_start and offsets. Two round trips to L2 for E <= 128, where
+// find_tile's binary search waits on one load per halving (seven at 128
+// experts) before the offsets: at decode sizes every block of the GEMMs
+// starts with it.
+template <int BM>
+__device__ __forceinline__ bool warp_find_tile(const int32_t* tile_start, const int32_t* offsets, int E,
+                                               int64_t n, int tile, Tile& t) {
+  const int lane = threadIdx.x & 31;
+  const int32_t total = tile_start[E];
+  int e = -1;  // (experts with tile_start <= tile) - 1: tile_start is non-decreasing from 0
+  for (int base = 0; base < E; base += 128) {
+    int32_t v[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int x = base + 32 * j + lane;
+      v[j] = x < E ? tile_start[x] : tile + 1;
+    }
+    int below = 0;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) below += __popc(__ballot_sync(kFullMask, v[j] <= tile));
+    e += below;
+    if (below < 128) break;
+  }
+  if (tile >= total || e < 0) return false;
+  const int32_t begin = clamped_offset(offsets, n, e), end = clamped_offset(offsets, n, e + 1);
+  t.e = e;
+  t.row_begin = begin + (tile - tile_start[e]) * BM;
   t.rows = min(BM, end - t.row_begin);
   return t.rows > 0;
 }

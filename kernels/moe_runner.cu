@@ -90,21 +90,18 @@ __device__ __forceinline__ int32_t clamped_offset(const MoeRunParams& p, int64_t
 
 // Row tile: bm_small when the local slots per expert (known only here, not
 // on the host: under expert parallelism most slots may be -1) are at most
-// small_max_avg, else bm_large; then the tile map (gemm::tile_map_warp) of
+// small_max_avg, else bm_large; then the tile map (gemm::row_tile_map_warp) of
 // that tile. Also zeroes the GEMMs' item counters.
 __global__ void tile_map_kernel(MoeRunParams p, int64_t n, int bm_small, int bm_large,
                                 int small_max_avg, int32_t* tile_start, int32_t* rows,
                                 unsigned long long* counters) {
   pdl_wait();  // first: see launch_pdl
   pdl_trigger();
-  const int lane = threadIdx.x;
-  if (lane < 2) counters[lane] = 0;
-  // The rows the tiles will cover (sum of the per-expert counts, so that the
-  // small candidate's grid bound in launch_gemms_typed holds for any offsets).
-  const int64_t valid = gemm::local_slots_warp(p.offsets, p.E_loc, n);
-  const int bm = valid <= int64_t(small_max_avg) * p.E_loc ? bm_small : bm_large;
-  if (lane == 0) *rows = bm;
-  gemm::tile_map_warp(p.offsets, p.E_loc, n, bm, tile_start);
+  if (threadIdx.x < 2) counters[threadIdx.x] = 0;
+  // The choice counts the rows the tiles will cover (sum of the per-expert
+  // counts, so that the small candidate's grid bound in launch_gemms_typed
+  // holds for any offsets).
+  gemm::row_tile_map_warp(p.offsets, p.E_loc, n, bm_large, bm_small, small_max_avg, tile_start, rows);
 }
 
 // Which expert and rows a GEMM block owns (find_tile: false when the block has no work).
@@ -126,6 +123,15 @@ __device__ __forceinline__ bool find_tile(const MoeRunParams& p, const Work& w, 
   ti.row_begin = begin + (tile - ts[lo]) * TM;
   ti.rows = min(TM, end - ti.row_begin);
   return ti.rows > 0;
+}
+
+// find_tile by one warp (gemm::warp_find_tile: two round trips to L2 where
+// the binary search takes nine at 128 experts): every lane of the warp calls
+// it with the same tile. The row tile's check loads with the first round.
+template <int TM>
+__device__ __forceinline__ bool warp_tile(const MoeRunParams& p, const Work& w, int tile, TileInfo& ti) {
+  const int32_t rows = *w.rows;
+  return gemm::warp_find_tile<TM>(w.tile_start, p.offsets, p.E_loc, w.n, tile, ti) && rows == TM;
 }
 
 // The items of a persistent GEMM kernel, handed out in order as the hardware
@@ -478,14 +484,14 @@ __global__ void __launch_bounds__(Cfg::THREADS) gemm_tc_kernel(MoeRunParams p, W
   if constexpr (!PERSISTENT) {
     (void)cols;
     TileInfo ti;
-    if (find_tile<BM>(p, w, blockIdx.x, ti)) tc_tile<T, MODE, Cfg>(p, w, ti, blockIdx.y * Cfg::BN);
+    if (warp_tile<BM>(p, w, blockIdx.x, ti)) tc_tile<T, MODE, Cfg>(p, w, ti, blockIdx.y * Cfg::BN);
   } else {
     __shared__ long long claimed[2];
     ItemQueue q = item_queue<BM, MODE>(p, w, cols, claimed);
     for (int64_t u = blockIdx.x; u < q.items; u = q.next()) {
       q.claim();
       TileInfo ti;
-      if (find_tile<BM>(p, w, int(u % q.tiles), ti))
+      if (warp_tile<BM>(p, w, int(u % q.tiles), ti))
         tc_tile<T, MODE, Cfg>(p, w, ti, int(u / q.tiles) * Cfg::BN);
     }
   }

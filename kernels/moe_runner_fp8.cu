@@ -91,7 +91,7 @@ struct QuantJob {
   uint8_t* q;                 // [rows, cols]
   float* scales;              // [rows, cols / group]
   // When tile_start is set, warp 0 of block 0 also writes the tile map of
-  // map_bm-row tiles (gemm::tile_map_warp over the dispatcher's offsets):
+  // map_bm-row tiles (gemm::row_tile_map_warp over the dispatcher's offsets):
   // the token rows' quantization is the runner's first kernel, and the map
   // on its own was one more launch of a single warp.
   // The row tile is map_bm, or map_bm_small (when set) if the local slots
@@ -108,14 +108,9 @@ struct QuantJob {
 __device__ __forceinline__ void quant_prologue(const QuantJob& j) {
   pdl_wait();  // first: see launch_pdl
   pdl_trigger();
-  if (j.tile_start && blockIdx.x == 0 && threadIdx.x < 32) {
-    int bm = j.map_bm;
-    if (j.map_bm_small &&
-        gemm::local_slots_warp(j.map_offsets, j.map_E, j.map_n) <= int64_t(j.map_small_max_avg) * j.map_E)
-      bm = j.map_bm_small;
-    if (threadIdx.x == 0) *j.rows_out = bm;
-    gemm::tile_map_warp(j.map_offsets, j.map_E, j.map_n, bm, j.tile_start);
-  }
+  if (j.tile_start && blockIdx.x == 0 && threadIdx.x < 32)
+    gemm::row_tile_map_warp(j.map_offsets, j.map_E, j.map_n, j.map_bm, j.map_bm_small, j.map_small_max_avg,
+                            j.tile_start, j.rows_out);
 }
 
 // Eight values from 16-byte aligned memory (one 16-byte load for 16-bit

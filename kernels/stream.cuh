@@ -93,25 +93,4 @@ struct StreamRing {
   }
 };
 
-// The tile of row-tile index `tile` found by one warp (tile_start
-// non-decreasing, tile_start[0] = 0): the largest expert e with
-// tile_start[e] <= tile, 32 experts a load.
-template <int BM>
-__device__ __forceinline__ bool warp_find_tile(const int32_t* tile_start, const int32_t* offsets, int E,
-                                               int64_t n, int tile, Tile& t) {
-  const int lane = threadIdx.x & 31;
-  int e = 0;
-  for (int base = 0; base < E; base += 32) {
-    const int c = base + lane;
-    const unsigned m = __ballot_sync(kFullMask, c < E && tile_start[c] <= tile);
-    if (m) e = base + 31 - __clz(int(m));
-    if (m != kFullMask) break;
-  }
-  t.e = e;
-  const int32_t begin = clamped_offset(offsets, n, e), end = clamped_offset(offsets, n, e + 1);
-  t.row_begin = begin + (tile - tile_start[e]) * BM;
-  t.rows = min(BM, end - t.row_begin);
-  return t.rows > 0;
-}
-
 }  // namespace moe::kernels::gemm

@@ -299,6 +299,18 @@ TEST_CASE("gpu.runner.large_batch_small_model") {
   }
 }
 
+TEST_CASE("gpu.runner.many_local_experts") {
+  // The tile map and the warps' tile search load 128 experts a round
+  // (gemm::row_tile_map_warp, gemm::warp_find_tile): 128 and 129 local
+  // experts sit on that edge, 300 takes three rounds. Batches for the 16-row
+  // tiles (4 slots; 3 per expert), the 32-row tiles (24 per expert) and the
+  // 128-row tiles (480 per expert, taken on the device over the 32-row candidate).
+  for (int E : {128, 129, 300}) {
+    Model m{"many", E, 1, 0, 4, 64, 64};
+    for (int64_t T : {int64_t(1), int64_t(3) * E / 4, int64_t(6) * E, int64_t(120) * E}) check_model(m, T, T <= E);
+  }
+}
+
 TEST_CASE("gpu.runner.swap_and_weight_on_input") {
   for (DT dt : kTypes) {
     Model m{"swap", 8, 1, 0, 2, 64, 64};
