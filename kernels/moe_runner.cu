@@ -1468,7 +1468,20 @@ template <class T, int BM_, int BN_>
 bool launch_stream_stage(const MoeRunParams& p, const Work& w, bool second, cudaStream_t stream) {
   if (!stream_kernels_for(int64_t(p.H) * p.I * (!second && p.gated ? 2 : 1))) return false;
   constexpr int kBlocks = 2;
-  if (second) return launch_stream<T, kGemm2, StreamCfg<BM_, BN_, 1, kBlocks>>(p, w, p.H, stream);
+  // GEMM2 on 16-row tiles: 32 columns (4 consumer warps) instead of 16. Run
+  // 155 (ncu, the DeepSeek slice at T=8): GEMM2 streamed 2.07 TB/s against
+  // GEMM1's 2.83, with 0.26 eligible warps per scheduler, stalled on the
+  // MMA chains: one set (GEMM1 has two, gate and up) and two consumer warps
+  // per block leave an SM 4 chains. Run 156 (moe_bench --no-peers, layer us,
+  // 16 / 32 columns): the DeepSeek slice T=8 223.2/222.6 -> 216.1/214.3,
+  // Mixtral T=1 251.8/251.5 -> 246.8/247.0, T=8 909.2/911.5 -> 898.8/897.6;
+  // on 32-row tiles 64 columns won at Mixtral T=64 (1047.7/1045.0 ->
+  // 1025.1/1026.0) and lost at the DeepSeek slice T=256 (826.8/829.3 ->
+  // 837.2/836.3), so they keep 32; three blocks per SM were slower on
+  // Mixtral (T=1 270.6-273.1). Every output is computed as before (the
+  // columns of a warp, in the same k order), so bitwise the same.
+  if (second)
+    return launch_stream<T, kGemm2, StreamCfg<BM_, BM_ == 16 ? 2 * BN_ : BN_, 1, kBlocks>>(p, w, p.H, stream);
   if (p.gated) return launch_stream<T, kGemm1Gated, StreamCfg<BM_, BN_, 2, kBlocks>>(p, w, p.I, stream);
   return launch_stream<T, kGemm1Plain, StreamCfg<BM_, BN_, 1, kBlocks>>(p, w, p.I, stream);
 }
