@@ -82,12 +82,6 @@ using gemm::activate_fast;
 
 // --- tile map ------------------------------------------------------------------
 
-__device__ __forceinline__ int32_t clamped_offset(const MoeRunParams& p, int64_t n, int e) {
-  // Offsets come from the dispatcher; clamping keeps a bad one from reading out of bounds.
-  const int32_t o = p.offsets[e];
-  return o < 0 ? 0 : (o > n ? int32_t(n) : o);
-}
-
 // Row tile: bm_small when the local slots per expert (known only here, not
 // on the host: under expert parallelism most slots may be -1) are at most
 // small_max_avg, else bm_large; then the tile map (gemm::row_tile_map_warp) of
@@ -107,22 +101,12 @@ __global__ void tile_map_kernel(MoeRunParams p, int64_t n, int bm_small, int bm_
 // Which expert and rows a GEMM block owns (find_tile: false when the block has no work).
 using TileInfo = gemm::Tile;
 
+// The tile of the row tile TM (per thread: gemm::find_tile), false when the
+// tile map chose another row tile or the tile has no rows.
 template <int TM>
-__device__ __forceinline__ bool find_tile(const MoeRunParams& p, const Work& w, int tile,
-                                          TileInfo& ti) {
+__device__ __forceinline__ bool find_tile(const MoeRunParams& p, const Work& w, int tile, TileInfo& ti) {
   if (*w.rows != TM) return false;
-  const int32_t* ts = w.tile_start;
-  if (tile >= ts[p.E_loc]) return false;
-  int lo = 0, hi = p.E_loc;  // largest e with ts[e] <= tile: ts[lo] <= tile < ts[hi]
-  while (hi - lo > 1) {
-    const int mid = (lo + hi) >> 1;
-    if (ts[mid] <= tile) lo = mid; else hi = mid;
-  }
-  ti.e = lo;
-  const int32_t begin = clamped_offset(p, w.n, lo), end = clamped_offset(p, w.n, lo + 1);
-  ti.row_begin = begin + (tile - ts[lo]) * TM;
-  ti.rows = min(TM, end - ti.row_begin);
-  return ti.rows > 0;
+  return gemm::find_tile<TM>(w.tile_start, p.offsets, p.E_loc, w.n, tile, ti);
 }
 
 // find_tile by one warp (gemm::warp_find_tile: two round trips to L2 where
