@@ -728,35 +728,40 @@ bool make_runner(In& in, int E_loc, int H, bool won, FuzzRunner& fr, bool allow_
     for (int64_t i = 0; i < x.numel(); ++i) put(x, i, (1 + in.pick(0, 15)) / 64.0);
   };
   const int64_t b = 128;
-  bool scales_bad = false;
-  std::vector<Ten*> given;
+  // The scales this mode takes: a missing one or an extra one is always
+  // invalid, and so is a given one with a bad mutation (make() may also have
+  // left a scale out: required = false there, judged here).
+  bool needs[4] = {false, false, false, false};  // s13, s2, a13, a2
   if (e.quant_mode == MOE_QUANT_FP8_PER_TENSOR) {
     scale(fr.s13, {E_loc});
     scale(fr.s2, {E_loc});
     scale(fr.a13, {1});
     scale(fr.a2, {1});
-    if (e.act_scale_mode != MOE_ACT_SCALE_STATIC) fr.a13.null = fr.a2.null = true;
-    given = {&fr.s13, &fr.s2, &fr.a13, &fr.a2};
+    const bool stat = e.act_scale_mode == MOE_ACT_SCALE_STATIC;
+    if (!stat) fr.a13.null = fr.a2.null = true;
+    needs[0] = needs[1] = true;
+    needs[2] = needs[3] = stat;
   } else if (e.quant_mode == MOE_QUANT_FP8_BLOCK_128) {
     scale(fr.s13, {E_loc, (rows + b - 1) / b, (H + b - 1) / b});
     scale(fr.s2, {E_loc, (H + b - 1) / b, (fr.s.I + b - 1) / b});
     make(fr.a13, Dt::f32, {1}, in, false);
     make(fr.a2, Dt::f32, {1}, in, false);
     fr.a13.null = fr.a2.null = true;
-    given = {&fr.s13, &fr.s2};
+    needs[0] = needs[1] = true;
   } else {
     for (Ten* x : {&fr.s13, &fr.s2, &fr.a13, &fr.a2}) {
       make(*x, Dt::f32, {E_loc}, in, false);
       x->null = true;
     }
   }
+  Ten* const all[] = {&fr.s13, &fr.s2, &fr.a13, &fr.a2};
   if (allow_bad && in.one_in(10)) {  // a scale missing or extra
-    Ten* const all[] = {&fr.s13, &fr.s2, &fr.a13, &fr.a2};
     Ten* x = all[in.pick(0, 3)];
     x->null = !x->null;
-    scales_bad = true;
   }
-  for (Ten* x : given) scales_bad = scales_bad || (!x->null && x->bad);
+  bool scales_bad = false;
+  for (int i = 0; i < 4; ++i)
+    scales_bad = scales_bad || all[i]->null == needs[i] || (!all[i]->null && all[i]->bad);
   const bool must_fail = invalid(fr.w13.bad, "w13") | invalid(fr.w2.bad, "w2") | invalid(scales_bad, "scales");
   moe_status_t st = moe_runner_set_weights(fr.r, fr.w13.dl(), fr.w2.dl(), fr.s13.dl(), fr.s2.dl(),
                                            fr.a13.dl(), fr.a2.dl());
