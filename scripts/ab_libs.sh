@@ -9,7 +9,10 @@
 # (default mixtral,qwen3,deepseek) and MOE_AB_T (default 1024,4096,16384).
 # MOE_AB_BENCH replaces the benchmark and its arguments (for example
 # "bench/fp8_bench.py --shapes deepseek --modes block --tokens 1024 --reps 3"),
-# MOE_AB_TIMEOUT its time limit per run (default 300 s).
+# MOE_AB_TIMEOUT its time limit per run (default 300 s). MOE_AB_ENVS (a
+# space-separated list of NAME=VALUE) runs each library once per setting in
+# every round, as a column of its own (DIR@NAME=VALUE): one build, several
+# run-time switches.
 #   bash scripts/ab_libs.sh build-ab/base build-ab/new
 # Writes $OUT/summary.txt (layer us per case, one column per library and
 # round) and $OUT/ab.tgz (logs and JSON).
@@ -43,22 +46,38 @@ note "builds $((SECONDS - start))s"
 [ $status -eq 0 ] || exit 1
 
 export PYTHONUNBUFFERED=1 PYTHONPATH="$root/bindings/python"
+envs=${MOE_AB_ENVS:-}
+columns=()
+for d in "$@"; do
+  if [ -z "$envs" ]; then
+    columns+=("$(basename "$d")")
+  else
+    for e in $envs; do columns+=("$(basename "$d")@$e"); done
+  fi
+done
 for r in $(seq 1 "${MOE_AB_ROUNDS:-2}"); do
   for d in "$@"; do
-    name=$(basename "$d")
-    bench=${MOE_AB_BENCH:-bench/moe_bench.py --no-peers --shapes ${MOE_AB_SHAPES:-mixtral,qwen3,deepseek} --tokens ${MOE_AB_T:-1024,4096,16384} --reps 10}
-    # shellcheck disable=SC2086  # the benchmark's arguments split at spaces
-    MOE_LIB_PATH="$d/build" timeout "${MOE_AB_TIMEOUT:-300}" python3 $bench \
-      --out "$logs/${name}_$r.json" > "$logs/${name}_$r.log" 2>&1
-    rc=$?
-    [ $rc -eq 0 ] || status=1
-    note "bench $name round $r rc=$rc"
+    for e in ${envs:-none}; do
+      name=$(basename "$d")
+      setting=()
+      if [ "$e" != none ]; then
+        name="$name@$e"
+        setting=("$e")
+      fi
+      bench=${MOE_AB_BENCH:-bench/moe_bench.py --no-peers --shapes ${MOE_AB_SHAPES:-mixtral,qwen3,deepseek} --tokens ${MOE_AB_T:-1024,4096,16384} --reps 10}
+      # shellcheck disable=SC2086  # the benchmark's arguments split at spaces
+      env "${setting[@]}" MOE_LIB_PATH="$d/build" timeout "${MOE_AB_TIMEOUT:-300}" python3 $bench \
+        --out "$logs/${name}_$r.json" > "$logs/${name}_$r.log" 2>&1
+      rc=$?
+      [ $rc -eq 0 ] || status=1
+      note "bench $name round $r rc=$rc"
+    done
   done
 done
 
-python3 - "$logs" "$@" <<'EOF' | tee -a "$summary"
+python3 - "$logs" "${columns[@]}" <<'EOF' | tee -a "$summary"
 import glob, json, os, sys
-logs, dirs = sys.argv[1], [os.path.basename(d) for d in sys.argv[2:]]
+logs, dirs = sys.argv[1], sys.argv[2:]
 runs = {}
 for d in dirs:
     for path in sorted(glob.glob(os.path.join(logs, f"{d}_*.json"))):
