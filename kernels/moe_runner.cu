@@ -526,6 +526,82 @@ __device__ __forceinline__ void wg_epilogue(const MoeRunParams& p, const Work& w
   });
 }
 
+// The epilogue of gemm_wgmma_kernel (variant 1) through shared memory: each
+// warpgroup writes its 64 rows of 16-bit outputs (the activation applied, as
+// in wg_epilogue) to shared address `stage_s` (its own region, EPI_ROW bytes a row: BN values
+// and 16 bytes of padding, so that the 8 rows of a warp's 4-byte stores fall
+// in different banks), then 64 of its threads hand one row each to the copy
+// engine (wg::bulk_store: h rows by sorted position, out2 rows by slot). The
+// stores of wg_epilogue (4 bytes a lane, 8 rows of 16 bytes per warp
+// instruction) took the block's load-store path for ~4000 cycles an item;
+// here the block goes on to the next item's MMAs while the copies drain.
+// The issuing threads wait for the copies' reads (wg::bulk_wait_read) before
+// the next item's first barrier, after which the buffers are refilled.
+template <int MODE>
+struct WgEpi {
+  static constexpr int BN = WG_BN / (MODE == kGemm1Gated ? 2 : 1);
+  static constexpr uint32_t ROW = uint32_t(BN) * 2 + 16;
+  static constexpr uint32_t BYTES = 64 * ROW;  // one warpgroup's rows
+};
+
+template <class T, int MODE>
+__device__ __forceinline__ void wg_epilogue_staged(const MoeRunParams& p, const Work& w, const TileInfo& ti, int n0,
+                                                   int group, const float (&acc)[128], uint32_t stage_s) {
+  static_assert(sizeof(T) == 2, "16-bit outputs (the wgmma path's types)");
+  using E = WgEpi<MODE>;
+  constexpr int NSETS = MODE == kGemm1Gated ? 2 : 1;
+  constexpr int BN = E::BN;
+  const int lane = threadIdx.x & 31, warp_in_group = (threadIdx.x >> 5) & 3;
+  with_activation<MODE>(p, [&](auto act_tag) {
+    constexpr int ACT = decltype(act_tag)::value;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int rl = warp_in_group * 16 + (lane >> 2) + 8 * h;  // row in the warpgroup's 64
+      if (group * 64 + rl >= ti.rows) continue;
+      // The pre-activation factor (GEMM1 with the weight on the input); the
+      // slot itself is looked up by the row's issuing thread below.
+      const float s = MODE == kGemm2 ? 1.0f : epi_row<MODE>(p, w, ti.row_begin + group * 64 + rl).scale;
+      const uint32_t row = stage_s + uint32_t(rl) * E::ROW;
+#pragma unroll
+      for (int j = 0; j < BN / 8; ++j) {
+        const int cl = 8 * j + 2 * (lane & 3);
+        const int ju = NSETS == 2 ? j + BN / 8 : j;
+        const float a0 = acc[4 * j + 2 * h], a1 = acc[4 * j + 2 * h + 1];
+        float v0 = a0, v1 = a1;
+        if (MODE != kGemm2) {
+          auto act = [&](float v) { return gemm::activate_fast_as<ACT>(p.activation, v); };
+          if (MODE == kGemm1Gated) {
+            v0 = act(a0 * s) * (acc[4 * ju + 2 * h] * s);
+            v1 = act(a1 * s) * (acc[4 * ju + 2 * h + 1] * s);
+          } else {
+            v0 = act(a0 * s);
+            v1 = act(a1 * s);
+          }
+        }
+        wg::st_shared32(row + uint32_t(cl) * 2, pack2<T>(v0, v1));
+      }
+    }
+  });
+  wg::fence_proxy_async();              // the rows, for the copy engine
+  wg::named_sync(1 + group, 128);       // this warpgroup's rows are written
+  const int t = threadIdx.x & 127;
+  if (t < 64) {
+    const int r = group * 64 + t;
+    if (r < ti.rows) {
+      const int64_t pos = ti.row_begin + r;
+      const int32_t slot = slot_at(p, w, pos);
+      const int N = MODE == kGemm2 ? p.H : p.I;
+      if (slot >= 0 && n0 < N) {
+        const uint32_t bytes = uint32_t(min(BN, N - n0)) * 2;  // N % 8 == 0: a multiple of 16
+        T* dst = MODE == kGemm2 ? reinterpret_cast<T*>(w.out2) + int64_t(slot) * p.H + n0
+                                : static_cast<T*>(w.h) + pos * p.I + n0;
+        wg::bulk_store(dst, stage_s + uint32_t(t) * E::ROW, bytes);
+      }
+    }
+    wg::bulk_commit();
+  }
+}
+
 // The operand rows of one item of gemm_wgmma_kernel: its tile, first output
 // column, and this thread's source row of each A and B chunk (null: zeros).
 template <class T>
@@ -617,9 +693,16 @@ __global__ void __launch_bounds__(WG_THREADS, 1) gemm_wgmma_kernel(MoeRunParams 
     }
   };
 
+  // The epilogue's rows (wg_epilogue_staged) go to the buffers that the next
+  // item's prologue leaves free (WG_AHEAD onwards).
+  static_assert(2 * WgEpi<MODE>::BYTES <= (WG_STAGES - WG_AHEAD) * WgStaging::STAGE_BYTES,
+                "the epilogue's rows fit in the buffers the prologue leaves free");
+  const uint32_t epi_s = st.base + WG_AHEAD * WgStaging::STAGE_BYTES + group * WgEpi<MODE>::BYTES;
+
   if (!open_next()) return;
   prologue();
   for (;;) {
+    wg::bulk_wait_read();  // the last item's rows are read out: the buffers may be refilled
     // A warpgroup whose 64 rows all lie past the tile's rows (an expert's last,
     // partial tile) skips its MMAs: nothing of them is stored, and the other
     // warpgroup's MMAs then have the tensor cores alone. It still stages its
@@ -669,8 +752,11 @@ __global__ void __launch_bounds__(WG_THREADS, 1) gemm_wgmma_kernel(MoeRunParams 
       more = open_next();
     }
     if (more) prologue();
-    wg_epilogue<T, MODE>(p, w, ti, n0, group, acc);
-    if (!more) return;
+    wg_epilogue_staged<T, MODE>(p, w, ti, n0, group, acc, epi_s);
+    if (!more) {
+      wg::bulk_wait();  // the copies are complete before the block exits
+      return;
+    }
   }
 }
 

@@ -359,6 +359,44 @@ __device__ __forceinline__ void fence_proxy_async() {
 #endif
 }
 
+// Bulk stores from shared to global memory (the copy engine, no tensor map):
+// `bytes` (a multiple of 16) from shared address saddr to gmem, both 16-byte
+// aligned. The shared source was written by the generic proxy: its writers
+// fence (fence_proxy_async) before the barrier that precedes the copy. The
+// issuing thread commits its copies as one group and waits for their reads
+// of shared memory (bulk_wait_read) before that memory is written again,
+// and for their completion (bulk_wait) before it exits.
+__device__ __forceinline__ void bulk_store(void* gmem, uint32_t saddr, uint32_t bytes) {
+#if MOE_HAS_WGMMA
+  asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;\n" ::"l"(gmem), "r"(saddr), "r"(bytes)
+               : "memory");
+#endif
+}
+__device__ __forceinline__ void bulk_commit() {
+#if MOE_HAS_WGMMA
+  asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void bulk_wait_read() {
+#if MOE_HAS_WGMMA
+  asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void bulk_wait() {
+#if MOE_HAS_WGMMA
+  asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void st_shared32(uint32_t saddr, uint32_t v) {
+  asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(saddr), "r"(v) : "memory");
+}
+
+// Barrier `id` (1..15; 0 is __syncthreads') of `threads` threads, a multiple of 32.
+__device__ __forceinline__ void named_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
 __device__ __forceinline__ void fence() {
 #if MOE_HAS_WGMMA
   asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
