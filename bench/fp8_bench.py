@@ -20,6 +20,7 @@ and FP8 per-tensor scales, and T from 1 to 16384, it reports per case:
   ... --shapes deepseek --modes block --tokens 1,64,4096
 
 Writes bench/results/fp8_bench.json (or --out).
+  python3 bench/fp8_bench.py --table bench/results/fp8_bench.json   # markdown table
 """
 import argparse
 import json
@@ -28,10 +29,13 @@ import os
 import sys
 import time
 
-import torch
+try:
+    import torch
 
-import libmoe
-from timing import copy_gbs, events_median, graph_of, rel_err, routing_buffers
+    import libmoe
+    from timing import copy_gbs, events_median, graph_of, rel_err, routing_buffers
+except ImportError:  # --table needs neither
+    torch = libmoe = None
 
 SHAPES = {
     # name: E global, E local (this rank), k, H, I, ep_size, router method and options
@@ -43,7 +47,7 @@ SHAPES = {
 MODES = {"block": "fp8_block_128", "per_tensor": "fp8_per_tensor"}
 TOKENS = [1, 8, 64, 256, 1024, 4096, 16384]
 NROT = 4
-F8 = torch.float8_e4m3fn
+F8 = torch.float8_e4m3fn if torch is not None else None
 
 
 def measure_ceilings():
@@ -186,7 +190,20 @@ def bench_case(name, cfg, mode, tokens, ceilings, reps, check_rows):
     return rows_out
 
 
+def table(path):
+    """Markdown table of a results JSON (the README's FP8 tables)."""
+    with open(path) as f:
+        data = json.load(f)
+    print("| shape | mode | T | runner us | floor us | fraction | TFLOP/s | FP8 weight GB/s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in data["results"]:
+        print(f"| {r['shape']} | {r['mode']} | {r['T']} | {r['runner_us']:.1f} | {r['floor_us']:.1f} | "
+              f"{r['floor_frac']:.2f} | {r['tflops']:.1f} | {r['weight_gbs']:.0f} |")
+
+
 def main():
+    if len(sys.argv) == 3 and sys.argv[1] == "--table":
+        return table(sys.argv[2])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="deepseek,mixtral")
     ap.add_argument("--modes", default="block,per_tensor")
