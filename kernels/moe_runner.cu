@@ -497,7 +497,8 @@ constexpr int WG_BM = 128, WG_BN = 256, WG_BK = 64, WG_STAGES = 4, WG_THREADS = 
 using WgStaging = wg::Staging<WG_THREADS, WG_BM, WG_BN, WG_STAGES>;
 static_assert(WG_BK * 2 == wg::kRowBytes, "a k step is one swizzle row of 16-bit values");
 
-// The epilogue of a warpgroup's 64 x 256 accumulator (both variants): the
+// The epilogue of a warpgroup's 64 x 256 accumulator (variant 2's; variant 1
+// stages its rows in shared memory: wg_epilogue_staged): the
 // j-th 8-column block holds columns 8 j + 2 (lane % 4) + {0, 1} of rows
 // 16 w + lane / 4 (+ 8); gated, blocks [0, BN / 8) are gate columns and the
 // next BN / 8 their up partners.
@@ -528,13 +529,17 @@ __device__ __forceinline__ void wg_epilogue(const MoeRunParams& p, const Work& w
 
 // The epilogue of gemm_wgmma_kernel (variant 1) through shared memory: each
 // warpgroup writes its 64 rows of 16-bit outputs (the activation applied, as
-// in wg_epilogue) to shared address `stage_s` (its own region, EPI_ROW bytes a row: BN values
-// and 16 bytes of padding, so that the 8 rows of a warp's 4-byte stores fall
-// in different banks), then 64 of its threads hand one row each to the copy
-// engine (wg::bulk_store: h rows by sorted position, out2 rows by slot). The
+// in wg_epilogue) to shared address `stage_s` (its own region, WgEpi::ROW
+// bytes a row: BN values and 16 bytes of padding, so that the 8 rows of a
+// warp's 4-byte stores fall in different banks), then 64 of its threads hand
+// one row each to the copy engine (wg::bulk_store: h rows by sorted
+// position, out2 rows by slot; the workspace is 256-byte aligned and H, I
+// multiples of 8, so every row and length is a multiple of 16 bytes). The
 // stores of wg_epilogue (4 bytes a lane, 8 rows of 16 bytes per warp
-// instruction) took the block's load-store path for ~4000 cycles an item;
-// here the block goes on to the next item's MMAs while the copies drain.
+// instruction) kept the block's load-store path busy for an estimated ~4000
+// cycles an item (not measured alone); here the block goes on to the next
+// item's MMAs while the copies drain (run 165: 3-6% of the layer at Qwen3
+// T=4096-16384, docs/perf-notes.md v22).
 // The issuing threads wait for the copies' reads (wg::bulk_wait_read) before
 // the next item's first barrier, after which the buffers are refilled.
 template <int MODE>

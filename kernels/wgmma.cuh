@@ -392,7 +392,9 @@ __device__ __forceinline__ void st_shared32(uint32_t saddr, uint32_t v) {
   asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(saddr), "r"(v) : "memory");
 }
 
-// Barrier `id` (1..15; 0 is __syncthreads') of `threads` threads, a multiple of 32.
+// Barrier `id` (1..15; 0 is __syncthreads') of `threads` threads, a multiple
+// of 32. A run-time id makes ptxas reserve all 16 barriers of the block
+// (one block per SM where it is used: gemm_wgmma_kernel).
 __device__ __forceinline__ void named_sync(int id, int threads) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
