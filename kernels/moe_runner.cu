@@ -4,6 +4,7 @@
 #include <atomic>
 #include <climits>
 #include <cstdlib>
+#include <cstring>
 #include <type_traits>
 
 #include "common.cuh"
@@ -614,11 +615,33 @@ struct WgItem {
   TileInfo ti;
   int n0;
   const T* a_src[WgStaging::A_CHUNKS];
-  const T* b_src[WgStaging::B_CHUNKS];
+  const T* b_src[WgStaging::B_CHUNKS];  // cp.async weights (TMAB false)
+  int b_row[2];                         // first weight row of each 128-row box (TMAB true)
 };
 
-template <class T, int MODE>
-__global__ void __launch_bounds__(WG_THREADS, 1) gemm_wgmma_kernel(MoeRunParams p, Work w, int cols) {
+// First row of each 128-row half of an item's weight tile, in w2 viewed as
+// [E_loc * H, I] or w13 as [E_loc * rows13, H] (the tensor maps of both
+// wgmma variants): the gate and up rows of its columns (gated), else the
+// tile's two halves.
+template <int MODE>
+__device__ __forceinline__ void wg_weight_rows(const MoeRunParams& p, int e, int n0, int (&b_row)[2]) {
+  constexpr int HALF = WG_BN / 2;
+  if (MODE == kGemm2) {
+    b_row[0] = e * p.H + n0;
+    b_row[1] = b_row[0] + HALF;
+  } else if (MODE == kGemm1Plain) {
+    b_row[0] = e * p.I + n0;
+    b_row[1] = b_row[0] + HALF;
+  } else {
+    const int gate = p.swap_gate_up ? p.I : 0;
+    b_row[0] = e * 2 * p.I + gate + n0;
+    b_row[1] = e * 2 * p.I + (p.I - gate) + n0;
+  }
+}
+
+template <class T, int MODE, bool TMAB>
+__global__ void __launch_bounds__(WG_THREADS, 1)
+    gemm_wgmma_kernel(MoeRunParams p, Work w, int cols, const __grid_constant__ CUtensorMap map_b) {
   pdl_wait();  // first: see launch_pdl
   pdl_trigger();
   constexpr int NSETS = MODE == kGemm1Gated ? 2 : 1;
@@ -626,6 +649,24 @@ __global__ void __launch_bounds__(WG_THREADS, 1) gemm_wgmma_kernel(MoeRunParams 
   extern __shared__ unsigned char wg_smem_raw[];
   const int tid = threadIdx.x;
   const WgStaging st(wg_smem_raw, tid);
+  // TMAB: the weight tile of each k step comes by two bulk tensor copies
+  // (thread 0) completing on the buffer's mbarrier, instead of 8 cp.async a
+  // thread; the token rows stay cp.async (a gather). Run 172's timelines
+  // with the loads of one operand left out (a diagnostic, not kept) had the
+  // weights as the cost of the memory-bound cases (the DeepSeek slice at
+  // T=4096: GEMM1 779 us, 759 without the token rows, 501 without the
+  // weights) and a block's cp.async issue (12 a thread a k step) as a
+  // candidate for it.
+  __shared__ __align__(8) uint64_t wbar[WG_STAGES];
+  const uint32_t wbar0 = uint32_t(__cvta_generic_to_shared(wbar));
+  uint32_t wphase = 0;  // bit s: parity of buffer s's next completion
+  if (TMAB) {
+    if (tid == 0) {
+      for (int s = 0; s < WG_STAGES; ++s) wg::mbar_init(wbar0 + 8 * s, 1);
+      wg::mbar_init_fence();
+    }
+    __syncthreads();
+  }
   const int Kdim = MODE == kGemm2 ? p.I : p.H;
   const int KT = (Kdim + WG_BK - 1) / WG_BK;
   const int group = tid / 128;  // warpgroup: sorted rows 64 group .. 64 group + 63
@@ -648,10 +689,14 @@ __global__ void __launch_bounds__(WG_THREADS, 1) gemm_wgmma_kernel(MoeRunParams 
       const int r = st.row0 + i * WgStaging::ROWS_PER_PASS;
       it.a_src[i] = r < ti.rows ? a_row<T, MODE>(p, w, ti.row_begin + r) : nullptr;
     }
+    if (TMAB) {
+      wg_weight_rows<MODE>(p, ti.e, n0, it.b_row);
+    } else {
 #pragma unroll
-    for (int i = 0; i < WgStaging::B_CHUNKS; ++i) {
-      const int r = st.row0 + i * WgStaging::ROWS_PER_PASS;
-      it.b_src[i] = b_row<T, MODE>(p, ti.e, r / BN, n0 + r % BN);
+      for (int i = 0; i < WgStaging::B_CHUNKS; ++i) {
+        const int r = st.row0 + i * WgStaging::ROWS_PER_PASS;
+        it.b_src[i] = b_row<T, MODE>(p, ti.e, r / BN, n0 + r % BN);
+      }
     }
   };
   // Item v's tile and first column: false when it has no rows.
@@ -680,10 +725,23 @@ __global__ void __launch_bounds__(WG_THREADS, 1) gemm_wgmma_kernel(MoeRunParams 
       const bool ok = it.a_src[i] != nullptr && k < Kdim;
       cp_async16(st.a_dst(stage, i), ok ? it.a_src[i] + k : p.x, ok);
     }
+    if (TMAB) {
+      // Rows a box reads past the expert's columns (the other set's, the next
+      // expert's) reach only output columns the epilogue drops; past the
+      // matrix, and past K, the copy engine writes zeros.
+      if (tid == 0) {
+        const uint32_t bar = wbar0 + 8 * stage;
+        wg::mbar_arrive_expect_tx(bar, uint32_t(WG_BN) * wg::kRowBytes);
+        wg::tma_load_2d(st.b_tile(stage), &map_b, kt * WG_BK, it.b_row[0], bar);
+        wg::tma_load_2d(st.b_tile(stage) + uint32_t(WG_BN / 2) * wg::kRowBytes, &map_b, kt * WG_BK, it.b_row[1],
+                        bar);
+      }
+    } else {
 #pragma unroll
-    for (int i = 0; i < WgStaging::B_CHUNKS; ++i) {
-      const bool ok = it.b_src[i] != nullptr && k < Kdim;
-      cp_async16(st.b_dst(stage, i), ok ? it.b_src[i] + k : p.x, ok);
+      for (int i = 0; i < WgStaging::B_CHUNKS; ++i) {
+        const bool ok = it.b_src[i] != nullptr && k < Kdim;
+        cp_async16(st.b_dst(stage, i), ok ? it.b_src[i] + k : p.x, ok);
+      }
     }
   };
   // Loads run WG_AHEAD k steps ahead of the MMAs, and the MMAs of one step
@@ -720,6 +778,11 @@ __global__ void __launch_bounds__(WG_THREADS, 1) gemm_wgmma_kernel(MoeRunParams 
       cp_async_wait<WG_AHEAD - 1>();  // step kt's group is complete
       wg::fence_proxy_async();        // this thread's cp.async data, for the async proxy
       __syncthreads();                // everyone's; and the MMAs of step kt - 2 are done
+      if (TMAB) {                     // step kt's weight tile has landed
+        const int s = kt % WG_STAGES;
+        wg::mbar_wait(wbar0 + 8 * s, (wphase >> s) & 1u, kt);
+        wphase ^= 1u << s;
+      }
       const int next = kt + WG_AHEAD;
       if (next < KT) load_stage(next % WG_STAGES, next);
       cp_async_commit();
@@ -869,20 +932,8 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
         PairItem it;
         if (!pair_item<WG_BM>(p, w, u, pairs, cols, rank, it)) continue;
         if (exp != 0) it.paired = false;
-        const int n0 = it.col * BN;
-        const int e = it.ti.e;
         int b_row[2];  // first weight row of each half of the weight tile
-        if (MODE == kGemm2) {
-          b_row[0] = e * p.H + n0;
-          b_row[1] = b_row[0] + HALF;
-        } else if (MODE == kGemm1Plain) {
-          b_row[0] = e * p.I + n0;
-          b_row[1] = b_row[0] + HALF;
-        } else {
-          const int gate = p.swap_gate_up ? p.I : 0;
-          b_row[0] = e * 2 * p.I + gate + n0;
-          b_row[1] = e * 2 * p.I + (p.I - gate) + n0;
-        }
+        wg_weight_rows<MODE>(p, it.ti.e, it.col * BN, b_row);
         for (int kt = 0; kt < KT; ++kt, ++g) {
           const int s = g % WG_STAGES;
           const int k0 = kt * WG_BK;
@@ -1401,13 +1452,29 @@ RowChoice pick_rows(const MoeRunParams& p, int64_t n) {
 template <class T, int MODE>
 void launch_wgmma(const MoeRunParams& p, const Work& w, unsigned tiles, int N, cudaStream_t stream) {
   constexpr int BN = WG_BN / (MODE == kGemm1Gated ? 2 : 1);
-  auto kernel = gemm_wgmma_kernel<T, MODE>;
+  constexpr CUtensorMapDataType type =
+      std::is_same_v<T, __nv_bfloat16> ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  // The weights by bulk tensor copies where the driver maps them (the CUDA
+  // backend takes 16-byte aligned weights only, and H, I are multiples of
+  // 8), else by cp.async; MOE_RUNNER_WGMMA_WEIGHTS=cpasync takes the latter
+  // (read at each launch, so that gpu.runner.wgmma_variants_partial_tiles
+  // runs both in one process). Run 173 (one build, layer us, two rounds,
+  // cp.async / bulk copies): Qwen3 T=1024 519/520 -> 496/498, T=4096
+  // 827/824 -> 815/818; the DeepSeek slice T=1024 851/846 -> 816/828,
+  // T=4096 1188/1195 -> 1160/1165; T=16384 within the rounds' spread.
+  const char* wv = std::getenv("MOE_RUNNER_WGMMA_WEIGHTS");
+  const bool tma_off = wv && std::strcmp(wv, "cpasync") == 0;
+  CUtensorMap map_b{};
+  const uint64_t rows = uint64_t(p.E_loc) * (MODE == kGemm2 ? p.H : (MODE == kGemm1Gated ? 2 : 1) * p.I);
+  const bool tma = !tma_off && tma::map_rows_2d(&map_b, MODE == kGemm2 ? p.w2 : p.w13, rows,
+                                                uint64_t(MODE == kGemm2 ? p.I : p.H), WG_BN / 2, type, 2);
+  auto kernel = tma ? gemm_wgmma_kernel<T, MODE, true> : gemm_wgmma_kernel<T, MODE, false>;
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(WgStaging::SMEM_BYTES));
   // One persistent block per SM (see gemm_wgmma_kernel), at most one per item.
   const int cols = ceil_div(N, BN);
   const int64_t items = int64_t(tiles) * cols;
   const unsigned blocks = unsigned(std::max<int64_t>(1, std::min<int64_t>(items, std::max(sm_count(), 1))));
-  launch_pdl(kernel, dim3(blocks), dim3(WG_THREADS), WgStaging::SMEM_BYTES, stream, p, w, cols);
+  launch_pdl(kernel, dim3(blocks), dim3(WG_THREADS), WgStaging::SMEM_BYTES, stream, p, w, cols, map_b);
 }
 
 // Variant 2: false when a tensor map cannot be made (the caller falls back).

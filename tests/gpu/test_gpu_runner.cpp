@@ -378,9 +378,14 @@ TEST_CASE("gpu.runner.wgmma_variants_partial_tiles") {
   // 64, or is the only one; T=300 gives ~150 rows per expert, T=100 ~50, and
   // tile counts of both parities (variant 2 pairs tiles: a pair may hold one
   // empty tile or two experts' tiles).
+  // Variant 1 reads the weights by bulk tensor copies, or by cp.async with
+  // MOE_RUNNER_WGMMA_WEIGHTS=cpasync (its path where the driver cannot map
+  // them): both.
   ScopedEnv env("MOE_RUNNER_WGMMA");
-  for (const char* mode : {"1", "2", "3"}) {
-    env.set(mode);
+  ScopedEnv weights("MOE_RUNNER_WGMMA_WEIGHTS");
+  for (const char* mode : {"1", "1c", "2", "3"}) {
+    env.set(mode[1] ? "1" : mode);
+    weights.set(mode[1] ? "cpasync" : "tma");
     for (DT dt : {DT::bf16, DT::f16}) {
       CAPTURE(mode);
       Model m{"partial", 4, 1, 0, 2, 256, 192};
