@@ -27,4 +27,11 @@ if [ "${1:-}" = "--sass-tools" ]; then
   echo "setup: pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm"
   "$py" -m pip install -q nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm
 fi
+# Optional (not needed to build or test): matplotlib, for the benchmark's
+# PNGs redrawn from a results JSON off the device (bench/moe_bench.py
+# --plots-of bench/results/moe_bench.json).
+if [ "${1:-}" = "--plot-tools" ]; then
+  echo "setup: pip install matplotlib"
+  "$py" -m pip install -q matplotlib
+fi
 echo "setup: done"
