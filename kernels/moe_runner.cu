@@ -1619,9 +1619,14 @@ bool launch_stream_stage(const MoeRunParams& p, const Work& w, bool second, cuda
   // Mixtral T=1 251.8/251.5 -> 246.8/247.0, T=8 909.2/911.5 -> 898.8/897.6;
   // on 32-row tiles 64 columns won at Mixtral T=64 (1047.7/1045.0 ->
   // 1025.1/1026.0) and lost at the DeepSeek slice T=256 (826.8/829.3 ->
-  // 837.2/836.3), so they keep 32; three blocks per SM were slower on
+  // 837.2/836.3), so 64 only for the largest experts (below); three blocks per SM were slower on
   // Mixtral (T=1 270.6-273.1). Every output is computed as before (the
   // columns of a warp, in the same k order), so bitwise the same.
+  // GEMM2 on 32-row tiles: 64 columns for expert matrices of at least
+  // kLargeExpertElems elements (Mixtral: run 156's gain), 32 for smaller
+  // ones (the DeepSeek slice: run 156's loss). Since v22 (run 175).
+  if (second && BM_ == 32 && int64_t(p.H) * p.I >= kLargeExpertElems)
+    return launch_stream<T, kGemm2, StreamCfg<BM_, 2 * BN_, 1, kBlocks>>(p, w, p.H, stream);
   if (second)
     return launch_stream<T, kGemm2, StreamCfg<BM_, BM_ == 16 ? 2 * BN_ : BN_, 1, kBlocks>>(p, w, p.H, stream);
   if (p.gated) return launch_stream<T, kGemm1Gated, StreamCfg<BM_, BN_, 2, kBlocks>>(p, w, p.I, stream);
