@@ -488,8 +488,10 @@ __global__ void __launch_bounds__(Cfg::THREADS) gemm_tc_kernel(MoeRunParams p, W
 // and the matching 128 up rows; otherwise 256 output columns) in 64-deep k
 // steps: two warpgroups, each the MMA of its 64 rows against all 256 weight
 // rows (wgmma m64n256k16, both operands K-major in 128B-swizzled shared
-// memory), and all 256 threads stage the next tiles with cp.async (the
-// gather of token rows through sorted_slots stays fused into the A loads).
+// memory); all 256 threads stage the next token rows with cp.async (the
+// gather through sorted_slots stays fused into the A loads) and thread 0
+// the weight tile by two bulk tensor copies (since v22; cp.async where the
+// driver cannot map the weights, or with MOE_RUNNER_WGMMA_WEIGHTS=cpasync).
 // Loads run two k steps ahead of the MMAs; a step's buffer is refilled only
 // after every warpgroup's MMAs on it are done.
 namespace wg = moe::kernels::wgmma;
@@ -1725,7 +1727,8 @@ int decode_stages(int64_t matrix_elems, int large_stages, int small_stages) {
 }
 
 // Which kernels the 128-row tiles use (both runners): 0 mma.sync, 1 wgmma
-// with cp.async staging, 2 wgmma with TMA and warp specialisation (bf16:
+// with the token rows by cp.async (bf16/f16: the weights by TMA since
+// v22), 2 wgmma with TMA and warp specialisation (bf16:
 // 2-block clusters sharing weight tiles), 3 the bf16 runner's GEMM1 as 1
 // and its GEMM2 as 2 (GEMM2's rows need no sorted copy; the FP8 runner
 // takes 3 as 1). Not 0 only when the library was built for sm_90a alone
