@@ -205,6 +205,27 @@ __device__ __forceinline__ void with_activation(const MoeRunParams& p, F&& f) {
   gemm::with_activation(MODE == kGemm2 ? kActRuntime : p.activation, f);
 }
 
+// GEMM1's two h values of accumulator pairs (a0, a1) and, gated, their up
+// partners (u0, u1) on a row with pre-activation factor s (EpiRow::scale):
+// act(a s) u s, or act(a s). h rounded to 16 bits next takes the fast
+// SiLU (activate_fast); f32 runs exact. Both bf16 epilogues (epilogue_slot,
+// wg_epilogue_staged) compute h with it.
+template <class T, int MODE, int ACT>
+__device__ __forceinline__ void h_pair(const MoeRunParams& p, float s, float a0, float a1, float u0, float u1,
+                                       float& h0, float& h1) {
+  auto act = [&](float v) {
+    return std::is_same_v<T, float> ? gemm::activate_as<ACT>(p.activation, v)
+                                    : gemm::activate_fast_as<ACT>(p.activation, v);
+  };
+  if (MODE == kGemm1Gated) {
+    h0 = act(a0 * s) * (u0 * s);
+    h1 = act(a1 * s) * (u1 * s);
+  } else {
+    h0 = act(a0 * s);
+    h1 = act(a1 * s);
+  }
+}
+
 // Two adjacent output columns (col, col + 1) of sorted row `pos` (its
 // EpiRow: `row`); ACT: see gemm::with_activation.
 template <class T, int MODE, int ACT = kActRuntime>
@@ -218,20 +239,8 @@ __device__ __forceinline__ void epilogue_slot(const MoeRunParams& p, const Work&
     return;
   }
   if (col >= p.I) return;
-  const float s = row.scale;
-  // h rounded to 16 bits next: the fast SiLU (activate_fast); f32 runs exact.
-  auto act = [&](float v) {
-    return std::is_same_v<T, float> ? gemm::activate_as<ACT>(p.activation, v)
-                                    : gemm::activate_fast_as<ACT>(p.activation, v);
-  };
   float h0, h1;
-  if (MODE == kGemm1Gated) {
-    h0 = act(a0 * s) * (u0 * s);
-    h1 = act(a1 * s) * (u1 * s);
-  } else {
-    h0 = act(a0 * s);
-    h1 = act(a1 * s);
-  }
+  h_pair<T, MODE, ACT>(p, row.scale, a0, a1, u0, u1, h0, h1);
   store_pair<T>(static_cast<T*>(w.h), pos * p.I + col, h0, h1);
 }
 
@@ -574,18 +583,8 @@ __device__ __forceinline__ void wg_epilogue_staged(const MoeRunParams& p, const 
       for (int j = 0; j < BN / 8; ++j) {
         const int cl = 8 * j + 2 * (lane & 3);
         const int ju = NSETS == 2 ? j + BN / 8 : j;
-        const float a0 = acc[4 * j + 2 * h], a1 = acc[4 * j + 2 * h + 1];
-        float v0 = a0, v1 = a1;
-        if (MODE != kGemm2) {
-          auto act = [&](float v) { return gemm::activate_fast_as<ACT>(p.activation, v); };
-          if (MODE == kGemm1Gated) {
-            v0 = act(a0 * s) * (acc[4 * ju + 2 * h] * s);
-            v1 = act(a1 * s) * (acc[4 * ju + 2 * h + 1] * s);
-          } else {
-            v0 = act(a0 * s);
-            v1 = act(a1 * s);
-          }
-        }
+        float v0 = acc[4 * j + 2 * h], v1 = acc[4 * j + 2 * h + 1];
+        if (MODE != kGemm2) h_pair<T, MODE, ACT>(p, s, v0, v1, acc[4 * ju + 2 * h], acc[4 * ju + 2 * h + 1], v0, v1);
         wg::st_shared32(row + uint32_t(cl) * 2, pack2<T>(v0, v1));
       }
     }
