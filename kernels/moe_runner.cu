@@ -1450,11 +1450,26 @@ RowChoice pick_rows(const MoeRunParams& p, int64_t n) {
   return {128, 128, 0};
 }
 
+// Tensor map element type of the 16-bit activation type T.
+template <class T>
+constexpr CUtensorMapDataType tensor_map_type() {
+  return std::is_same_v<T, __nv_bfloat16> ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+}
+
+// The tensor map of the weights of MODE's GEMM (w2 viewed as [E_loc * H, I],
+// w13 as [E_loc * rows13, H]) in boxes of box_rows rows of 128 bytes,
+// 128B-swizzled (the wgmma variants' and the streaming kernels' weight
+// tiles): false when the driver cannot map them.
+template <class T, int MODE>
+bool map_weights(const MoeRunParams& p, int box_rows, CUtensorMap* map) {
+  const uint64_t rows = uint64_t(p.E_loc) * (MODE == kGemm2 ? p.H : (MODE == kGemm1Gated ? 2 : 1) * p.I);
+  return tma::map_rows_2d(map, MODE == kGemm2 ? p.w2 : p.w13, rows, uint64_t(MODE == kGemm2 ? p.I : p.H), box_rows,
+                          tensor_map_type<T>(), 2);
+}
+
 template <class T, int MODE>
 void launch_wgmma(const MoeRunParams& p, const Work& w, unsigned tiles, int N, cudaStream_t stream) {
   constexpr int BN = WG_BN / (MODE == kGemm1Gated ? 2 : 1);
-  constexpr CUtensorMapDataType type =
-      std::is_same_v<T, __nv_bfloat16> ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
   // The weights by bulk tensor copies where the driver maps them (the CUDA
   // backend takes 16-byte aligned weights only, and H, I are multiples of
   // 8), else by cp.async; MOE_RUNNER_WGMMA_WEIGHTS=cpasync takes the latter
@@ -1466,9 +1481,7 @@ void launch_wgmma(const MoeRunParams& p, const Work& w, unsigned tiles, int N, c
   const char* wv = std::getenv("MOE_RUNNER_WGMMA_WEIGHTS");
   const bool tma_off = wv && std::strcmp(wv, "cpasync") == 0;
   CUtensorMap map_b{};
-  const uint64_t rows = uint64_t(p.E_loc) * (MODE == kGemm2 ? p.H : (MODE == kGemm1Gated ? 2 : 1) * p.I);
-  const bool tma = !tma_off && tma::map_rows_2d(&map_b, MODE == kGemm2 ? p.w2 : p.w13, rows,
-                                                uint64_t(MODE == kGemm2 ? p.I : p.H), WG_BN / 2, type, 2);
+  const bool tma = !tma_off && map_weights<T, MODE>(p, WG_BN / 2, &map_b);
   auto kernel = tma ? gemm_wgmma_kernel<T, MODE, true> : gemm_wgmma_kernel<T, MODE, false>;
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(WgStaging::SMEM_BYTES));
   // One persistent block per SM (see gemm_wgmma_kernel), at most one per item.
@@ -1481,19 +1494,13 @@ void launch_wgmma(const MoeRunParams& p, const Work& w, unsigned tiles, int N, c
 // Variant 2: false when a tensor map cannot be made (the caller falls back).
 template <class T, int MODE>
 bool launch_wgmma_tma(const MoeRunParams& p, const Work& w, unsigned tiles, int N, cudaStream_t stream) {
-  constexpr CUtensorMapDataType type =
-      std::is_same_v<T, __nv_bfloat16> ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
   constexpr int BN = WG_BN / (MODE == kGemm1Gated ? 2 : 1);
+  // A: h's rows (GEMM2) or the token rows in sorted order (GEMM1), boxes of
+  // WG_BM rows; B: the weights.
   CUtensorMap map_a, map_b;
-  bool ok;
-  if (MODE == kGemm2) {
-    ok = tma::map_rows_2d(&map_a, w.h, uint64_t(w.n), uint64_t(p.I), WG_BM, type, 2) &&
-         tma::map_rows_2d(&map_b, p.w2, uint64_t(p.E_loc) * p.H, uint64_t(p.I), WG_BN / 2, type, 2);
-  } else {
-    const uint64_t rows13 = uint64_t(MODE == kGemm1Gated ? 2 : 1) * p.I;
-    ok = tma::map_rows_2d(&map_a, w.xs, uint64_t(w.n), uint64_t(p.H), WG_BM, type, 2) &&
-         tma::map_rows_2d(&map_b, p.w13, uint64_t(p.E_loc) * rows13, uint64_t(p.H), WG_BN / 2, type, 2);
-  }
+  const bool ok = tma::map_rows_2d(&map_a, MODE == kGemm2 ? w.h : w.xs, uint64_t(w.n),
+                                   uint64_t(MODE == kGemm2 ? p.I : p.H), WG_BM, tensor_map_type<T>(), 2) &&
+                  map_weights<T, MODE>(p, WG_BN / 2, &map_b);
   if (!ok) return false;
   auto kernel = gemm_wgmma_tma_kernel<T, MODE>;
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(WgStaging::SMEM_BYTES));
@@ -1577,12 +1584,8 @@ template <class T, int MODE, class Cfg>
 bool launch_stream(const MoeRunParams& p, const Work& w, int N, cudaStream_t stream) {
   const int Kdim = MODE == kGemm2 ? p.I : p.H;
   if (Kdim % 64 != 0) return false;
-  constexpr CUtensorMapDataType type =
-      std::is_same_v<T, __nv_bfloat16> ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
   CUtensorMap map_b;
-  const uint64_t rows = uint64_t(p.E_loc) * (MODE == kGemm2 ? p.H : (MODE == kGemm1Gated ? 2 : 1) * p.I);
-  if (!tma::map_rows_2d(&map_b, MODE == kGemm2 ? p.w2 : p.w13, rows, uint64_t(Kdim), Cfg::BN, type, 2))
-    return false;
+  if (!map_weights<T, MODE>(p, Cfg::BN, &map_b)) return false;
   auto kernel = gemm_stream_kernel<T, MODE, Cfg>;
   if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(Cfg::SMEM_BYTES)) !=
       cudaSuccess) {
