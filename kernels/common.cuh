@@ -291,6 +291,64 @@ __device__ __forceinline__ bool warp_find_tile(const int32_t* tile_start, const 
   return t.rows > 0;
 }
 
+// The tile map's tiles of BM rows without the tile map (one warp; every
+// lane calls it with the same `tile` and gets the same answer): a pass over
+// the experts, 128 a round (one round trip to L2 each: the clamped offsets
+// of experts base + 32 j + lane and their ends), an exclusive scan of their
+// tile counts ceil(count / BM) in the expert order of row_tile_map_warp, and
+// a ballot for the expert whose tiles hold `tile`. The same tiles and rows
+// as find_tile on the map row_tile_map_warp(..., bm_large = BM, bm_small =
+// 0, ...) writes. `tile` < 0: only *total_out (the tile count) is wanted.
+template <int BM>
+__device__ __forceinline__ bool direct_find_tile(const int32_t* offsets, int E, int64_t n, int tile, Tile& t,
+                                                 int32_t* total_out = nullptr) {
+  const int lane = threadIdx.x & 31;
+  int32_t carry = 0;
+  int hit_e = -1, hit_begin = 0, hit_rows = 0;
+  for (int base = 0; base < E && hit_e < 0; base += 128) {
+    int32_t begin[4], cnt[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int e = base + 32 * j + lane;
+      begin[j] = e < E ? clamped_offset(offsets, n, e) : 0;
+      cnt[j] = e < E ? max(0, clamped_offset(offsets, n, e + 1) - begin[j]) : 0;
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int32_t tiles = (cnt[j] + BM - 1) / BM;
+      int32_t incl = tiles;
+#pragma unroll
+      for (int o = 1; o < 32; o <<= 1) {
+        const int32_t v = __shfl_up_sync(kFullMask, incl, o);
+        if (lane >= o) incl += v;
+      }
+      const int32_t first = carry + incl - tiles;  // this expert's first tile
+      const unsigned hit = __ballot_sync(kFullMask, hit_e < 0 && tile >= first && tile < first + tiles);
+      if (hit) {
+        const int src = __ffs(hit) - 1;
+        hit_e = base + 32 * j + src;
+        hit_begin = __shfl_sync(kFullMask, begin[j], src) + (tile - __shfl_sync(kFullMask, first, src)) * BM;
+        hit_rows = min(BM, __shfl_sync(kFullMask, begin[j] + cnt[j], src) - hit_begin);
+      }
+      carry += __shfl_sync(kFullMask, incl, 31);
+    }
+  }
+  if (total_out) *total_out = carry;
+  t.e = hit_e;
+  t.row_begin = hit_begin;
+  t.rows = hit_rows;
+  return hit_e >= 0;
+}
+
+// The tile count of direct_find_tile's tiling (one warp, every lane).
+template <int BM>
+__device__ __forceinline__ int32_t direct_tile_count(const int32_t* offsets, int E, int64_t n) {
+  Tile unused;
+  int32_t total = 0;
+  direct_find_tile<BM>(offsets, E, n, -1, unused, &total);
+  return total;
+}
+
 // Block order of the wgmma GEMMs (grid: row tiles x column tiles). Blocks
 // start in launch order (x fastest); this walks groups of `group` row tiles,
 // all column tiles of a group before the next, row tiles fastest inside it,

@@ -72,6 +72,7 @@ struct Work {
   float* out2;
   int64_t n;  // T * K
   void* xs;   // [n, H] token rows in sorted order (TMA variant), or unused
+  bool direct;  // the decode tiles are found from the offsets (decode_tile): no tile map kernel ran
 };
 
 // --- activation -------------------------------------------------------------
@@ -117,6 +118,25 @@ template <int TM>
 __device__ __forceinline__ bool warp_tile(const MoeRunParams& p, const Work& w, int tile, TileInfo& ti) {
   const int32_t rows = *w.rows;
   return gemm::warp_find_tile<TM>(w.tile_start, p.offsets, p.E_loc, w.n, tile, ti) && rows == TM;
+}
+
+// The tile of a non-persistent decode kernel (16 or 32 rows), and the tile
+// count: for 16 rows from the offsets when w.direct (gemm::direct_find_tile:
+// one round trip to L2 per 128 experts, no tile map kernel before the
+// GEMMs), else from the tile map (warp_tile).
+template <int TM>
+__device__ __forceinline__ bool decode_tile(const MoeRunParams& p, const Work& w, int tile, TileInfo& ti) {
+  if constexpr (TM == 16)
+    if (w.direct) return gemm::direct_find_tile<TM>(p.offsets, p.E_loc, w.n, tile, ti);
+  return warp_tile<TM>(p, w, tile, ti);
+}
+template <int TM>
+__device__ __forceinline__ int decode_tile_count(const MoeRunParams& p, const Work& w) {
+  if constexpr (TM == 16)
+    if (w.direct) return gemm::direct_tile_count<TM>(p.offsets, p.E_loc, w.n);
+  if (*w.rows != TM) return 0;  // the tile map chose another candidate
+  const int tiles = w.tile_start[p.E_loc];
+  return tiles > 0 ? tiles : 0;
 }
 
 // The items of a persistent GEMM kernel, handed out in order as the hardware
@@ -478,7 +498,7 @@ __global__ void __launch_bounds__(Cfg::THREADS) gemm_tc_kernel(MoeRunParams p, W
   if constexpr (!PERSISTENT) {
     (void)cols;
     TileInfo ti;
-    if (warp_tile<BM>(p, w, blockIdx.x, ti)) tc_tile<T, MODE, Cfg>(p, w, ti, blockIdx.y * Cfg::BN);
+    if (decode_tile<BM>(p, w, blockIdx.x, ti)) tc_tile<T, MODE, Cfg>(p, w, ti, blockIdx.y * Cfg::BN);
   } else {
     __shared__ long long claimed[2];
     ItemQueue q = item_queue<BM, MODE>(p, w, cols, claimed);
@@ -1047,9 +1067,8 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::BLOCKS)
   extern __shared__ unsigned char stream_smem_raw[];
   __shared__ __align__(8) uint64_t bars[2 * STAGES];
   __shared__ StreamItem<BM> desc[STAGES];
-  if (*w.rows != BM) return;  // the tile map chose another candidate
-  const int tiles = w.tile_start[p.E_loc];
-  const int64_t items = int64_t(tiles > 0 ? tiles : 0) * cols;
+  const int tiles = decode_tile_count<BM>(p, w);
+  const int64_t items = int64_t(tiles) * cols;
   if (int64_t(blockIdx.x) >= items) return;
 
   const gemm::StreamRing<Cfg> ring(stream_smem_raw, bars);
@@ -1065,7 +1084,7 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::BLOCKS)
     // same time on one expert's row tiles read the same weight tile.
     for (int64_t u = blockIdx.x; u < items; u += gridDim.x) {
       TileInfo ti;
-      if (!gemm::warp_find_tile<BM>(w.tile_start, p.offsets, p.E_loc, w.n, int(u % tiles), ti)) continue;
+      if (!decode_tile<BM>(p, w, int(u % tiles), ti)) continue;
       const int n0 = int(u / tiles) * BN;
       const int32_t slot = lane < ti.rows ? slot_at(p, w, ti.row_begin + lane) : -1;
       // This lane copies 16-byte chunk lane % 8 of A rows lane / 8 + 4 i.
@@ -1333,7 +1352,7 @@ Work make_work(const MoeRunParams& p) {
   char* ws = static_cast<char*>(p.workspace);
   return Work{reinterpret_cast<int32_t*>(ws + l.tile_start), reinterpret_cast<int32_t*>(ws + l.bad + 128),
               reinterpret_cast<unsigned long long*>(ws + l.bad + 192), ws + l.h,
-              reinterpret_cast<float*>(ws + l.out2), n, ws + l.xs};
+              reinterpret_cast<float*>(ws + l.out2), n, ws + l.xs, false};
 }
 
 int grid_limit(int64_t work, int threads) {
@@ -1769,12 +1788,37 @@ cudaError_t launch_validate_ids(const MoeRunParams& p, int32_t** bad_slot_dev,
   return launch_status();
 }
 
+namespace {
+
+// Whether the GEMMs of a 16-bit run find their tiles from the offsets
+// (decode_tile), with no tile map kernel: when the host's row choice is the
+// 16-row decode tile alone (the tile map's other jobs, choosing between two
+// candidates and zeroing the persistent kernels' item counters, are then
+// void), unless MOE_RUNNER_DIRECT_TILES=0 (read at each launch, so that a
+// test or bench/env_ab.py can run both ways in one process). Layer us, tile
+// map / direct (bench/env_ab.py, 7 rounds, medians): run 183 Qwen3 T=1
+// 45.68 / 44.37, T=2 74.69 / 73.63, T=4 125.17 / 124.18, the DeepSeek slice
+// T=1 82.05 / 81.02, T=8 180.82 / 179.34, T=32 439.52 / 437.22, Mixtral T=1
+// and 8 and Qwen3 T=8 within 1% either way; run 184 Qwen3 T=1 46.67 /
+// 45.57, the slice T=1 81.18 / 80.03. The same for the lone 32-row tile was
+// slower (run 184: the slice T=64 511.78 / 515.14, Qwen3 T=256 485.34 /
+// 488.67): not taken there.
+bool direct_tiles(const MoeRunParams& p, const RowChoice& rc) {
+  if (p.dtype == DType::f32 || rc.small != 16 || rc.large != 16) return false;
+  const char* v = std::getenv("MOE_RUNNER_DIRECT_TILES");
+  return !(v && v[0] == '0' && v[1] == 0);
+}
+
+}  // namespace
+
 cudaError_t launch_moe_gemms(const MoeRunParams& p, cudaStream_t stream) {
   if (p.T == 0) return cudaSuccess;
-  const Work w = make_work(p);
+  Work w = make_work(p);
   const RowChoice rc = p.dtype == DType::f32 ? RowChoice{BM, BM, 0} : pick_rows(p, w.n);
-  launch_pdl(tile_map_kernel, dim3(1), dim3(32), 0, stream, p, w.n, rc.small, rc.large,
-             rc.small_max_avg, const_cast<int32_t*>(w.tile_start), const_cast<int32_t*>(w.rows), w.counters);
+  w.direct = direct_tiles(p, rc);
+  if (!w.direct)
+    launch_pdl(tile_map_kernel, dim3(1), dim3(32), 0, stream, p, w.n, rc.small, rc.large, rc.small_max_avg,
+               const_cast<int32_t*>(w.tile_start), const_cast<int32_t*>(w.rows), w.counters);
   switch (p.dtype) {
     case DType::bf16: launch_gemms_typed<__nv_bfloat16>(p, w, rc, stream); break;
     case DType::f16: launch_gemms_typed<__half>(p, w, rc, stream); break;

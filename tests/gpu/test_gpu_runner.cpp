@@ -470,6 +470,60 @@ TEST_CASE("gpu.runner.model_shapes") {
   }
 }
 
+TEST_CASE("gpu.runner.direct_decode_tiles") {
+  // When the host's row choice is the 16-row decode tile alone (up to 10
+  // slots per local expert), the GEMMs find their tiles from the offsets and
+  // no tile map kernel runs. Against the tile map
+  // (MOE_RUNNER_DIRECT_TILES=0): bitwise the same output, and the CPU's, on
+  // back-to-back launches. Tokens with no local slot
+  // (expert parallelism, the Problem's all -1 tokens); 300 local experts
+  // (three rounds of the search); non-gated with H not a multiple of 16;
+  // weight on input. The streaming kernels run these with
+  // MOE_RUNNER_STREAM=1 (tuning_run.sh step stream); model_shapes covers
+  // them at T=1 and 7 by default.
+  ScopedEnv direct("MOE_RUNNER_DIRECT_TILES");
+  struct Case {
+    Model m;
+    int64_t T;
+  };
+  std::vector<Case> cases;
+  for (DT dt : {DT::bf16, DT::f16}) {
+    Model m{"decode", 16, 1, 0, 4, 128, 128};
+    m.dt = dt;
+    for (int64_t T : {int64_t(1), int64_t(7), int64_t(40)}) cases.push_back({m, T});
+    Model ep{"decode_ep", 64, 8, 2, 8, 192, 64};  // 8 local experts of 64: most tokens have none
+    ep.dt = dt;
+    cases.push_back({ep, 1});
+    cases.push_back({ep, 10});
+  }
+  {
+    Model many{"decode_many", 300, 1, 0, 4, 64, 64};
+    cases.push_back({many, 700});  // 2800 slots: 9.3 per expert
+    Model relu{"decode_relu2", 16, 1, 0, 2, 72, 40};
+    relu.gated = false;
+    relu.activation = MOE_ACTIVATION_RELU2;
+    cases.push_back({relu, 9});
+    Model l4{"decode_llama4", 16, 1, 0, 1, 128, 64};
+    l4.weight_on_input = true;
+    cases.push_back({l4, 33});
+  }
+  for (const Case& c : cases) {
+    const Model& m = c.m;
+    Problem pb(m, c.T);
+    GpuProblem g(pb);
+    Runner r(m);
+    MOE_CHECK_OK(moe_runner_set_weights(r.h, g.w13.dl(), g.w2.dl(), nullptr, nullptr, nullptr, nullptr));
+    HostTensor y_map(m.dt, {c.T, m.H}), y_direct(m.dt, {c.T, m.H});
+    direct.set("0");
+    MOE_CHECK_OK(run_gpu(r.h, pb, g, y_map));
+    direct.set("1");
+    MOE_CHECK_OK(run_gpu(r.h, pb, g, y_direct, /*launches=*/3));
+    INFO("model ", std::string(m.name), " dtype ", std::string(dt_name(m.dt)), " T ", c.T);
+    CHECK(std::memcmp(y_map.storage.data(), y_direct.storage.data(), y_direct.storage.size()) == 0);
+    check_problem(pb, c.T <= 40, false, /*launches=*/2);
+  }
+}
+
 TEST_CASE("gpu.runner.bad_ids") {
   Model m{"ids", 16, 1, 0, 4, 64, 32};
   Problem pb(m, 20);
