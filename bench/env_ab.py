@@ -12,7 +12,7 @@ buffers removes the run-to-run spread between benchmark invocations (clocks,
 where the weights landed in memory) that separate runs mix into an A/B.
 
   PYTHONPATH=bindings/python MOE_LIB_PATH=build python3 bench/env_ab.py \\
-      --var MOE_RUNNER_FUSED_DECODE --values 0,1 qwen3:1 deepseek:8
+      --var MOE_RUNNER_DIRECT_TILES --values "0 1" qwen3:1 deepseek:8
 
 Prints, per case and setting, the median over rounds and the spread of the
 rounds, and each setting's median ratio to the first one's.
@@ -36,7 +36,10 @@ def ab_case(name, T, var, values, rounds, reps):
     graphs, outputs = [], []
     try:
         for v in values:
-            os.environ[var] = v
+            if v == "unset":
+                os.environ.pop(var, None)
+            else:
+                os.environ[var] = v
             g = graph_of(layer)  # graph_of runs the layer once eagerly, then captures it
             y.fill_(float("nan"))
             g.replay()
@@ -73,12 +76,13 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("cases", nargs="+", help="shape:T, e.g. qwen3:1")
     ap.add_argument("--var", required=True, help="environment variable read at each launch")
-    ap.add_argument("--values", required=True, help="comma-separated settings; the first is the baseline")
+    ap.add_argument("--values", required=True,
+                    help="space-separated settings ('unset': the variable removed); the first is the baseline")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--reps", type=int, default=50)
     args = ap.parse_args()
     torch.manual_seed(0)
-    values = args.values.split(",")
+    values = args.values.split()
     ok = True
     for c in args.cases:
         name, T = c.split(":")

@@ -1363,7 +1363,8 @@ int grid_limit(int64_t work, int threads) {
 // Decode: 16 rows, 16 columns per weight set and two warps, so that even
 // one expert's weights spread over hundreds of blocks, 12 stages of 64-deep
 // k in flight to keep HBM busy; 32 rows with 32 columns (half the re-reads
-// of the gathered rows per weight byte), 8 stages. Middle: 64 x 64, four warps
+// of the gathered rows per weight byte), 4 stages of 128-deep k (below).
+// Middle: 64 x 64, four warps
 // (only when forced). Prefill: 128 rows, eight warps, 64-deep k, 3 stages
 // (run 10: 13-29% faster than 32-deep k with 4 stages at T >= 1024).
 using CfgDecode16 = TcCfg<16, 16, 1, 2, 64, 12>;
@@ -1374,10 +1375,19 @@ using CfgDecode16 = TcCfg<16, 16, 1, 2, 64, 12>;
 // gain from more blocks in flight, long ones from deep pipelines. So 4
 // stages for a GEMM whose expert matrix has at most kShallowElems elements
 // (Qwen3's 1536 x 2048 and 2048 x 768), 12 otherwise;
-// MOE_RUNNER_DECODE_STAGES=12|6|4 forces one.
-using CfgDecode16s6 = TcCfg<16, 16, 1, 2, 64, 6>;
+// MOE_RUNNER_DECODE_STAGES=12|6|4 forces one. The "6" choice (small
+// matrices, a slot per two local experts or more) and the 32-row tiles take
+// 128-deep k steps since v24: 3 stages of 128 instead of 6 of 64, 4 instead
+// of 8 (the same shared memory, the same m16n8k16 MMAs in the same k order:
+// bitwise the same outputs, except that a K not a multiple of 128 adds MMAs
+// of zeros). Run 190 (bench/env_ab.py, Qwen3 layer us, 64 / 128-deep, 7
+// rounds, medians): T=8 198.53 / 193.25, T=64 442.99 / 434.02, T=128 466.24
+// / 457.65, T=256 490.59 / 480.18, T=512 603.92 / 598.78; at T=1 and 2 (the
+// 4-stage choice) 3 stages of 128 were 2.5% and 6.1% slower than 4 of 64
+// (run 189), and 6 or 12 stages of 64 3.8-8.4% slower (run 188).
+using CfgDecode16s6 = TcCfg<16, 16, 1, 2, 128, 3>;
 using CfgDecode16s4 = TcCfg<16, 16, 1, 2, 64, 4>;
-using CfgDecode32 = TcCfg<32, 32, 1, 4, 64, 8>;
+using CfgDecode32 = TcCfg<32, 32, 1, 4, 128, 4>;
 using CfgMid = TcCfg<64, 64, 2, 2, 32, 4>;
 using CfgWide1 = TcCfg<128, 64, 4, 2, 64, 3>;   // gated GEMM1: 2 x 64 weight rows
 using CfgWide2 = TcCfg<128, 128, 4, 2, 64, 3>;  // plain GEMM1 and GEMM2
@@ -1667,11 +1677,13 @@ void launch_tc_rows(const MoeRunParams& p, const Work& w, int bm, int64_t rows_b
     case 16:
       if (launch_stream_stage<T, 16, 16>(p, w, second, stream)) break;
       // Small expert matrices: 6 stages once the batch has at least one slot
-      // per two local experts (many tiles, so many blocks per SM), else 4.
+      // per two local experts (many tiles, so many blocks per SM), else 4
+      // (since v24 the "6" is 3 stages of 128-deep k: CfgDecode16s6).
       // Run 106 (moe_bench Qwen3, layer us, 4 / 6 stages): T=8 206.3-206.6 /
       // 203.5-203.9, T=64 453.6-454.0 / 449.7-452.2; T=1 (n = 8, 128 local
       // experts: 4 kept) 45.2-45.4 / 48.2-48.5.
-      switch (decode_stages(int64_t(p.H) * p.I * (!second && p.gated ? 2 : 1), 12, 2 * w.n >= p.E_loc ? 6 : 4)) {
+      switch (decode_stages(int64_t(p.H) * p.I * (!second && p.gated ? 2 : 1), 12, 2 * w.n >= p.E_loc ? 6 : 4,
+                            second)) {
         case 6: launch_tc_stage<T, CfgDecode16s6, CfgDecode16s6>(p, w, tiles, second, stream); break;
         case 4: launch_tc_stage<T, CfgDecode16s4, CfgDecode16s4>(p, w, tiles, second, stream); break;
         default: launch_tc_stage<T, CfgDecode16, CfgDecode16>(p, w, tiles, second, stream); break;
@@ -1737,13 +1749,13 @@ bool stream_kernels_for(int64_t matrix_elems) {
   return env_on && sm90a_device() && (forced || matrix_elems > kShallowElems);
 }
 
-int decode_stages(int64_t matrix_elems, int large_stages, int small_stages) {
-  static const int forced = [] {
-    const char* e = std::getenv("MOE_RUNNER_DECODE_STAGES");
-    const int s = e ? std::atoi(e) : 0;
-    return (s == 12 || s == 6 || s == 4) ? s : 0;
-  }();
-  if (forced) return forced;
+int decode_stages(int64_t matrix_elems, int large_stages, int small_stages, bool second) {
+  // Read at each launch (bench/env_ab.py); "S1,S2": S1 for GEMM1, S2 for GEMM2.
+  if (const char* e = std::getenv("MOE_RUNNER_DECODE_STAGES")) {
+    const char* comma = std::strchr(e, ',');
+    const int s = std::atoi(second && comma ? comma + 1 : e);
+    if (s == 12 || s == 6 || s == 4) return s;
+  }
   return matrix_elems <= kShallowElems ? small_stages : large_stages;
 }
 

@@ -59,8 +59,9 @@ bool stream_kernels_for(int64_t matrix_elems);
 // Stages of the 16-row decode tiles for a GEMM whose expert matrix has
 // matrix_elems elements: small_stages for small matrices (<= 4M elements),
 // large_stages otherwise (each runner picks them from its batch: see the
-// callers); MOE_RUNNER_DECODE_STAGES=12|6|4 forces one (both runners).
-int decode_stages(int64_t matrix_elems, int large_stages = 12, int small_stages = 4);
+// callers); MOE_RUNNER_DECODE_STAGES=12|6|4 forces one (both runners),
+// "S1,S2" one per GEMM (second: GEMM2; read at each launch).
+int decode_stages(int64_t matrix_elems, int large_stages = 12, int small_stages = 4, bool second = false);
 
 size_t moe_run_workspace_bytes(DType dtype, int E_loc, int H, int I, int64_t n_slots);
 

@@ -1361,7 +1361,7 @@ cudaError_t launch_gemm(const Fp8RunParams& p, const Work& w, int rows, int mode
       // 473-476, per-tensor 579-583 / 548; the DeepSeek slice block T=8
       // 174-177 / 159-161, per-tensor 118 / 114-115; at T=1 the DeepSeek
       // slice 37.2-37.3 / 39.1-39.3 (n = 8 < 32 local experts: 12 kept).
-      switch (decode_stages(int64_t(p.H) * p.I * NSETS, w.n >= p.E_loc ? 6 : 12)) {
+      switch (decode_stages(int64_t(p.H) * p.I * NSETS, w.n >= p.E_loc ? 6 : 12, 4, MODE == kGemm2)) {
         case 4: return launch_mma<MODE, BLOCK, Fp8CfgDecode16s4>(p, w, tiles, stream);
         case 6: return launch_mma<MODE, BLOCK, Fp8CfgDecode16s6>(p, w, tiles, stream);
         default: return launch_mma<MODE, BLOCK, Fp8CfgDecode16>(p, w, tiles, stream);
