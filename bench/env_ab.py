@@ -31,7 +31,7 @@ from timing import events_median, graph_of
 
 def ab_case(name, T, var, values, rounds, reps):
     layer, handles, keep = build_layer(SHAPES[name], T)
-    y = keep[11]
+    y = keep[11]  # the layer's output (build_layer's keep tuple)
     old = os.environ.get(var)
     graphs, outputs = [], []
     try:

@@ -298,7 +298,8 @@ __device__ __forceinline__ bool warp_find_tile(const int32_t* tile_start, const 
 // tile counts ceil(count / BM) in the expert order of row_tile_map_warp, and
 // a ballot for the expert whose tiles hold `tile`. The same tiles and rows
 // as find_tile on the map row_tile_map_warp(..., bm_large = BM, bm_small =
-// 0, ...) writes. `tile` < 0: only *total_out (the tile count) is wanted.
+// 0, ...) writes. *total_out (when given) gets the tile count only when no
+// tile was found (the pass stops at the hit): ask with `tile` < 0.
 template <int BM>
 __device__ __forceinline__ bool direct_find_tile(const int32_t* offsets, int E, int64_t n, int tile, Tile& t,
                                                  int32_t* total_out = nullptr) {

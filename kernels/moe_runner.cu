@@ -1379,8 +1379,9 @@ using CfgDecode16 = TcCfg<16, 16, 1, 2, 64, 12>;
 // matrices, a slot per two local experts or more) and the 32-row tiles take
 // 128-deep k steps since v24: 3 stages of 128 instead of 6 of 64, 4 instead
 // of 8 (the same shared memory, the same m16n8k16 MMAs in the same k order:
-// bitwise the same outputs, except that a K not a multiple of 128 adds MMAs
-// of zeros). Run 190 (bench/env_ab.py, Qwen3 layer us, 64 / 128-deep, 7
+// bitwise the same outputs; where K is not a multiple of 128 the last step
+// adds MMAs of zeros, which change no sum but the sign of an exact zero, as
+// the 64-deep steps already did past a K not a multiple of 64). Run 190 (bench/env_ab.py, Qwen3 layer us, 64 / 128-deep, 7
 // rounds, medians): T=8 198.53 / 193.25, T=64 442.99 / 434.02, T=128 466.24
 // / 457.65, T=256 490.59 / 480.18, T=512 603.92 / 598.78; at T=1 and 2 (the
 // 4-stage choice) 3 stages of 128 were 2.5% and 6.1% slower than 4 of 64
