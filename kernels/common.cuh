@@ -18,6 +18,17 @@ namespace moe::kernels {
 
 constexpr unsigned kFullMask = 0xffffffffu;
 
+// Inclusive prefix sum of v over the lanes of a full warp (lane = threadIdx.x % 32).
+__device__ __forceinline__ int32_t warp_inclusive_sum(int32_t v) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int32_t x = __shfl_up_sync(kFullMask, v, o);
+    if (lane >= o) v += x;
+  }
+  return v;
+}
+
 inline int ceil_div(int64_t a, int64_t b) { return int((a + b - 1) / b); }
 
 // Element loads in f32 whatever the storage type.
@@ -177,14 +188,21 @@ __device__ __forceinline__ int32_t clamped_offset(const int32_t* offsets, int64_
 // for 128 experts. A loop of one expert per lane and iteration waited on
 // each iteration's loads before the next (its sum needs them): the tile map
 // took 2.3-2.7 us at 128 experts (runs 77-78), nine round trips.
-__device__ __forceinline__ void expert_counts128(const int32_t* offsets, int E, int64_t n, int base,
-                                                 int32_t (&cnt)[4]) {
+// expert_ranges128 also gives each expert's first sorted position (0 past E).
+__device__ __forceinline__ void expert_ranges128(const int32_t* offsets, int E, int64_t n, int base,
+                                                 int32_t (&begin)[4], int32_t (&cnt)[4]) {
   const int lane = threadIdx.x & 31;
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
     const int e = base + 32 * j + lane;
-    cnt[j] = e < E ? max(0, clamped_offset(offsets, n, e + 1) - clamped_offset(offsets, n, e)) : 0;
+    begin[j] = e < E ? clamped_offset(offsets, n, e) : 0;
+    cnt[j] = e < E ? max(0, clamped_offset(offsets, n, e + 1) - begin[j]) : 0;
   }
+}
+__device__ __forceinline__ void expert_counts128(const int32_t* offsets, int E, int64_t n, int base,
+                                                 int32_t (&cnt)[4]) {
+  int32_t begin[4];
+  expert_ranges128(offsets, E, n, base, begin, cnt);
 }
 
 // One warp (lane = threadIdx.x % 32): the row tile and its tile map.
@@ -222,12 +240,7 @@ __device__ __forceinline__ void row_tile_map_warp(const int32_t* offsets, int E,
     for (int j = 0; j < 4; ++j) {
       const int e = base + 32 * j + lane;
       const int32_t tiles = (cnt[j] + bm - 1) / bm;
-      int32_t incl = tiles;
-#pragma unroll
-      for (int o = 1; o < 32; o <<= 1) {
-        const int32_t v = __shfl_up_sync(kFullMask, incl, o);
-        if (lane >= o) incl += v;
-      }
+      const int32_t incl = warp_inclusive_sum(tiles);
       if (e <= E) tile_start[e] = carry + incl - tiles;
       carry += __shfl_sync(kFullMask, incl, 31);
     }
@@ -303,26 +316,15 @@ __device__ __forceinline__ bool warp_find_tile(const int32_t* tile_start, const 
 template <int BM>
 __device__ __forceinline__ bool direct_find_tile(const int32_t* offsets, int E, int64_t n, int tile, Tile& t,
                                                  int32_t* total_out = nullptr) {
-  const int lane = threadIdx.x & 31;
   int32_t carry = 0;
   int hit_e = -1, hit_begin = 0, hit_rows = 0;
   for (int base = 0; base < E && hit_e < 0; base += 128) {
     int32_t begin[4], cnt[4];
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int e = base + 32 * j + lane;
-      begin[j] = e < E ? clamped_offset(offsets, n, e) : 0;
-      cnt[j] = e < E ? max(0, clamped_offset(offsets, n, e + 1) - begin[j]) : 0;
-    }
+    expert_ranges128(offsets, E, n, base, begin, cnt);
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const int32_t tiles = (cnt[j] + BM - 1) / BM;
-      int32_t incl = tiles;
-#pragma unroll
-      for (int o = 1; o < 32; o <<= 1) {
-        const int32_t v = __shfl_up_sync(kFullMask, incl, o);
-        if (lane >= o) incl += v;
-      }
+      const int32_t incl = warp_inclusive_sum(tiles);
       const int32_t first = carry + incl - tiles;  // this expert's first tile
       const unsigned hit = __ballot_sync(kFullMask, hit_e < 0 && tile >= first && tile < first + tiles);
       if (hit) {

@@ -121,22 +121,12 @@ __device__ __forceinline__ int32_t scan_totals(const DispatchParams& p, int32_t*
   const int begin = min(p.E_loc, per * int(threadIdx.x)), end = min(p.E_loc, begin + per);
   int32_t sum = 0;
   for (int e = begin; e < end; ++e) sum += totals[e];
-  int32_t incl = sum;
-#pragma unroll
-  for (int o = 1; o < 32; o <<= 1) {
-    const int32_t v = __shfl_up_sync(kFullMask, incl, o);
-    if (lane >= o) incl += v;
-  }
+  const int32_t incl = warp_inclusive_sum(sum);
   if (lane == 31) warp_totals[warp] = incl;
   __syncthreads();
   if (warp == 0) {
     const int32_t t = lane < warps ? warp_totals[lane] : 0;
-    int32_t ti = t;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const int32_t v = __shfl_up_sync(kFullMask, ti, o);
-      if (lane >= o) ti += v;
-    }
+    const int32_t ti = warp_inclusive_sum(t);
     warp_totals[lane] = ti - t;
     if (lane == 31) total_sh = ti;
   }
@@ -188,12 +178,7 @@ __device__ __forceinline__ void scan_histogram(const DispatchParams& p, int nt, 
     for (int u = 0; u < kScanBatch; ++u) {
       if (c0 + u < cells) {  // uniform over the warp
         const int e = warp + r * warps, j = k * 32 + lane;
-        int32_t in = v[u];
-#pragma unroll
-        for (int o = 1; o < 32; o <<= 1) {
-          const int32_t x = __shfl_up_sync(kFullMask, in, o);
-          if (lane >= o) in += x;
-        }
+        const int32_t in = warp_inclusive_sum(v[u]);
         if (j < nt) hist[int64_t(e) * nt + j] = carry + in - v[u];
         carry += __shfl_sync(kFullMask, in, 31);
         if (++k == C) {
