@@ -29,6 +29,23 @@ from moe_bench import SHAPES
 from timing import events_median, graph_of
 
 
+def describe_difference(values, graphs, outputs, y):
+    """Which settings differ from the first, where, and whether each graph repeats itself."""
+    ref = outputs[0].float()
+    for v, g, o in zip(values, graphs, outputs):
+        diff = (o.view(torch.int16) != outputs[0].view(torch.int16))
+        rows = diff.any(dim=1).nonzero().flatten().tolist()
+        repeats = []
+        for _ in range(3):
+            y.fill_(float("nan"))
+            g.replay()
+            torch.cuda.synchronize()
+            repeats.append(torch.equal(y.view(torch.int16), o.view(torch.int16)))
+        print(f"  {v}: {int(diff.sum())} elements differ from {values[0]} in rows {rows[:12]}"
+              f"{'...' if len(rows) > 12 else ''}, max |diff| {float((o.float() - ref).abs().max()):.3g}, "
+              f"NaN {int(o.isnan().sum())}; replays equal to its first: {repeats}")
+
+
 def ab_case(name, T, var, values, rounds, reps):
     layer, handles, keep = build_layer(SHAPES[name], T)
     y = keep[11]  # the layer's output (build_layer's keep tuple)
@@ -52,12 +69,14 @@ def ab_case(name, T, var, values, rounds, reps):
         else:
             os.environ[var] = old
     same = all(torch.equal(o.view(torch.int16), outputs[0].view(torch.int16)) for o in outputs[1:])
+    if not same:
+        describe_difference(values, graphs, outputs, y)
     times = [[] for _ in values]
     for _ in range(rounds):
         for i, g in enumerate(graphs):
             times[i].append(events_median(g.replay, reps) * 1e3)
     base = statistics.median(times[0])
-    print(f"{name} T={T} ({build_layer.valid_slots} local slots), {var}: outputs "
+    print(f"{name} T={T} ({build_layer.valid_slots} local slots, {build_layer.experts_hit} experts), {var}: outputs "
           f"{'bitwise equal' if same else 'DIFFER'}; {rounds} rounds of {reps} replays")
     rows = []
     for v, ts in zip(values, times):

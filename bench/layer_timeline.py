@@ -66,6 +66,7 @@ def build_layer(cfg, T, quant=None):
     layer()
     torch.cuda.synchronize()
     build_layer.valid_slots = int((local >= 0).sum())  # printed with the timeline
+    build_layer.experts_hit = int((counts > 0).sum())
     keep = (w13, w2, x, logits, bias, ids, wts, local, counts, offsets, slots, y, ws_d, ws_r)
     return layer, (router, disp, runner), keep
 
@@ -104,7 +105,8 @@ def timeline(name, T, reps, quant=None):
                          gap_before_us=statistics.median(gaps)))
     span = statistics.median(r[-1].time_range.end - r[0].time_range.start for r in replays)
     slots = build_layer.valid_slots
-    print(f"{name}{' fp8 ' + quant if quant else ''} T={T} ({slots} local slots, GEMM1+GEMM2 "
+    print(f"{name}{' fp8 ' + quant if quant else ''} T={T} ({slots} local slots, "
+          f"{build_layer.experts_hit} experts, GEMM1+GEMM2 "
           f"{2.0 * slots * 3 * SHAPES[name]['I'] * SHAPES[name]['H'] / 1e9:.1f} GFLOP): "
           f"{len(replays)} replays, {n} kernels, first start to last end {span:.1f} us "
           f"(kernels {sum(r['us'] for r in rows):.1f} us, gaps {sum(r['gap_before_us'] for r in rows):.1f} us)")
@@ -113,7 +115,8 @@ def timeline(name, T, reps, quant=None):
     for h in handles:
         h.close()
     del keep
-    return dict(shape=name, T=T, quant=quant or "bf16", valid_slots=slots, span_us=span, kernels=rows)
+    return dict(shape=name, T=T, quant=quant or "bf16", valid_slots=slots,
+                experts_hit=build_layer.experts_hit, span_us=span, kernels=rows)
 
 
 def main():

@@ -1179,8 +1179,7 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::BLOCKS)
           for (int mi = 0; mi < MI; ++mi) mma16816<T>(acc[s][mi], a[mi], b[0], b[1]);
         }
       }
-      __syncwarp();
-      if (lane == 0) pipe.release(g);
+      ring.release(g);
     }
     const int col = n0 + wn * 8 + (lane & 3) * 2;
 #pragma unroll
@@ -1640,10 +1639,8 @@ bool launch_stream(const MoeRunParams& p, const Work& w, int N, cudaStream_t str
 // SM (shallower buffers) were slower on every shape but Qwen3 T=64-256.
 // MOE_RUNNER_STREAM=1 takes them for every size (the GPU suite's small
 // models then run them too): stream_kernels_for.
-template <class T, int BM_, int BN_>
-bool launch_stream_stage(const MoeRunParams& p, const Work& w, bool second, cudaStream_t stream) {
-  if (!stream_kernels_for(int64_t(p.H) * p.I * (!second && p.gated ? 2 : 1))) return false;
-  constexpr int kBlocks = 2;
+template <class T, int BM_, int BN_, int kBlocks>
+bool launch_stream_blocks(const MoeRunParams& p, const Work& w, bool second, cudaStream_t stream) {
   // GEMM2 on 16-row tiles: 32 columns (4 consumer warps) instead of 16. Run
   // 155 (ncu, the DeepSeek slice at T=8): GEMM2 streamed 2.07 TB/s against
   // GEMM1's 2.83, with 0.26 eligible warps per scheduler, stalled on the
@@ -1665,6 +1662,30 @@ bool launch_stream_stage(const MoeRunParams& p, const Work& w, bool second, cuda
     return launch_stream<T, kGemm2, StreamCfg<BM_, BM_ == 16 ? 2 * BN_ : BN_, 1, kBlocks>>(p, w, p.H, stream);
   if (p.gated) return launch_stream<T, kGemm1Gated, StreamCfg<BM_, BN_, 2, kBlocks>>(p, w, p.I, stream);
   return launch_stream<T, kGemm1Plain, StreamCfg<BM_, BN_, 1, kBlocks>>(p, w, p.I, stream);
+}
+
+// Blocks per SM of the bf16/f16 streaming kernels: 3 (rings of 72 KB) for
+// expert matrices under kLargeExpertElems elements, 2 (108 KB) for larger
+// ones; MOE_RUNNER_STREAM_BLOCKS=2|3|4 (read at each launch) forces one.
+// Runs 194-195 (bench/env_ab.py, layer us, 2 / 3 / 4 blocks, before v25's
+// proxy fence): the DeepSeek slice T=8 180.1 / 165.3 / 173.7, T=32 474.8 /
+// 455.9 / 456.2, T=64 716.9 / 694.5 / 741.3; Mixtral T=1 254.5 / 259.5 /
+// 256.3, and moe_bench Mixtral T=64 1029 / 1087 us (2 / 3): a smaller
+// expert's shorter items spread over more, shallower rings; a large one's
+// long items want the deep rings.
+int stream_blocks(const MoeRunParams& p) {
+  const char* v = std::getenv("MOE_RUNNER_STREAM_BLOCKS");
+  if (v && v[0] >= '2' && v[0] <= '4' && v[1] == 0) return v[0] - '0';
+  return int64_t(p.H) * p.I >= kLargeExpertElems ? 2 : 3;
+}
+
+template <class T, int BM_, int BN_>
+bool launch_stream_stage(const MoeRunParams& p, const Work& w, bool second, cudaStream_t stream) {
+  if (!stream_kernels_for(int64_t(p.H) * p.I * (!second && p.gated ? 2 : 1))) return false;
+  const int blocks = stream_blocks(p);
+  if (blocks == 3) return launch_stream_blocks<T, BM_, BN_, 3>(p, w, second, stream);
+  if (blocks == 4) return launch_stream_blocks<T, BM_, BN_, 4>(p, w, second, stream);
+  return launch_stream_blocks<T, BM_, BN_, 2>(p, w, second, stream);
 }
 
 // rows_bound: the most rows the tiles of this candidate can cover;
@@ -1742,12 +1763,10 @@ void launch_gemms_typed(const MoeRunParams& p, const Work& w, const RowChoice& r
 // bf16 runner picks 4 or 6; the FP8 runner 4), else `large_stages` (the
 // bf16 runner: 12; the FP8 runner picks 6 or 12).
 bool stream_kernels_for(int64_t matrix_elems) {
-  static const bool env_on = !env_is_zero("MOE_RUNNER_STREAM");
-  static const bool forced = [] {
-    const char* v = std::getenv("MOE_RUNNER_STREAM");
-    return v && v[0] == '1' && v[1] == 0;
-  }();
-  return env_on && sm90a_device() && (forced || matrix_elems > kShallowElems);
+  // Read at each launch (bench/env_ab.py), as the other runner switches.
+  const char* v = std::getenv("MOE_RUNNER_STREAM");
+  const bool off = v && v[0] == '0' && v[1] == 0, forced = v && v[0] == '1' && v[1] == 0;
+  return !off && sm90a_device() && (forced || matrix_elems > kShallowElems);
 }
 
 int decode_stages(int64_t matrix_elems, int large_stages, int small_stages, bool second) {

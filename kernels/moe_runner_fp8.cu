@@ -810,8 +810,7 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::BLOCKS)
           for (int mi = 0; mi < MI; ++mi) mma_e4m3(part[s][mi], a[mi], b[0], b[1]);
         }
       }
-      __syncwarp();
-      if (lane == 0) pipe.release(g);
+      ring.release(g);
       // Promotion (fp8_gemm_kernel's, with the block scales).
 #pragma unroll
       for (int s = 0; s < NSETS; ++s)

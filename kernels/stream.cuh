@@ -82,6 +82,20 @@ struct StreamRing {
     if (step >= STAGES) wgmma::mbar_wait(pipe.empty0 + 8 * st, uint32_t((step / STAGES - 1) & 1));
     return st;
   }
+  // Consumer warp (every lane), after its last read of step `step`'s buffer:
+  // hands it back. The weight tile came by TMA (async proxy) and was read by
+  // ldmatrix (generic proxy), and the producer's next bulk copy into the
+  // buffer is an async-proxy write: without a proxy fence between the reads
+  // and the arrival, that copy may land before the reads (PTX memory model;
+  // the same fix: DeepEP #642, Triton #7262). Seen as replays of one layer
+  // that differed in single weight columns of a tile (bench/replay_check.py,
+  // the DeepSeek slice at T=256 on 32-row tiles, 1-8 in 100 replays; the
+  // ring of 8 stages the 32-row gated GEMM1 has: docs/perf-notes.md v25).
+  __device__ __forceinline__ void release(int step) const {
+    wgmma::fence_proxy_async();
+    __syncwarp();
+    if ((threadIdx.x & 31) == 0) pipe.release(step);
+  }
   // Producer warp, after its last step g - 1: the end marker (rows == 0) in step g's buffer.
   __device__ __forceinline__ void finish(int g, StreamItem<Cfg::BM>* desc) const {
     const int lane = threadIdx.x & 31;

@@ -351,8 +351,12 @@ struct RegSplit {
   __device__ __forceinline__ static void consumer() { setmaxnreg_inc<INC>(); }
 };
 
-// Shared memory written by the generic proxy (cp.async, st.shared) that
-// wgmma reads next: each writer fences before the barrier.
+// A proxy fence between this thread's generic-proxy accesses of shared
+// memory and the async proxy's (wgmma operands, bulk and tensor copies):
+// shared memory written by cp.async or st.shared that wgmma or a bulk store
+// reads next (each writer fences before the barrier), and shared memory read
+// by ldmatrix or ld.shared that a tensor copy overwrites next (each reader
+// fences before it releases the buffer: gemm::StreamRing::release).
 __device__ __forceinline__ void fence_proxy_async() {
 #if MOE_HAS_WGMMA
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");

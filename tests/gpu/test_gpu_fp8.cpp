@@ -578,6 +578,17 @@ TEST_CASE("gpu.fp8.stream_kernels") {
     for (int64_t t = 0; t < all.T; ++t)
       for (int col = 0; col < c.H; ++col) REQUIRE(std::isfinite(y_all.get(t * c.H + col)));
     for (int64_t T : {int64_t(1), int64_t(20), int64_t(40)}) check_tokens_alone(c, l, all, y_all, 0, T, rng);
+    // The streaming kernel's output repeats bitwise: its ring's weight tiles,
+    // read by ldmatrix, are refilled by TMA (see gemm::StreamRing::release).
+    Inputs part(c, 20, rng);
+    GpuBatch b(c, part);
+    HostTensor y0(c.x_dt, {part.T, c.H}), y(c.x_dt, {part.T, c.H});
+    run_gpu(c, l, b, y0);
+    for (int i = 0; i < 20; ++i) {
+      run_gpu(c, l, b, y);
+      INFO("launch ", i + 1);
+      REQUIRE(std::memcmp(y.storage.data(), y0.storage.data(), y0.storage.size()) == 0);
+    }
   }
 }
 

@@ -524,6 +524,43 @@ TEST_CASE("gpu.runner.direct_decode_tiles") {
   }
 }
 
+TEST_CASE("gpu.runner.stream_repeats_bitwise") {
+  // The streaming decode kernels (forced for every size, MOE_RUNNER_STREAM=1;
+  // sm_90a) give bitwise the same output launch after launch, on 16- and
+  // 32-row tiles and with 2, 3 and 4 blocks per SM (rings of 108, 72 and 54
+  // KB: the smaller the ring, the sooner a buffer is refilled). Before v25
+  // their consumers handed a weight tile back without a proxy fence between
+  // their ldmatrix reads and the next TMA copy into it: replays of the
+  // DeepSeek slice at T=256 differed in single weight columns of a tile
+  // (bench/replay_check.py, 1-8 in 100). The settings give bitwise the same
+  // output (the same MMAs in the same order), checked once against the CPU.
+  ScopedEnv stream("MOE_RUNNER_STREAM"), blocks("MOE_RUNNER_STREAM_BLOCKS");
+  stream.set("1");
+  Model m{"stream", 8, 1, 0, 2, 2048, 1024};  // K steps: 32 (GEMM1), 16 (GEMM2)
+  for (int64_t T : {int64_t(24), int64_t(64)}) {  // 3 and 16 slots per expert: 16- and 32-row tiles
+    Problem pb(m, T);
+    GpuProblem g(pb);
+    Runner r(m);
+    MOE_CHECK_OK(moe_runner_set_weights(r.h, g.w13.dl(), g.w2.dl(), nullptr, nullptr, nullptr, nullptr));
+    HostTensor y(m.dt, {T, m.H});
+    std::vector<unsigned char> y_first;
+    for (const char* b : {"2", "3", "4"}) {
+      blocks.set(b);
+      INFO("T ", T, " blocks per SM ", b);
+      HostTensor y0(m.dt, {T, m.H});
+      MOE_CHECK_OK(run_gpu(r.h, pb, g, y0));
+      if (y_first.empty()) y_first = y0.storage;
+      REQUIRE(y0.storage == y_first);
+      for (int i = 0; i < 30; ++i) {
+        MOE_CHECK_OK(run_gpu(r.h, pb, g, y, /*launches=*/2));
+        INFO("launch ", i + 1);
+        REQUIRE(std::memcmp(y.storage.data(), y0.storage.data(), y0.storage.size()) == 0);
+      }
+    }
+    check_problem(pb, false);
+  }
+}
+
 TEST_CASE("gpu.runner.bad_ids") {
   Model m{"ids", 16, 1, 0, 4, 64, 32};
   Problem pb(m, 20);
