@@ -89,7 +89,7 @@ struct StreamRing {
   // and the arrival, that copy may land before the reads (PTX memory model;
   // the same fix: DeepEP #642, Triton #7262). Seen as replays of one layer
   // that differed in single weight columns of a tile (bench/replay_check.py,
-  // the DeepSeek slice at T=256 on 32-row tiles, 1-8 in 100 replays; the
+  // the DeepSeek slice at T=256 on 32-row tiles, 1 in 40 to 8 in 100 replays; the
   // ring of 8 stages the 32-row gated GEMM1 has: docs/perf-notes.md v25).
   __device__ __forceinline__ void release(int step) const {
     wgmma::fence_proxy_async();
