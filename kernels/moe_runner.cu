@@ -1033,17 +1033,18 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
 // give; what changes is how the weights arrive. gemm_tc_kernel keeps at most
 // STAGES - 1 k steps of one tile in flight per block and starts each tile's
 // pipeline from empty, so at T <= 64 an SM had ~36 KB of weights in flight
-// and the GEMMs streamed 1.7-2.0 TB/s (run 32). Here BLOCKS (2) persistent
-// blocks per SM walk the items (row tile, column tile) b, b + gridDim.x,
+// and the GEMMs streamed 1.7-2.0 TB/s (run 32). Here BLOCKS (2, or 3 since
+// v25 for the smaller experts: stream_blocks) persistent blocks per SM walk the items (row tile, column tile) b, b + gridDim.x,
 // ..., each with one producer warp: the weight tile of each 64-deep k step
 // comes by one bulk tensor copy per weight set (128B-swizzled), the valid A
 // rows by cp.async from the producer's lanes (the gather needs no sorted
 // copy; one bulk copy per row was up to 2x slower at 16 rows, runs 57-59),
-// into as many buffers as shared memory holds (8-25 steps a block, 88-128
-// KB of weights in flight per SM). The producer also finds each item's
+// into as many buffers as shared memory holds (at 2 blocks 8-25 steps a
+// block, 88-128 KB of weights in flight per SM). The producer also finds each item's
 // tile and its rows' slots and passes them in a per-buffer descriptor; the
 // pipeline runs on across items, so the next item's loads overlap this
-// one's MMAs and stores. Consumer warps hand each buffer back through an
+// one's MMAs and stores. Consumer warps hand each buffer back (after a
+// proxy fence since v25: gemm::StreamRing::release) through an
 // mbarrier. Rows of A past the tile's valid rows are never copied: their
 // ldmatrix lanes read row 0 instead, and the epilogue stores only valid
 // rows. compute-sanitizer racecheck does not model mbarrier arrive/wait
@@ -1628,15 +1629,16 @@ bool launch_stream(const MoeRunParams& p, const Work& w, int N, cudaStream_t str
   return true;
 }
 
-// The streaming kernels for a GEMM whose expert matrix has more than
-// kShallowElems elements, else false (the caller keeps gemm_tc_kernel).
+// One streaming GEMM at kBlocks blocks per SM (launch_stream_stage below
+// decides whether the streaming kernels apply and how many blocks).
 // Run 60 (H100, moe_bench, against gemm_tc_kernel in run 59): Mixtral
 // T=1/8/64 271 -> 257, 952 -> 921, 1077 -> 1043 us, the DeepSeek slice T=1
 // 49.4 -> 43.8, T=64 555 -> 537 us, T=8 and 256 within 1%; Qwen3's small
 // matrices (3.1M and 1.6M elements, 12-32 k steps an item, many items a
 // block) slower at T=8 and 64 (208 -> 221, 456 -> 491 us), where the many
 // small blocks of gemm_tc_kernel overlap more items per SM. Four blocks per
-// SM (shallower buffers) were slower on every shape but Qwen3 T=64-256.
+// SM (shallower buffers) were slower on every shape but Qwen3 T=64-256 (run
+// 60); three won on the DeepSeek slice in v25 (stream_blocks).
 // MOE_RUNNER_STREAM=1 takes them for every size (the GPU suite's small
 // models then run them too): stream_kernels_for.
 template <class T, int BM_, int BN_, int kBlocks>
@@ -1664,6 +1666,9 @@ bool launch_stream_blocks(const MoeRunParams& p, const Work& w, bool second, cud
   return launch_stream<T, kGemm1Plain, StreamCfg<BM_, BN_, 1, kBlocks>>(p, w, p.I, stream);
 }
 
+// The streaming kernels for a GEMM whose expert matrix has more than
+// kShallowElems elements (or every one under MOE_RUNNER_STREAM=1), else
+// false (the caller keeps gemm_tc_kernel).
 // Blocks per SM of the bf16/f16 streaming kernels: 3 (rings of 72 KB) for
 // expert matrices under kLargeExpertElems elements, 2 (108 KB) for larger
 // ones; MOE_RUNNER_STREAM_BLOCKS=2|3|4 (read at each launch) forces one.
