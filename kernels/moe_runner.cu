@@ -1769,9 +1769,9 @@ void launch_gemms_typed(const MoeRunParams& p, const Work& w, const RowChoice& r
 // bf16 runner: 12; the FP8 runner picks 6 or 12).
 bool stream_kernels_for(int64_t matrix_elems) {
   // Read at each launch (bench/env_ab.py), as the other runner switches.
+  if (env_is_zero("MOE_RUNNER_STREAM") || !sm90a_device()) return false;
   const char* v = std::getenv("MOE_RUNNER_STREAM");
-  const bool off = v && v[0] == '0' && v[1] == 0, forced = v && v[0] == '1' && v[1] == 0;
-  return !off && sm90a_device() && (forced || matrix_elems > kShallowElems);
+  return (v && v[0] == '1' && v[1] == 0) || matrix_elems > kShallowElems;
 }
 
 int decode_stages(int64_t matrix_elems, int large_stages, int small_stages, bool second) {
@@ -1842,8 +1842,7 @@ namespace {
 // 488.67): not taken there.
 bool direct_tiles(const MoeRunParams& p, const RowChoice& rc) {
   if (p.dtype == DType::f32 || rc.small != 16 || rc.large != 16) return false;
-  const char* v = std::getenv("MOE_RUNNER_DIRECT_TILES");
-  return !(v && v[0] == '0' && v[1] == 0);
+  return !env_is_zero("MOE_RUNNER_DIRECT_TILES");
 }
 
 }  // namespace
